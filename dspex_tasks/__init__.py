@@ -1,0 +1,58 @@
+"""dspex-tasks: DSPy programs as typed, durable background jobs on Celery and Redis.
+
+The public contract::
+
+    from dspex_tasks import signature, Signature, Client, errors
+
+Nothing here connects to anything or imports dspy at import time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from .signature import Signature, registry, signature
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import Client, Job, Result
+    from .mock_lm import MockLM
+    from .store import MemoryProgramStore, ProgramRecord, ProgramStore
+
+__all__ = [
+    # signatures
+    "signature",
+    "Signature",
+    "registry",
+    # client
+    "Client",
+    "Job",
+    "Result",
+    # program store
+    "ProgramStore",
+    "MemoryProgramStore",
+    "ProgramRecord",
+    # testing
+    "MockLM",
+    # errors
+    "errors",
+]
+
+_LAZY = {
+    "Client": "client",
+    "Job": "client",
+    "Result": "client",
+    "ProgramStore": "store",
+    "MemoryProgramStore": "store",
+    "ProgramRecord": "store",
+    "MockLM": "mock_lm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that ``import dspex_tasks`` stays cheap and dspy-free.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'dspex_tasks' has no attribute {name!r}")
