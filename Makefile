@@ -1,0 +1,50 @@
+# dspex-tasks. `make test` runs all three test layers and starts what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast test-unit test-redis test-system lint typecheck demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# All three layers (unit, redis, system). A private redis-server is started by the
+# tests themselves on a free port unless DSPEX_TEST_REDIS_URL names a dedicated DB.
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+test-unit: test-fast
+
+test-redis: $(STAMP)
+	$(PY) -m pytest -q -m redis $(PYTEST_ARGS)
+
+test-system: $(STAMP)
+	$(PY) -m pytest -q -m system $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dspex_tasks signatures workers tests benchmarks
+	$(VENV)/bin/mypy --strict dspex_tasks
+
+typecheck: lint
+
+# Runs the main job end to end: a private Redis when DSPEX_REDIS_URL does not answer,
+# worker processes, a batch across sessions and signatures, a result table.
+demo: $(STAMP)
+	$(PY) -m dspex_tasks demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,213 @@
+"""The Celery app factory, its configuration, and signatures as typed tasks.
+
+``celery_config(settings)`` is the one place Celery's configuration comes from.
+``create_worker_app()`` is what ``workers/app.py`` deploys: it imports the
+signature modules, registers ``dspex.<name>`` for each, and pre-warms each
+worker process through Celery's signals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from celery import Celery, signals
+
+from .errors import DspexError, InvalidSession, LMError, UnknownSignature, ValidationError
+
+# Expected failures: recorded as FAILURE and logged without a traceback.
+EXPECTED_ERRORS = (ValidationError, UnknownSignature, InvalidSession)
+from .settings import Settings, load_settings
+from .signature import Signature, SignatureRegistry, registry
+
+__all__ = ["DspexCelery", "celery_config", "create_app", "create_worker_app", "register_signature"]
+
+log = logging.getLogger(__name__)
+
+MAP_TASK = "dspex.map"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from ours. JSON only; late acks; LLM-friendly timeouts."""
+    transport = {
+        # A message unacked this long is redelivered: longer than any single task may run.
+        "visibility_timeout": settings.visibility_timeout_s,
+        "health_check_interval": 25,
+        "socket_keepalive": True,
+        "retry_on_timeout": True,
+    }
+    return {
+        "broker_url": settings.broker,
+        "result_backend": settings.backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": settings.prefetch_multiplier,
+        "worker_pool": settings.worker_pool,
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "redis_backend_health_check_interval": 25,
+        "redis_socket_keepalive": True,
+        "broker_connection_retry_on_startup": True,
+        "result_expires": settings.result_expires_s,
+        "result_extended": True,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "task_default_queue": settings.predict_queue,
+        "task_routes": {
+            "dspex.optimize.*": {"queue": settings.optimize_queue},
+            "dspex.*": {"queue": settings.predict_queue},
+        },
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+class DspexCelery(Celery):  # type: ignore[misc]
+    """A Celery app that carries our settings and, in workers, the per-process runtime."""
+
+    def __init__(self, settings: Settings, *, signatures: SignatureRegistry | None = None, **kwargs: Any) -> None:
+        super().__init__(kwargs.pop("main", "dspex"), **kwargs)
+        self.dspex_settings = settings
+        self.dspex_signatures = signatures or registry
+        self.conf.update(celery_config(settings))
+        self._runtime: Any = None
+        self._runtime_lock = threading.Lock()
+
+    @property
+    def runtime(self) -> Any:
+        """The process's :class:`~dspex_tasks.runtime.Runtime`, created (and warmed) on first use."""
+        if self._runtime is None:
+            with self._runtime_lock:
+                if self._runtime is None:
+                    from .runtime import Runtime
+
+                    rt = Runtime(self.dspex_settings, signatures=self.dspex_signatures)
+                    rt.warm()
+                    self._runtime = rt
+        return self._runtime
+
+    def reset_runtime(self) -> None:
+        with self._runtime_lock:
+            if self._runtime is not None:
+                self._runtime.close()
+            self._runtime = None
+
+
+def create_app(settings: Settings | None = None, **kwargs: Any) -> DspexCelery:
+    """A Celery app configured from settings, with no tasks (clients, Flower, beat)."""
+    return DspexCelery(settings or load_settings(), **kwargs)
+
+
+def _reject_extra(sig_name: str, args: tuple[Any, ...], extra: dict[str, Any]) -> None:
+    errors = [{"field": k, "message": "unexpected task argument; expected inputs, session, program"}
+              for k in extra]
+    if args:
+        errors.append({"field": "args", "message": "positional arguments are not accepted; send kwargs"})
+    if errors:
+        raise ValidationError.from_errors(f"task arguments for 'dspex.{sig_name}'", errors)
+
+
+def _check_size(app: DspexCelery, value: Any, field: str) -> None:
+    limit = app.dspex_settings.max_payload_bytes
+    size = len(json.dumps(value, separators=(",", ":"), default=str))
+    if size > limit:
+        raise ValidationError.from_errors(
+            "payload", [{"field": field, "message": f"{size} bytes exceeds the {limit}-byte payload limit"}])
+
+
+def register_signature(app: DspexCelery, sig: Signature) -> Any:
+    """Register ``dspex.<name>`` for ``sig`` on ``app`` and return the task."""
+
+    def run(self: Any, *args: Any, inputs: Any = None, session: str | None = None, program: str | None = None,
+            **extra: Any) -> dict[str, Any]:
+        _reject_extra(sig.name, args, extra)
+        _check_size(self.app, inputs, "inputs")
+        try:
+            result: dict[str, Any] = self.app.runtime.predict(sig, inputs, session, program)
+        except LMError as exc:
+            if _retryable(exc) and self.request.retries < self.app.dspex_settings.task_max_retries:
+                raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 30)) from None
+            raise
+        result["task_id"] = self.request.id
+        return result
+
+    task = app.task(name=f"dspex.{sig.name}", bind=True, typing=False, acks_late=True, throws=EXPECTED_ERRORS,
+                    reject_on_worker_lost=True, queue=app.dspex_settings.predict_queue)(run)
+    sig.task = task
+    return task
+
+
+def _retryable(exc: DspexError) -> bool:
+    from .runtime import RETRYABLE_LM_ERRORS
+
+    return any(f"({name})" in exc.message for name in RETRYABLE_LM_ERRORS)
+
+
+def register_map_task(app: DspexCelery) -> Any:
+    """``dspex.map``: many inputs of one signature in one message (``Client.map``)."""
+
+    def run_map(self: Any, *args: Any, signature: str = "", items: Any = None, session: str | None = None,
+                program: str | None = None, **extra: Any) -> dict[str, Any]:
+        _reject_extra(signature, args, extra)
+        sig = self.app.dspex_signatures.find(signature)
+        if sig is None:
+            raise UnknownSignature(f"unknown signature '{signature}' on worker")
+        if not isinstance(items, list):
+            raise ValidationError.from_errors("map items", [{"field": "items", "message": "expected a list"}])
+        _check_size(self.app, items, "items")
+        return {"results": self.app.runtime.predict_many(sig, items, session, program)}
+
+    return app.task(name=MAP_TASK, bind=True, typing=False, acks_late=True, reject_on_worker_lost=True,
+                    throws=EXPECTED_ERRORS,
+                    queue=app.dspex_settings.predict_queue)(run_map)
+
+
+def create_worker_app(settings: Settings | None = None, *, signatures: SignatureRegistry | None = None,
+                      import_modules: bool = True) -> DspexCelery:
+    """The deployable app: settings, signature modules, tasks, and pre-warm hooks."""
+    settings = settings or load_settings()
+    app = DspexCelery(settings, signatures=signatures)
+    if import_modules:
+        from .runtime import import_signature_modules
+
+        import_signature_modules(settings.modules)
+    for sig in app.dspex_signatures:
+        register_signature(app, sig)
+    register_map_task(app)
+    _connect_prewarm(app)
+    return app
+
+
+def _connect_prewarm(app: DspexCelery) -> None:
+    def on_process_init(**_: Any) -> None:
+        app.reset_runtime()  # a forked child must not share its parent's connections
+        app.runtime  # noqa: B018 - warms the child
+
+    def on_worker_ready(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", app) is not app:
+            return
+        if app.conf.worker_pool != "prefork":
+            app.runtime  # noqa: B018 - warms the only process that runs tasks
+
+    def on_shutdown(**_: Any) -> None:
+        app.reset_runtime()
+
+    signals.worker_process_init.connect(on_process_init, weak=False)
+    signals.worker_init.connect(on_worker_ready, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """JSON description of an error (for map items and logs)."""
+    return {"type": type(exc).__name__, "args": list(exc.args) if isinstance(exc, DspexError) else [str(exc)]}

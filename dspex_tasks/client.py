@@ -1,0 +1,290 @@
+"""The client: validate against published schemas, enqueue, wait for typed results.
+
+It imports neither dspy nor litellm nor the signature modules: workers publish
+each signature's JSON Schemas to Redis, and the client validates inputs
+against them (with ``jsonschema``) before anything is enqueued.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import keys
+from .errors import DspexError, ResultLost, TaskTimeout, UnknownSignature, ValidationError, from_remote
+from .settings import Settings, load_settings
+from .store import ProgramStore
+
+__all__ = ["Client", "Job", "Result"]
+
+_SIGNATURE_TTL_S = 5.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished prediction."""
+
+    outputs: dict[str, Any]
+    session: str | None
+    program: str
+    program_version: int
+    usage: dict[str, Any] = field(default_factory=dict)
+    lm: str = ""
+    duration_ms: float = 0.0
+    task_id: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Result:
+        return cls(outputs=data["outputs"], session=data.get("session"), program=data.get("program", ""),
+                   program_version=int(data.get("program_version", 0)), usage=data.get("usage") or {},
+                   lm=data.get("lm", ""), duration_ms=float(data.get("duration_ms", 0.0)),
+                   task_id=data.get("task_id"))
+
+
+def _raise_remote(exc: BaseException) -> None:
+    """Re-raise a worker failure as the matching ``errors.*`` class."""
+    if isinstance(exc, DspexError):
+        raise exc
+    raise from_remote(type(exc).__name__, getattr(exc, "args", (str(exc),))) from None
+
+
+class Job:
+    """A submitted task. ``state`` polls; ``get()`` waits for the :class:`Result`."""
+
+    def __init__(self, async_result: Any) -> None:
+        self._r = async_result
+
+    @property
+    def id(self) -> str:
+        return str(self._r.id)
+
+    @property
+    def state(self) -> str:
+        return str(self._r.state)
+
+    @property
+    def info(self) -> Any:
+        return self._r.info
+
+    def ready(self) -> bool:
+        return bool(self._r.ready())
+
+    def get(self, timeout: float | None = 60.0) -> Result:
+        """Wait for the result.
+
+        Raises:
+            TaskTimeout: nothing within ``timeout`` seconds.
+            errors.*: the worker's failure, as its own class.
+        """
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        try:
+            value = self._r.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeout:
+            raise TaskTimeout(f"job {self.id} did not finish within {timeout} s (state {self.state})") from None
+        state = self._r.state
+        if state == "FAILURE" or isinstance(value, BaseException):
+            _raise_remote(value if isinstance(value, BaseException) else DspexError(str(value)))
+        if not isinstance(value, dict) or "outputs" not in value:
+            raise ResultLost(f"job {self.id} finished ({state}) but its result is missing or expired")
+        return Result.from_json(value)
+
+    def forget(self) -> None:
+        self._r.forget()
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+
+class Client:
+    """Enqueue DSPy programs from any Python service.
+
+    Args:
+        redis_url: defaults to ``DSPEX_REDIS_URL``.
+        settings: a full settings object (overrides the URL arguments).
+        app: an existing Celery app to send through.
+
+    Example:
+        >>> client = Client()  # doctest: +SKIP
+        >>> client.submit("qa", {"question": "Why is the sky blue?"}, session="t42").get().outputs  # doctest: +SKIP
+    """
+
+    def __init__(self, *, redis_url: str | None = None, broker_url: str | None = None,
+                 result_backend: str | None = None, namespace: str | None = None,
+                 settings: Settings | None = None, app: Any = None) -> None:
+        overrides = {k: v for k, v in {"redis_url": redis_url, "broker_url": broker_url,
+                                       "result_backend": result_backend, "namespace": namespace}.items() if v}
+        self.settings = settings or load_settings(**overrides)
+        if app is None:
+            from .app import create_app
+
+            app = create_app(self.settings)
+        self.app = app
+        self._redis: Any = None
+        self._programs: ProgramStore | None = None
+        self._sigs: dict[str, dict[str, Any]] = {}
+        self._validators: dict[str, Any] = {}
+        self._loaded_at = 0.0
+        self._lock = threading.Lock()
+
+    # -- connections ----------------------------------------------------------
+    @property
+    def redis(self) -> Any:
+        if self._redis is None:
+            import redis as redis_lib
+
+            self._redis = redis_lib.Redis.from_url(self.settings.redis_url, socket_timeout=10,
+                                                   socket_connect_timeout=5, health_check_interval=30)
+        return self._redis
+
+    @property
+    def programs(self) -> ProgramStore:
+        """The session program store."""
+        if self._programs is None:
+            self._programs = ProgramStore(redis=self.redis, namespace=self.settings.namespace,
+                                          session_ttl_s=self.settings.session_ttl_s,
+                                          max_state_bytes=self.settings.max_state_bytes)
+        return self._programs
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- signatures -----------------------------------------------------------
+    def signatures(self, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
+        """Published signatures: name -> {input_schema, output_schema, module, ...}."""
+        if refresh or time.monotonic() - self._loaded_at > _SIGNATURE_TTL_S:
+            raw = self.redis.hgetall(keys.signatures(self.settings.namespace))
+            sigs = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+            with self._lock:
+                if sigs != self._sigs:
+                    self._validators = {}
+                self._sigs = sigs
+                self._loaded_at = time.monotonic()
+        return dict(self._sigs)
+
+    def _validator(self, name: str) -> Any:
+        sigs = self.signatures()
+        if name not in sigs:
+            sigs = self.signatures(refresh=True)
+        if name not in sigs:
+            known = ", ".join(sorted(sigs)) or "none (is a worker running?)"
+            raise UnknownSignature(f"unknown signature '{name}' (published: {known})")
+        v = self._validators.get(name)
+        if v is None:
+            from jsonschema import Draft202012Validator
+
+            v = self._validators[name] = Draft202012Validator(sigs[name]["input_schema"])
+        return v
+
+    def validate(self, name: str, inputs: Any) -> None:
+        """Check ``inputs`` against the published input schema.
+
+        Raises:
+            UnknownSignature, ValidationError: nothing is enqueued.
+        """
+        validator = self._validator(name)
+        problems = sorted(validator.iter_errors(inputs), key=lambda e: list(e.absolute_path))
+        if problems:
+            errors = [{"field": ".".join(str(p) for p in e.absolute_path) or _root_field(e), "message": e.message}
+                      for e in problems]
+            raise ValidationError.from_errors(f"inputs for '{name}'", errors)
+        size = len(json.dumps(inputs, separators=(",", ":")))
+        if size > self.settings.max_payload_bytes:
+            raise ValidationError.from_errors("payload", [{
+                "field": "inputs", "message": f"{size} bytes exceeds the {self.settings.max_payload_bytes}-byte limit"}])
+
+    # -- submitting -----------------------------------------------------------
+    def submit(self, name: str, inputs: dict[str, Any], *, session: str | None = None, program: str | None = None,
+               countdown: float | None = None, queue: str | None = None) -> Job:
+        """Validate and enqueue one prediction of signature ``name``."""
+        if session is not None:
+            keys.check_id(session, "session")
+        if program is not None:
+            keys.check_id(program, "program")
+        self.validate(name, inputs)
+        r = self.app.send_task(f"dspex.{name}", kwargs={"inputs": inputs, "session": session, "program": program},
+                               queue=queue or self.settings.predict_queue, countdown=countdown)
+        return Job(r)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an earlier job by id."""
+        return Job(self.app.AsyncResult(job_id))
+
+    def map(self, name: str, inputs: Iterable[dict[str, Any]], *, session: str | None = None,
+            program: str | None = None, chunk_size: int | None = None, timeout: float | None = 300.0,
+            return_exceptions: bool = False, on_progress: Any = None) -> list[Result | DspexError]:
+        """Run many inputs in few messages; results come back in input order.
+
+        Every input is validated before anything is sent. With
+        ``return_exceptions`` a failed item is returned as its error in place;
+        otherwise the first failure is raised after all chunks finished.
+        """
+        items = list(inputs)
+        if session is not None:
+            keys.check_id(session, "session")
+        for i, item in enumerate(items):
+            try:
+                self.validate(name, item)
+            except ValidationError as exc:
+                errors = [{"field": f"{i}.{e['field']}".rstrip("."), "message": e["message"]} for e in exc.errors]
+                raise ValidationError.from_errors(f"inputs for '{name}' (item {i})", errors) from None
+        size = chunk_size or self.settings.map_chunk_size
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        from .app import MAP_TASK
+
+        pending = [self.app.send_task(MAP_TASK, kwargs={"signature": name, "items": chunk, "session": session,
+                                                        "program": program}, queue=self.settings.predict_queue)
+                   for chunk in chunks]
+        return self._collect(pending, [len(c) for c in chunks], timeout, return_exceptions, on_progress)
+
+    def _collect(self, pending: Sequence[Any], sizes: list[int], timeout: float | None, return_exceptions: bool,
+                 on_progress: Any) -> list[Result | DspexError]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[Result | DspexError] = []
+        for r, n in zip(pending, sizes, strict=True):
+            remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
+            value = Job(r)._r
+            try:
+                payload = value.get(timeout=remaining, propagate=False, disable_sync_subtasks=False)
+            except Exception as exc:  # celery TimeoutError
+                raise TaskTimeout(f"map chunk {r.id} did not finish within {timeout} s") from exc
+            if isinstance(payload, BaseException) or value.state == "FAILURE":
+                err = from_remote(type(payload).__name__, getattr(payload, "args", (str(payload),)))
+                out.extend([err] * n)
+            else:
+                for item in payload["results"]:
+                    if "error" in item:
+                        out.append(from_remote(item["error"]["type"], item["error"]["args"]))
+                    else:
+                        out.append(Result.from_json(item))
+            if on_progress is not None:
+                on_progress(n)
+        if not return_exceptions:
+            for item in out:
+                if isinstance(item, DspexError):
+                    raise item
+        return out
+
+
+def _root_field(err: Any) -> str:
+    # jsonschema reports missing/extra properties at the parent; name the field itself.
+    if err.validator == "required" and isinstance(err.instance, dict):
+        missing = [p for p in err.validator_value if p not in err.instance]
+        return ".".join(str(p) for p in err.absolute_path) or (missing[0] if missing else "")
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = set(err.schema.get("properties", {}))
+        extra = [p for p in err.instance if p not in allowed]
+        return extra[0] if extra else ""
+    return ""

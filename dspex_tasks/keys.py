@@ -1,0 +1,71 @@
+"""Every Redis key and channel the project uses, built in one place.
+
+Session ids sit inside ``{...}`` (a Redis Cluster hash tag, and a delimiter ids
+can never contain), so a session's keys share one slot and ``a:b`` + ``c`` can
+never collide with ``a`` + ``b:c``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidSession
+
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def check_id(value: object, what: str = "session") -> str:
+    """Return ``value`` if it is a valid session/program id, else raise InvalidSession."""
+    if not isinstance(value, str) or not _ID.match(value):
+        shown = repr(value)[:80]
+        raise InvalidSession(f"invalid {what} id {shown}: expected 1-128 characters of [A-Za-z0-9._:-]")
+    return value
+
+
+def program_meta(ns: str, session: str, program: str) -> str:
+    """Hash: current, latest, signature, updated_at of one program."""
+    return f"{ns}:{{{session}}}:prog:{program}"
+
+
+def program_versions(ns: str, session: str, program: str) -> str:
+    """Hash: version -> JSON record {state, signature, updated_at}."""
+    return f"{ns}:{{{session}}}:prog:{program}:versions"
+
+
+def program_token(ns: str, session: str, program: str, token: str) -> str:
+    """String: the version an idempotent put with this token produced."""
+    return f"{ns}:{{{session}}}:prog:{program}:token:{token}"
+
+
+def session_programs(ns: str, session: str) -> str:
+    """Set: program names stored under one session."""
+    return f"{ns}:{{{session}}}:programs"
+
+
+def sessions(ns: str) -> str:
+    """Sorted set: session -> last write or use (unix seconds)."""
+    return f"{ns}:sessions"
+
+
+def program_events(ns: str) -> str:
+    """Pub/sub channel: program put/rollback/delete notices."""
+    return f"{ns}:events:programs"
+
+
+def signatures(ns: str) -> str:
+    """Hash: signature name -> published JSON description."""
+    return f"{ns}:signatures"
+
+
+def signature_events(ns: str) -> str:
+    """Pub/sub channel: a worker published signatures."""
+    return f"{ns}:events:signatures"
+
+
+def worker_stats(ns: str, worker: str) -> str:
+    """Hash: a worker process's cache counters (expires unless refreshed)."""
+    return f"{ns}:workers:{worker}"
+
+
+def worker_stats_pattern(ns: str) -> str:
+    return f"{ns}:workers:*"

@@ -1,0 +1,37 @@
+"""Language model construction from settings: the mock LM or any LiteLLM model string.
+
+Keys come from ``DSPEX_LM_API_KEY`` or the provider's own variable (LiteLLM reads
+``OPENAI_API_KEY`` etc.), live only in the worker, and never enter a message.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .settings import Settings
+
+
+def build_lm(settings: Settings, model: str | None = None) -> Any:
+    """The DSPy LM for ``model`` (default ``settings.lm``)."""
+    import dspy
+
+    model = model or settings.lm
+    if model == "mock":
+        from .mock_lm import MockLM
+
+        return MockLM(seed=settings.mock_seed, latency_ms=settings.mock_latency_ms,
+                      failure_rate=settings.mock_failure_rate)
+    kwargs: dict[str, Any] = {"cache": settings.lm_cache, "num_retries": settings.lm_num_retries,
+                              "timeout": settings.lm_timeout_s}
+    if settings.lm_api_base:
+        kwargs["api_base"] = settings.lm_api_base
+    if settings.lm_api_key:
+        kwargs["api_key"] = settings.lm_api_key_value()
+    if settings.lm_max_tokens:
+        kwargs["max_tokens"] = settings.lm_max_tokens
+    return dspy.LM(model, **kwargs)
+
+
+def lm_name(lm: Any) -> str:
+    return str(getattr(lm, "model", "unknown"))

@@ -1,0 +1,112 @@
+"""One typed, frozen settings object read from ``DSPEX_*`` environment variables.
+
+Celery's configuration is derived from it in one place (``app.celery_config``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from functools import cached_property
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+__all__ = ["Settings", "load_settings"]
+
+log = logging.getLogger(__name__)
+
+
+class Settings(BaseSettings):
+    """Configuration for clients and workers. Every field maps to ``DSPEX_<NAME>``.
+
+    Example:
+        >>> Settings(redis_url="redis://127.0.0.1:6380/0").broker
+        'redis://127.0.0.1:6380/0'
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DSPEX_", frozen=True, extra="forbid")
+
+    # connections
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str | None = None
+    result_backend: str | None = None
+    namespace: str = Field("dspex", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    # language model
+    lm: str = "mock"
+    lm_api_base: str | None = None
+    lm_api_key: SecretStr | None = None
+    lm_timeout_s: float = 60.0
+    lm_num_retries: int = Field(2, ge=0, le=10)
+    lm_max_tokens: int | None = None
+    lm_cache: bool = False
+    mock_latency_ms: float = Field(0.0, ge=0)
+    mock_failure_rate: float = Field(0.0, ge=0, le=1)
+    mock_seed: int = 0
+
+    # signatures and programs
+    signature_modules: str = "signatures"
+    prewarm_sessions: int = Field(100, ge=0)
+    program_cache_size: int = Field(1024, ge=1)
+    cache_verify_s: float = Field(1.0, gt=0)
+    session_ttl_s: int | None = Field(None, gt=0)
+    max_state_bytes: int = Field(2_000_000, gt=0)
+    max_payload_bytes: int = Field(1_000_000, gt=0)
+
+    # workers and queues
+    worker_pool: Literal["threads", "prefork", "solo"] = "threads"
+    worker_concurrency: int = Field(200, ge=1)
+    prefetch_multiplier: int = Field(1, ge=1)
+    visibility_timeout_s: int = Field(3600, ge=10)
+    result_expires_s: int = Field(86_400, ge=60)
+    task_max_retries: int = Field(3, ge=0)
+    map_chunk_size: int = Field(64, ge=1)
+    predict_queue: str = "dspex.predict"
+    optimize_queue: str = "dspex.optimize"
+
+    @field_validator("redis_url", "broker_url", "result_backend")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://", "amqp://", "pyamqp://")):
+            raise ValueError(f"expected a redis://, rediss:// or amqp:// URL, got {v!r}")
+        return v
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def backend(self) -> str:
+        return self.result_backend or self.redis_url
+
+    @cached_property
+    def modules(self) -> list[str]:
+        return [m.strip() for m in self.signature_modules.split(",") if m.strip()]
+
+    def lm_api_key_value(self) -> str | None:
+        return self.lm_api_key.get_secret_value() if self.lm_api_key else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, with keyword overrides.
+
+    Unknown ``DSPEX_*`` variables are reported with a did-you-mean (a typo in an
+    env var should not silently fall back to a default).
+
+    Raises:
+        ConfigurationError: naming the bad setting and what was expected.
+    """
+    known = {f"DSPEX_{name.upper()}" for name in Settings.model_fields}
+    for var in os.environ:
+        if var.startswith("DSPEX_") and var not in known and not var.startswith("DSPEX_TEST_"):
+            close = difflib.get_close_matches(var, sorted(known), n=1)
+            log.warning("unknown setting %s%s", var, f"; did you mean {close[0]}?" if close else "")
+    try:
+        return Settings(**overrides)
+    except Exception as exc:  # pydantic.ValidationError, with field names
+        raise ConfigurationError(f"invalid settings: {exc}") from None

@@ -1,0 +1,1 @@
+"""The deployable Celery app and beat schedule."""
