@@ -142,7 +142,7 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
         result["task_id"] = self.request.id
         return result
 
-    task = app.task(name=f"dspex.{sig.name}", bind=True, typing=False, acks_late=True, throws=EXPECTED_ERRORS,
+    task = app.task(name=f"dspex.{sig.name}", bind=True, shared=False, typing=False, acks_late=True, throws=EXPECTED_ERRORS,
                     reject_on_worker_lost=True, queue=app.dspex_settings.predict_queue)(run)
     sig.task = task
     return task
@@ -168,7 +168,7 @@ def register_map_task(app: DspexCelery) -> Any:
         _check_size(self.app, items, "items")
         return {"results": self.app.runtime.predict_many(sig, items, session, program)}
 
-    return app.task(name=MAP_TASK, bind=True, typing=False, acks_late=True, reject_on_worker_lost=True,
+    return app.task(name=MAP_TASK, bind=True, shared=False, typing=False, acks_late=True, reject_on_worker_lost=True,
                     throws=EXPECTED_ERRORS,
                     queue=app.dspex_settings.predict_queue)(run_map)
 

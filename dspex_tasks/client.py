@@ -36,13 +36,14 @@ class Result:
     lm: str = ""
     duration_ms: float = 0.0
     task_id: str | None = None
+    worker: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Result:
         return cls(outputs=data["outputs"], session=data.get("session"), program=data.get("program", ""),
                    program_version=int(data.get("program_version", 0)), usage=data.get("usage") or {},
                    lm=data.get("lm", ""), duration_ms=float(data.get("duration_ms", 0.0)),
-                   task_id=data.get("task_id"))
+                   task_id=data.get("task_id"), worker=data.get("worker"))
 
 
 def _raise_remote(exc: BaseException) -> None:

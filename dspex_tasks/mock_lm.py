@@ -51,6 +51,10 @@ def _wrap(obj: Any) -> Any:
     return obj
 
 
+def _response(payload: dict[str, Any]) -> _Response:
+    return _Response({k: _wrap(v) for k, v in payload.items()})
+
+
 class _Counter:
     """A thread-safe call counter, shared by an LM and its copies."""
 
@@ -131,7 +135,7 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
         ]
         prompt_tokens = mockgen.prompt_tokens(messages)
         completion_tokens = sum(mockgen.count_tokens(t) for t in texts)
-        return _wrap(
+        return _response(
             {
                 "id": f"chatcmpl-mock-{uuid.uuid4().hex[:12]}",
                 "object": "chat.completion",

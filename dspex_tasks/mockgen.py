@@ -24,17 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .signature import Signature, SignatureRegistry
 
 __all__ = [
-    "Prompt",
-    "Scripted",
-    "answer",
-    "answer_for_schema",
-    "count_tokens",
-    "follow_demos",
-    "message_text",
-    "mock_text",
-    "parse_prompt",
-    "prompt_tokens",
-    "value_for",
+    "Prompt", "Scripted", "answer", "answer_for_schema", "count_tokens", "follow_demos", "message_text",
+    "mock_text", "parse_prompt", "prompt_tokens", "value_for",
 ]
 
 JsonSchema = dict[str, Any]
@@ -56,6 +47,7 @@ _WORDS = (
 )
 _ENTITY_TYPES = ("PERSON", "ORG", "LOC", "DATE", "MISC")
 _SOFT_DEPTH, _HARD_DEPTH = 8, 40
+_PY_CONSTANTS: dict[str, Any] = {"True": True, "False": False, "None": None}
 
 
 # -- hashing ---------------------------------------------------------------------------------------
@@ -66,7 +58,7 @@ def _digest(key: str) -> int:
 
 def _frac(key: str) -> float:
     """A float in [0, 1) from ``key``."""
-    return _digest(key) / 2.0**64
+    return (_digest(key) >> 11) / 2.0**53
 
 
 def _pick(items: Sequence[Any], key: str) -> Any:
@@ -95,28 +87,19 @@ def value_for(spec: TypeNode | Mapping[str, Any], key: str) -> Any:
 
 
 def _resolve(ref: str, root: Mapping[str, Any]) -> Mapping[str, Any]:
-    if not ref.startswith("#"):
-        return {}
-    node: Any = root
-    for part in ref.lstrip("#").strip("/").split("/"):
-        if not part:
-            continue
-        part = part.replace("~1", "/").replace("~0", "~")
-        node = node.get(part) if isinstance(node, Mapping) else None
-        if node is None:
-            return {}
+    node: Any = root if ref.startswith("#") else None
+    for part in filter(None, ref.lstrip("#").split("/")):
+        node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, Mapping) else None
     return node if isinstance(node, Mapping) else {}
 
 
 def _deref(schema: Any, root: Mapping[str, Any]) -> Mapping[str, Any]:
-    if not isinstance(schema, Mapping):
-        return {}
-    seen = 0
-    while "$ref" in schema and seen < _HARD_DEPTH:
-        rest = {k: v for k, v in schema.items() if k != "$ref"}
-        schema = {**_resolve(str(schema["$ref"]), root), **rest}
-        seen += 1
-    return schema
+    out: Mapping[str, Any] = schema if isinstance(schema, Mapping) else {}
+    for _ in range(_HARD_DEPTH):
+        if "$ref" not in out:
+            break
+        out = {**_resolve(str(out["$ref"]), root), **{k: v for k, v in out.items() if k != "$ref"}}
+    return out
 
 
 def _is_null(schema: Any, root: Mapping[str, Any]) -> bool:
@@ -233,22 +216,14 @@ class Prompt:
 def message_text(message: Mapping[str, Any]) -> str:
     """The text of one OpenAI-style message (``content`` as a str or a list of text parts)."""
     content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
     if isinstance(content, list):
-        parts = [str(p.get("text", "")) if isinstance(p, Mapping) else str(p) for p in content]
-        return "".join(parts)
-    return str(content)
+        return "".join(str(p.get("text", "")) if isinstance(p, Mapping) else str(p) for p in content)
+    return "" if content is None else str(content)
 
 
 def _field_list(system: str, start: str, end: str) -> dict[str, str]:
     i = system.find(start)
-    if i < 0:
-        return {}
-    j = system.find(end, i + len(start))
-    segment = system[i + len(start) : j if j >= 0 else len(system)]
+    segment = system[i:].split(end, 1)[0] if i >= 0 else ""
     return {m.group(1): m.group(2) for m in _FIELD_LINE.finditer(segment)}
 
 
@@ -280,18 +255,17 @@ def _sections(text: str) -> dict[str, str]:
         else:
             found[-1][1].append(line)
     out: dict[str, str] = {}
-    for name, lines in found:
-        if name is not None and name not in out:
-            out[name] = "\n".join(lines).strip()
-    return out
+    for name, lines in reversed(found[1:]):  # reversed: the first occurrence wins
+        out[str(name)] = "\n".join(lines).strip()
+    return dict(reversed(out.items()))
 
 
 def _loads(text: str, schema: Mapping[str, Any] | None = None, annotation: str | None = None) -> Any:
     """A field's text as a value: JSON when it looks like JSON, else the string itself."""
     if annotation == "str" or (schema is not None and _raw_ok(schema)):
         return text
-    if text in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[text]
+    if text in _PY_CONSTANTS:
+        return _PY_CONSTANTS[text]
     try:
         return json.loads(text)
     except ValueError:
@@ -299,11 +273,8 @@ def _loads(text: str, schema: Mapping[str, Any] | None = None, annotation: str |
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
-    start = text.find("{")
-    if start < 0:
-        return None
     try:
-        obj, _ = json.JSONDecoder().raw_decode(text[start:])
+        obj, _ = json.JSONDecoder().raw_decode(text[text.index("{") :])
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
@@ -459,10 +430,7 @@ def format_answer(p: Prompt, outputs: Mapping[str, Any], schemas: Mapping[str, J
 
 
 def answer(
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    seed: int = 0,
-    scripted: Scripted | None = None,
+    messages: Sequence[Mapping[str, Any]], *, seed: int = 0, scripted: Scripted | None = None,
     registry: SignatureRegistry | None = None,
 ) -> str:
     """The mock assistant's reply to a DSPy-formatted chat prompt.

@@ -215,6 +215,7 @@ class Runtime:
             "usage": _usage(prediction),
             "lm": lm_name(lm),
             "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "worker": self.worker_id,
         }
 
     def predict_many(self, sig: Signature, items: list[Any], session: str | None = None,

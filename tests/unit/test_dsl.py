@@ -241,7 +241,7 @@ ERRORS = [
     ("q: str -> a: literal[1, 2]", ["field 'a'", "'literal[1, 2]'"]),
     ('q: str -> a: literal["x", "x"]', ["field 'a'", "repeated", "'literal[\"x\", \"x\"]'"]),
     ('q: str -> a: literal["x" "y"]', ["field 'a'", "literal[\"x\" \"y\"]"]),
-    ('q: str -> a: literal["x]', ["unterminated string"]),
+    ('q: str -> a: literal["x]', ["field 'a'", "unterminated string", 'literal["x]']),
     ('q: str -> a: {:literal, "x"}', ["field 'a'", "'{:literal, \"x\"}'"]),
 ]
 
