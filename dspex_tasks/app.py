@@ -60,7 +60,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "result_expires": settings.result_expires_s,
         "result_extended": True,
-        "task_track_started": True,
+        # STARTED costs a read, a write and a publish per task; Flower sees it from events anyway.
+        "task_track_started": settings.track_started,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "task_default_queue": settings.predict_queue,
@@ -197,6 +198,11 @@ def _connect_prewarm(app: DspexCelery) -> None:
     def on_worker_ready(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", app) is not app:
             return
+        if not app.dspex_settings.log_each_task:
+            # Two INFO lines per task cost more than the task at thousands per second;
+            # Flower, events and metrics carry the same facts.
+            logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+            logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
         if app.conf.worker_pool != "prefork":
             app.runtime  # noqa: B018 - warms the only process that runs tasks
 

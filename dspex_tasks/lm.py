@@ -6,7 +6,12 @@ Keys come from ``DSPEX_LM_API_KEY`` or the provider's own variable (LiteLLM read
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# LiteLLM and DSPy otherwise fetch a model price map from the internet at first use
+# (a 5 s stall where there is no route); the bundled copy is enough.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 if TYPE_CHECKING:  # pragma: no cover
     from .settings import Settings

@@ -188,7 +188,8 @@ def _object(s: Mapping[str, Any], key: str, root: Mapping[str, Any], depth: int)
         return {}
     values = extra if isinstance(extra, Mapping) else {"type": "string"}
     n = 1 + _digest(key + "|len") % 2
-    names = _deref(s.get("propertyNames", {}), root).get("enum")
+    names_schema = _deref(s.get("propertyNames", {}), root)
+    names = [names_schema["const"]] if "const" in names_schema else names_schema.get("enum")
     if isinstance(names, list) and names:
         start = _digest(key + "|keys")
         keys = [str(names[(start + i) % len(names)]) for i in range(min(n, len(names)))]

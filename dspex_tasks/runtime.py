@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import keys
+from . import keys, lm as _lm  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
 from .cache import ProgramCache
 from .errors import DspexError, LMError, LMParseError, ValidationError
 from .lm import build_lm, lm_name
@@ -115,6 +115,7 @@ class Runtime:
         """Configure LMs, build every signature's module, load the hottest sessions."""
         t0 = time.perf_counter()
         _private_dspy_cache()
+        _memoize_model_metadata()
         for sig in self.signatures:
             self.lm_for(sig)
             self._base[sig.name] = sig.build_module()
@@ -253,6 +254,40 @@ def _usage(prediction: Any) -> dict[str, Any]:
 
 
 _cache_configured = False
+_metadata_memoized = False
+
+
+def _memoize_model_metadata() -> None:
+    """DSPy 3.4 prices every call by looking the model up in its price table, and for a
+    model it does not know (a self-hosted or mock endpoint) that is a scan of the whole
+    table: ~2 ms of GIL per call, a quarter of a worker's CPU at 100 calls/s. The table
+    is static once loaded, so the lookup is memoized (results are still copied)."""
+    global _metadata_memoized
+    if _metadata_memoized:
+        return
+    import copy
+    import functools
+
+    try:
+        from dspy.clients import costs, model_metadata
+    except ImportError:  # pragma: no cover - a DSPy without this module has nothing to fix
+        return
+    original = model_metadata.model_info
+
+    @functools.lru_cache(maxsize=1024)
+    def cached(provider: Any, model: Any, namespaces: Any) -> Any:
+        return original(provider, model, namespaces=namespaces)
+
+    def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> Any:
+        try:
+            return copy.deepcopy(cached(provider, model, tuple(namespaces) if namespaces is not None else None))
+        except TypeError:  # unhashable arguments: do what DSPy does
+            return original(provider, model, namespaces=namespaces)
+
+    model_metadata.model_info = model_info
+    if getattr(costs, "model_info", None) is original:
+        costs.model_info = model_info
+    _metadata_memoized = True
 
 
 def _private_dspy_cache() -> None:

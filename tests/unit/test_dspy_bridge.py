@@ -13,7 +13,7 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from dspex_tasks import Signature, signature
+from dspex_tasks import Signature, errors, signature
 from dspex_tasks.types import Entity
 
 pytestmark = pytest.mark.unit
@@ -160,13 +160,21 @@ def test_qa_confidence_string_becomes_a_float(adapter_cls: type[dspy.Adapter]) -
 @pytest.mark.parametrize("adapter_cls", ADAPTERS)
 def test_literal_int_bool_and_optional_outputs(adapter_cls: type[dspy.Adapter]) -> None:
     s = sig('text: str, max_words: int -> label: literal["positive", "negative"], n: int, ok: bool, note: optional[str]')
-    answer = {"label": "negative", "n": "12", "ok": "true", "note": "null"}
+    answer = {"label": "negative", "n": "12", "ok": "true", "note": "short"}
     pred, _ = run(dspy.Predict(s.to_dspy()), [answer], adapter_cls, text="bad", max_words=3)
     assert pred.label == "negative"
     assert pred.n == 12 and isinstance(pred.n, int)
     assert pred.ok is True
-    assert pred.note in (None, "null")
-    assert s.validate_outputs({k: pred[k] for k in ("label", "n", "ok")} | {"note": None})["n"] == 12
+    assert pred.note == "short"
+    assert s.validate_outputs({k: pred[k] for k in s.output_fields}) == {
+        "label": "negative", "n": 12, "ok": True, "note": "short"
+    }
+
+
+def test_json_adapter_gives_none_for_a_null_optional() -> None:
+    s = sig("text: str -> answer: str, note: optional[str]")
+    pred, _ = run(dspy.Predict(s.to_dspy()), [{"answer": "a", "note": None}], dspy.JSONAdapter, text="t")
+    assert pred.note is None
 
 
 def test_a_label_outside_the_literal_fails_to_parse() -> None:
@@ -183,6 +191,28 @@ def test_build_module_runs_under_dspy_context() -> None:
     assert pred.analysis == ["a", "b"]
 
 
+# -- every field name the DSL accepts works in DSPy --------------------------------------------------------------
+# Names that are attributes of dspy.Signature / pydantic.BaseModel, or keyword arguments of Predict.__call__.
+COLLIDING = ["fields", "input_fields", "output_fields", "model_config", "model_dump", "model_validate", "json",
+             "copy", "schema", "dict", "prediction", "self", "new_signature"]
+
+
+@pytest.mark.parametrize("name", COLLIDING)
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_a_field_name_is_rejected_at_definition_or_works_in_dspy(name: str, side: str) -> None:
+    # The contract: a bad spec fails at definition time with SignatureError, never later in to_dspy() or a worker.
+    spec = f"q: str -> {name}: str" if side == "output" else f"{name}: str -> a: str"
+    try:
+        s = sig(spec)
+    except errors.SignatureError as exc:
+        assert name in str(exc)
+        return
+    inputs = {k: "v" for k in s.input_fields}
+    answer = {k: "1" for k in s.output_fields}
+    pred, _ = run(dspy.Predict(s.to_dspy()), [answer], dspy.ChatAdapter, **inputs)
+    assert {k: pred[k] for k in s.output_fields} == answer
+
+
 # -- no dspy on the client path --------------------------------------------------------------------------------
 def _python(code: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -191,10 +221,12 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_importing_and_defining_signatures_does_not_import_dspy() -> None:
     code = (
-        "import sys, dspex_tasks\n"
+        "import sys, dspex_tasks, jsonschema\n"
         "s = dspex_tasks.signature('a: str -> b: list[entity], c: confidence_score', name='z')\n"
         "s.validate_inputs({'a': 'x'}); s.validate_outputs({'b': [], 'c': '0.5'})\n"
-        "s.input_schema(); s.json_schema('openai'); s.json_schema('anthropic'); s.describe()\n"
+        "for schema in (s.input_schema(), s.json_schema('openai')['json_schema']['schema'],\n"
+        "               s.json_schema('anthropic')['input_schema'], s.describe()['output_schema']):\n"
+        "    jsonschema.Draft202012Validator.check_schema(schema)\n"
         "assert 'dspy' not in sys.modules, 'dspy imported'\n"
         "s.to_dspy()\n"
         "assert 'dspy' in sys.modules\n"

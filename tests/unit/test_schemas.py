@@ -236,6 +236,8 @@ def test_each_type_has_its_documented_json_shape(type_: str, good: Any, bad: Any
 
 def test_descriptions_and_titles_reach_the_schema() -> None:
     s = sig("a: str -> b: str", name="described", desc="Longer description.")
+    checked(s.input_schema())
+    checked(s.output_schema())
     assert s.output_schema()["description"] == "Longer description."
     assert s.output_schema()["title"] == "described_outputs"
     assert s.input_schema()["title"] == "described_inputs"
@@ -243,6 +245,8 @@ def test_descriptions_and_titles_reach_the_schema() -> None:
 
 def test_schemas_are_copies() -> None:
     s = sig("a: str -> b: list[entity]")
+    checked(s.output_schema())
+    checked(s.json_schema("openai")["json_schema"]["schema"])
     s.output_schema()["properties"]["b"]["items"]["required"].append("mutated")
     s.json_schema("openai")["json_schema"]["schema"]["required"].append("mutated")
     assert "mutated" not in json.dumps(s.output_schema())
@@ -355,9 +359,15 @@ def test_anthropic_tool_validates_outputs(spec: str, good: list[dict[str, Any]],
 
 
 def test_anthropic_description_prefers_desc_then_instructions() -> None:
-    assert sig("a: str -> b: str", desc="D", instructions="I").json_schema("anthropic")["description"] == "D"
-    assert sig("a: str -> b: str", instructions="I").json_schema("anthropic")["description"] == "I"
-    assert sig("a: str -> b: str").json_schema("anthropic")["description"]
+    tools = [
+        sig("a: str -> b: str", desc="D", instructions="I").json_schema("anthropic"),
+        sig("a: str -> b: str", instructions="I").json_schema("anthropic"),
+        sig("a: str -> b: str").json_schema("anthropic"),
+    ]
+    assert [t["description"] for t in tools[:2]] == ["D", "I"]
+    assert tools[2]["description"]
+    for tool in tools:
+        checked(tool["input_schema"])
 
 
 @pytest.mark.parametrize("target", ["gemini", "OpenAI", "", "json"])
