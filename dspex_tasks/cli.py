@@ -210,14 +210,15 @@ def map_(
                 fh.write(json.dumps(_result_json(item), ensure_ascii=False) + "\n")
     failed = sum(1 for r in results if isinstance(r, DspexError))
     table = Table(title=f"first {min(rows, len(results))} of {len(results)}", title_justify="left")
-    for col in ("#", "version", "output"):
-        table.add_column(col, justify="right" if col != "output" else "left")
+    table.add_column("#", justify="right")
+    table.add_column("version", justify="right")
+    table.add_column("output", no_wrap=True, overflow="ellipsis", max_width=max(20, console.width - 20))
     for i, item in enumerate(results[:rows]):
         if isinstance(item, DspexError):
             table.add_row(str(i), "-", f"[red]{type(item).__name__}: {esc(preview(item.message, 80))}[/]")
         else:
             text = ", ".join(f"{k}={preview(v, 40)}" for k, v in item.outputs.items())
-            table.add_row(str(i), f"v{item.program_version}", esc(preview(text, 100)))
+            table.add_row(str(i), f"v{item.program_version}", esc(preview(text, 200)))
     if rows > 0:
         console.print(table)
     rate = len(results) / seconds if seconds > 0 else 0.0

@@ -65,7 +65,7 @@ def run_demo(*, workers: int = 2, tasks: int = 200, sessions: int = 8, concurren
         ConfigurationError: no Redis could be started, or the workers did not come up.
         KeyboardInterrupt: on Ctrl-C or SIGTERM, after everything was stopped.
     """
-    from .redis_server import ensure_redis
+    from .redis_server import RedisServer, redis_reachable
     from .settings import load_settings
 
     out = console or Console(highlight=False)
@@ -79,10 +79,12 @@ def run_demo(*, workers: int = 2, tasks: int = 200, sessions: int = 8, concurren
     jobs: list[tuple[str, str, Any]] = []
     with _sigterm_as_interrupt():
         try:
-            url, server = ensure_redis(configured)
-            if server is None:
+            if configured and redis_reachable(configured):
+                url = configured
                 out.print(f"[bold]●[/] Redis: configured, {redacted_url(url)} (namespace {namespace})")
             else:
+                server = RedisServer().start()
+                url = server.url
                 note = f" ({redacted_url(configured)} did not answer)" if configured else ""
                 out.print(f"[bold]●[/] Redis: private redis-server on port {server.port}, pid {server.pid}{note}")
             settings = load_settings(redis_url=url, broker_url=None, result_backend=None, namespace=namespace,
@@ -103,15 +105,15 @@ def run_demo(*, workers: int = 2, tasks: int = 200, sessions: int = 8, concurren
                       f"ready in {time.monotonic() - t0:.1f} s (pids {', '.join(map(str, group.pids.values()))})")
             _store_programs(client, session_ids, out)
             results, seconds = _run_batch(client, tasks, session_ids, timeout_s, out, jobs)
+            ok = sum(1 for _, _, r in results if not isinstance(r, BaseException))
+            summary = {"tasks": tasks, "ok": ok, "failed": tasks - ok, "seconds": round(seconds, 3),
+                       "tasks_per_s": round(tasks / seconds, 1) if seconds > 0 else 0.0,
+                       "redis": "private" if server is not None else "configured", "workers": workers,
+                       "run_id": run_id, "lm": settings.lm}
+            _report(out, results, summary, concurrency)
         finally:
             _shutdown(out, group, server, client, configured_redis=server is None, sessions=session_ids, jobs=jobs)
             shutil.rmtree(log_dir, ignore_errors=True)
-    ok = sum(1 for _, _, r in results if not isinstance(r, BaseException))
-    summary = {"tasks": tasks, "ok": ok, "failed": tasks - ok, "seconds": round(seconds, 3),
-               "tasks_per_s": round(tasks / seconds, 1) if seconds > 0 else 0.0,
-               "redis": "private" if server is not None else "configured", "workers": workers, "run_id": run_id,
-               "lm": settings.lm}
-    _report(out, results, summary, concurrency)
     return summary
 
 
@@ -196,7 +198,7 @@ def _shutdown(out: Console, group: WorkerGroup | None, server: Any, client: Any,
         stopped = []
         if group is not None:
             codes = group.stop(timeout_s=_STOP_TIMEOUT_S)
-            stopped.append(f"{len(codes)} workers")
+            stopped.append(_plural(len(codes), "worker"))
         if client is not None:
             if configured_redis:
                 with contextlib.suppress(Exception):
@@ -235,8 +237,10 @@ def _remove_demo_keys(client: Any, sessions: list[str], jobs: list[tuple[str, st
 def _report(out: Console, results: list[tuple[str, str, Any]], summary: dict[str, Any], concurrency: int) -> None:
     shown: set[tuple[str, str]] = set()
     table = Table(title="sample results (one per signature and session)", title_justify="left")
-    for col in ("signature", "session", "version", "ms", "output"):
-        table.add_column(col, justify="right" if col in ("version", "ms") else "left", no_wrap=col != "output")
+    for col in ("signature", "session", "version", "ms"):
+        table.add_column(col, justify="right" if col in ("version", "ms") else "left", no_wrap=True)
+    # Capped, or rich squeezes the short columns to nothing to make room for it.
+    table.add_column("output", no_wrap=True, overflow="ellipsis", max_width=max(20, out.width - 50))
     for sig, session, res in results:
         if (sig, session) in shown or len(shown) >= 12:
             continue
@@ -245,7 +249,7 @@ def _report(out: Console, results: list[tuple[str, str, Any]], summary: dict[str
             table.add_row(sig, session, "-", "-", f"[red]{type(res).__name__}: {esc(preview(str(res), 70))}[/]")
         else:
             text = ", ".join(f"{k}={preview(v, 40)}" for k, v in res.outputs.items())
-            table.add_row(sig, session, f"v{res.program_version}", f"{res.duration_ms:.0f}", esc(preview(text, 90)))
+            table.add_row(sig, session, f"v{res.program_version}", f"{res.duration_ms:.0f}", esc(preview(text, 200)))
     out.print(table)
     per_sig: dict[str, list[Any]] = defaultdict(list)
     for sig, _, res in results:
@@ -260,5 +264,9 @@ def _report(out: Console, results: list[tuple[str, str, Any]], summary: dict[str
     out.print(totals)
     colour = "green" if not summary["failed"] else "yellow"
     out.print(f"[bold {colour}]throughput:[/] {summary['ok']}/{summary['tasks']} tasks ok in {summary['seconds']:.2f} s "
-              f"= [bold]{summary['tasks_per_s']} tasks/s[/] ({summary['workers']} workers × {concurrency} threads, "
+              f"= [bold]{summary['tasks_per_s']} tasks/s[/] ({_plural(summary['workers'], 'worker')} × {concurrency} threads, "
               f"{summary['redis']} Redis, LM {summary['lm']})")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")

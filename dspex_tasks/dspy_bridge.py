@@ -23,12 +23,8 @@ _DESCRIPTIONS = {
 
 
 def _annotation(node: TypeNode) -> Any:
-    # DSPy renders annotations in prompts; JsonValue (a recursive alias) reads badly there.
-    if node.kind == "any":
-        return Any
-    if node.kind == "dict" and not node.args:
-        return dict[str, Any]
-    return node.python_type()
+    # DSPy renders annotations in prompts: plain types read better than our validators.
+    return node.python_type(plain=True)
 
 
 def _desc(node: TypeNode) -> str:

@@ -218,7 +218,13 @@ class _Handler(BaseHTTPRequestHandler):
             if body.get("stream"):
                 self._error(400, "the mock LM server does not stream", "invalid_request_error")
                 return
-            self._send_json(200, self._answer(body, messages))
+            try:
+                payload = self._answer(body, messages)
+            except Exception as exc:  # a mock bug must still produce an HTTP answer
+                log.exception("mock LM server: cannot answer")
+                self._error(500, f"mock LM server error: {type(exc).__name__}: {exc}", "server_error")
+                return
+            self._send_json(200, payload)
         finally:
             state.end()
 

@@ -123,10 +123,8 @@ def _from_schema(schema: Any, key: str, root: Mapping[str, Any], depth: int) -> 
             choices = [m for m in members if not _is_null(m, root)] or members
             return _from_schema(_pick(choices, key + "|member"), key, root, depth + 1)
     if isinstance(s.get("allOf"), list):
-        merged: dict[str, Any] = {k: v for k, v in s.items() if k != "allOf"}
-        for part in s["allOf"]:
-            merged.update(_deref(part, root))
-        return _from_schema(merged, key, root, depth + 1)
+        parts = [_deref(part, root) for part in s["allOf"]]
+        return _from_schema({k: v for part in [s, *parts] for k, v in part.items() if k != "allOf"}, key, root, depth + 1)
     kind = s.get("type")
     if isinstance(kind, list):
         kinds = [k for k in kind if k != "null"] or kind
@@ -247,18 +245,16 @@ def _note_schema(note: str) -> JsonSchema:
 
 def _sections(text: str) -> dict[str, str]:
     """``[[ ## name ## ]]`` sections of a message, like ChatAdapter.parse (first occurrence wins)."""
-    found: list[tuple[str | None, list[str]]] = [(None, [])]
+    found: list[tuple[str, list[str]]] = [("", [])]
     for line in text.splitlines():
-        m = _HEADER.match(line.strip())
-        if m:
-            rest = line.strip()[m.end() :].strip()
-            found.append((m.group(1), [rest] if rest else []))
+        if m := _HEADER.match(line.strip()):
+            found.append((m.group(1), [line.strip()[m.end() :]]))
         else:
             found[-1][1].append(line)
     out: dict[str, str] = {}
-    for name, lines in reversed(found[1:]):  # reversed: the first occurrence wins
-        out[str(name)] = "\n".join(lines).strip()
-    return dict(reversed(out.items()))
+    for name, lines in found[1:]:
+        out.setdefault(name, "\n".join(lines).strip())
+    return out
 
 
 def _loads(text: str, schema: Mapping[str, Any] | None = None, annotation: str | None = None) -> Any:
@@ -293,10 +289,7 @@ def parse_prompt(messages: Sequence[Mapping[str, Any]]) -> Prompt:
     """Read a DSPy ChatAdapter or JSONAdapter prompt: fields, type hints, inputs and demos."""
     p = Prompt()
     p.system = "\n".join(message_text(m) for m in messages if m.get("role") in ("system", "developer"))
-    if _JSON_MARKER in p.system:
-        p.adapter = JSON
-    elif _COMPLETED in p.system:
-        p.adapter = CHAT
+    p.adapter = JSON if _JSON_MARKER in p.system else CHAT if _COMPLETED in p.system else PLAIN
     p.input_fields = _field_list(p.system, "Your input fields are:", "Your output fields are:")
     p.output_fields = _field_list(p.system, "Your output fields are:", "All interactions will be structured")
     if _OBJECTIVE in p.system:
@@ -398,9 +391,7 @@ def generate(
         name: value_for(types[name] if name in types else schemas[name], f"{seed}|{name}|{p.inputs_text}")
         for name in p.output_fields
     }
-    script = scripted.get(sig.name) if scripted and sig else None
-    if script is None and scripted:
-        script = scripted.get("*")
+    script = scripted.get(sig.name if sig and sig.name in scripted else "*") if scripted else None
     if script is not None:
         given = _call_script(script, p.inputs, p.demos) if callable(script) else script
         if not isinstance(given, Mapping):
@@ -461,8 +452,7 @@ def answer_for_schema(messages: Sequence[Mapping[str, Any]], schema: Mapping[str
     props = schema.get("properties")
     if not isinstance(props, Mapping):
         return json.dumps(_from_schema(schema, f"{seed}|$|{key_text}", schema, 0), ensure_ascii=False)
-    out = {name: _from_schema(sub, f"{seed}|{name}|{key_text}", schema, 0) for name, sub in props.items()}
-    return json.dumps(out, ensure_ascii=False)
+    return json.dumps({k: _from_schema(v, f"{seed}|{k}|{key_text}", schema, 0) for k, v in props.items()}, ensure_ascii=False)
 
 
 def count_tokens(text: str) -> int:

@@ -87,7 +87,7 @@ def _strict(schema: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def _is_nullable(schema: dict[str, Any]) -> bool:
-    return schema.get("type") == "null" or any(s.get("type") == "null" for s in schema.get("anyOf", []))
+    return schema.get("type") == "null" or any(_is_nullable(s) for s in schema.get("anyOf", []))
 
 
 def openai_response_format(name: str, output_schema: dict[str, Any]) -> dict[str, Any]:

@@ -26,9 +26,16 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Signature", "signature", "registry", "SignatureRegistry", "MODULES"]
 
 MODULES = ("predict", "chain_of_thought")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 # Names DSPy's modules take as call arguments, or that a module adds itself.
-RESERVED = frozenset({"signature", "demos", "config", "lm", "instructions", "completed"})
+RESERVED = frozenset({
+    "signature", "demos", "config", "lm", "instructions", "completed", "self", "new_signature",
+    # attributes of dspy.Signature and pydantic.BaseModel that a field would shadow
+    "append", "append_instructions", "construct", "copy", "delete", "dict", "dump_state", "equals", "fields",
+    "from_orm", "input_fields", "insert", "json", "load_state", "output_fields", "parse_file", "parse_obj",
+    "parse_raw", "prepend", "schema", "schema_json", "update_forward_refs", "validate", "with_instructions",
+    "with_updated_fields",
+})
 _RESERVED_COT = frozenset({"reasoning"})
 
 
@@ -59,35 +66,60 @@ def _split_top(text: str, sep: str) -> list[str]:
 
 
 def _check_balanced(spec: str) -> None:
-    """Reject unclosed or stray brackets before splitting, naming the field they sit in."""
-    stack: list[str] = []
-    quote = ""
+    """Reject unclosed or stray brackets and unterminated strings, naming the field they sit in."""
+    stack: list[tuple[str, int]] = []
+    quote, quote_at, escaped = "", -1, False
     pairs = {"]": "[", "}": "{"}
     for i, c in enumerate(spec):
         if quote:
-            quote = "" if c == quote and spec[i - 1] != "\\" else quote
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = ""
         elif c in "\"'":
-            quote = c
+            quote, quote_at = c, i
         elif c in "[{":
-            stack.append(c)
-        elif c in "]}":
-            if not stack or stack.pop() != pairs[c]:
-                where, text = _field_at(spec, i)
-                raise SignatureError(f"malformed type for {where}: unexpected '{c}' in '{text}'")
+            stack.append((c, i))
+        elif c in "]}" and (not stack or stack.pop()[0] != pairs[c]):
+            where, text = _field_at(spec, i)
+            raise SignatureError(f"malformed type for {where}: unexpected '{c}' in '{text}'")
     if quote:
-        raise SignatureError(f"malformed type: unterminated string in '{spec.strip()}'")
+        where, text = _field_at(spec, quote_at)
+        raise SignatureError(f"malformed type for {where}: unterminated string in '{text}'")
     if stack:
-        where, text = _field_at(spec, spec.rfind(stack[-1]))
-        raise SignatureError(f"malformed type for {where}: unclosed '{stack[-1]}' in '{text}'")
+        bracket, at = stack[0]
+        where, text = _field_at(spec, at)
+        raise SignatureError(f"malformed type for {where}: unclosed '{bracket}' in '{text}'")
 
 
 def _field_at(spec: str, pos: int) -> tuple[str, str]:
-    """``field 'name' in 'name: type...'`` for the field around ``pos`` (error messages)."""
-    comma, arrow = spec.rfind(",", 0, pos), spec.rfind("->", 0, pos)
-    start = max(comma + 1, arrow + 2 if arrow >= 0 else 0)
-    text = spec[start:].strip()
+    """(``field 'name'``, its ``name: type`` text) for the field around ``pos``, for error messages."""
+    start, depth, quote, i = 0, 0, "", 0
+    while i < pos:
+        c = spec[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif depth == 0 and c == ",":
+            start = i + 1
+        elif depth == 0 and spec.startswith("->", i):
+            start = i + 2
+        i += 1
+    rest = spec[start:]
+    stop = rest.find("->", pos - start) if "->" in rest[pos - start:] else len(rest)
+    text = rest[:stop].strip()
     name = text.partition(":")[0].strip()
-    return f"field '{name}'" if name.isidentifier() else f"'{text}'", text
+    return (f"field '{name}'" if name.isidentifier() else f"'{text}'"), text
 
 
 def _parse_fields(text: str, side: str, spec: str) -> dict[str, TypeNode]:
@@ -104,7 +136,7 @@ def _parse_fields(text: str, side: str, spec: str) -> dict[str, TypeNode]:
         name = name.strip()
         if not name.isidentifier():
             raise SignatureError(f"field name '{name}' is not an identifier in '{item}'")
-        if keyword.iskeyword(name) or name.startswith("_") or name in RESERVED:
+        if keyword.iskeyword(name) or name.startswith(("_", "model_")) or name in RESERVED:
             raise SignatureError(f"field name '{name}' is reserved in '{item}'")
         if name in fields:
             raise SignatureError(f"duplicate field '{name}' in '{text.strip()}'")
@@ -124,16 +156,34 @@ def _model(name: str, fields: dict[str, TypeNode]) -> type[pydantic.BaseModel]:
     )
 
 
-def _errors(exc: pydantic.ValidationError) -> list[dict[str, str]]:
-    out = []
+def _data_path(data: Any, loc: tuple[Any, ...], missing: bool) -> str:
+    """The error's location as a path into the data, dropping pydantic's union-member tags."""
+    path: list[str] = []
+    node = data
+    for n, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(str(part))
+        elif missing and n == len(loc) - 1:
+            path.append(str(part))  # a required key that is absent is named by itself
+    return ".".join(path)
+
+
+def _errors(exc: pydantic.ValidationError, data: Any) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
     for e in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[")))
+        loc = _data_path(data, e["loc"], e["type"] == "missing")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unexpected field"
         elif e["type"] == "missing":
             msg = "field required"
-        out.append({"field": loc, "message": msg})
+        item = {"field": loc, "message": msg}
+        if item not in out:
+            out.append(item)
     return out
 
 
@@ -235,7 +285,7 @@ class Signature:
         try:
             obj = model.model_validate(data, strict=strict)
         except pydantic.ValidationError as exc:
-            raise ValidationError.from_errors(what, _errors(exc)) from None
+            raise ValidationError.from_errors(what, _errors(exc, data)) from None
         return obj.model_dump(mode="json", by_alias=True)
 
     # -- schemas ------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
 import pydantic
-from pydantic import ConfigDict, Field, JsonValue
+from pydantic import BeforeValidator, ConfigDict, Field, JsonValue
 
 from .errors import SignatureError
 
@@ -81,7 +81,7 @@ class TypeNode:
         """The canonical Python spelling, e.g. ``list[dict[str, entity]]``."""
         k, a = self.kind, self.args
         if k == "literal":
-            return "literal[" + ", ".join(json.dumps(v) for v in a) + "]"
+            return "literal[" + ", ".join(json.dumps(v, ensure_ascii=False) for v in a) + "]"
         if k == "list":
             return f"list[{a[0].normalized()}]"
         if k == "dict" and a:
@@ -98,32 +98,40 @@ class TypeNode:
             self.kind == "union" and any(n.nullable for n in self.args)
         )
 
-    def python_type(self) -> Any:
-        """The pydantic-ready Python annotation for this type."""
+    def python_type(self, *, plain: bool = False) -> Any:
+        """The pydantic-ready Python annotation for this type.
+
+        ``plain`` gives the annotation DSPy shows in prompts (``int``, ``Any``)
+        without our validators.
+        """
         k, a = self.kind, self.args
+        if plain and k in ("int", "float", "any"):
+            return {"int": int, "float": float, "any": Any}[k]
+        if plain and k == "dict" and not a:
+            return dict[str, Any]
         simple: dict[str, Any] = {
             "str": str,
-            "int": int,
-            "float": float,
+            "int": Annotated[int, BeforeValidator(_no_bool)],
+            "float": Annotated[float, BeforeValidator(_no_bool)],
             "bool": bool,
             "any": JsonValue,
             "embedding": list[float],
-            "confidence_score": Annotated[float, Field(ge=0.0, le=1.0)],
+            "confidence_score": Annotated[float, BeforeValidator(_no_bool), Field(ge=0.0, le=1.0)],
             "reasoning_chain": list[str],
             "entity": Entity,
         }
         if k in simple:
             return simple[k]
         if k == "dict":
-            return dict[a[0].python_type(), a[1].python_type()] if a else dict[str, JsonValue]
+            return dict[a[0].python_type(plain=plain), a[1].python_type(plain=plain)] if a else dict[str, JsonValue]
         if k == "list":
-            return list[a[0].python_type()]  # type: ignore[misc]
+            return list[a[0].python_type(plain=plain)]  # type: ignore[misc]
         if k == "literal":
             return Literal[a]
         if k == "optional":
-            return Optional[a[0].python_type()]  # noqa: UP045 - built at run time
+            return Optional[a[0].python_type(plain=plain)]  # noqa: UP045 - built at run time
         if k == "union":
-            return Union[tuple(n.python_type() for n in a)]  # noqa: UP007
+            return Union[tuple(n.python_type(plain=plain) for n in a)]  # noqa: UP007
         raise AssertionError(f"unhandled kind {k}")  # pragma: no cover
 
     def json_schema(self) -> dict[str, Any]:
@@ -163,6 +171,13 @@ class TypeNode:
         if k == "union":
             return {"anyOf": [n.json_schema() for n in a]}
         raise AssertionError(f"unhandled kind {k}")  # pragma: no cover
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic's lax mode reads True as 1; a boolean is never a number here.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
 
 
 class Entity(pydantic.BaseModel):
@@ -324,13 +339,26 @@ class _Parser:
         self.take("}")
         return node
 
+    def decode_string(self, token: str) -> str:
+        """A quoted literal value, with JSON's escapes (single quotes allowed too)."""
+        body = token[1:-1]
+        if token[0] == "'":
+            body = re.sub(r'(\\*)"', lambda m: m.group(1) + ("\\" if len(m.group(1)) % 2 == 0 else "") + '"',
+                          body.replace("\\'", "'"))
+        try:
+            value = json.loads(f'"{body}"')
+            value.encode("utf-8")
+        except (ValueError, UnicodeEncodeError) as exc:
+            self.fail(f"bad escape in literal value {token} ({exc.__class__.__name__})")
+        return str(value)
+
     def literal_values(self, *, end: str) -> tuple[str, ...]:
         values: list[str] = []
         while True:
             kind, value, _ = self.take()
             if kind != "str":
                 self.fail(f"literal values must be quoted strings, found {value!r}")
-            decoded = value[1:-1].encode().decode("unicode_escape") if "\\" in value else value[1:-1]
+            decoded = self.decode_string(value)
             if decoded in values:
                 self.fail(f"literal value {decoded!r} is repeated")
             values.append(decoded)
@@ -344,17 +372,27 @@ class _Parser:
 
 
 def make_union(members: list[TypeNode]) -> TypeNode:
-    """Flatten nested unions, drop repeats, and turn ``T | null-ish`` into optional where asked."""
+    """Flatten nested unions, drop repeats; any optional member makes ``optional[T | U]``.
+
+    So ``optional[str] | int``, ``str | optional[int]`` and ``optional[str | int]`` are one type.
+    """
     flat: list[TypeNode] = []
+    nullable = False
     for m in members:
+        if m.kind == "optional":
+            nullable = True
+            m = m.args[0]
         for n in m.args if m.kind == "union" else (m,):
+            if n.kind == "optional":
+                nullable, n = True, n.args[0]
             if n not in flat:
                 flat.append(n)
-    return flat[0] if len(flat) == 1 else TypeNode("union", tuple(flat))
+    node = flat[0] if len(flat) == 1 else TypeNode("union", tuple(flat))
+    return TypeNode("optional", (node,)) if nullable else node
 
 
 def make_optional(inner: TypeNode) -> TypeNode:
-    return inner if inner.kind == "optional" else TypeNode("optional", (inner,))
+    return make_union([TypeNode("optional", (inner,))])
 
 
 def make_dict(key: TypeNode, value: TypeNode, parser: _Parser) -> TypeNode:

@@ -25,7 +25,9 @@ _PY_TO_DSPEX = {"str": ":string", "int": ":integer", "float": ":float", "bool": 
                 "probability": ":probability", "reasoning_chain": ":reasoning_chain", "entity": ":entity"}
 assert set(_PY_TO_DSPEX) <= set(SCALARS) and set(_PY_TO_DSPEX.values()) <= set(DSPEX_SCALARS)
 
-scalars: st.SearchStrategy[Pair] = st.sampled_from(sorted(_PY_TO_DSPEX.items()))
+# ... plus the table's aliases: ``:atom`` is a string, a bare ``list`` is a list of anything.
+scalars: st.SearchStrategy[Pair] = st.sampled_from([*sorted(_PY_TO_DSPEX.items()), ("str", ":atom"),
+                                                    ("list", "{:list, :any}")])
 literal_values = st.lists(st.text(alphabet="abcdefghij", min_size=1, max_size=5), min_size=1, max_size=3, unique=True)
 names = st.from_regex(r"x[a-z0-9]{0,8}", fullmatch=True).filter(lambda n: not keyword.iskeyword(n) and n not in RESERVED)
 

@@ -125,6 +125,9 @@ def test_plain_chat_and_routes(server: MockLMServer) -> None:
     assert status == 200 and [m["id"] for m in models["data"]] == ["mock"]
     assert _request(server, "GET", "/nope")[0] == 404
     assert _request(server, "POST", "/v1/chat/completions", {"messages": "bad"})[0] == 400
+    status, headers, payload = _request(server, "POST", "/v1/chat/completions", {**body, "n": "many"})
+    assert status == 500 and "mock LM server error" in payload["error"]["message"]
+    assert _request(server, "GET", "/health")[0] == 200  # still serving
 
 
 def test_keep_alive_reuses_one_connection(server: MockLMServer) -> None:

@@ -1,0 +1,156 @@
+"""Layer 3: the ``dspex`` command line, run as a real process against a real worker process and Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests._procs import WorkerProcess
+from tests.system._cli import CliTarget, Dspex
+
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("cli_worker")]
+
+
+def test_signatures_lists_the_published_reference_signatures(dspex: Dspex) -> None:
+    # Given a worker that published its signatures, when they are listed
+    table = dspex("signatures")
+    as_json = dspex("signatures", "--json")
+    # Then the table and the JSON both name qa with its fields and schemas
+    assert table.returncode == 0, table.stderr
+    assert "qa" in table.stdout and "question: str" in table.stdout and "list[str]" in table.stdout
+    published = json.loads(as_json.stdout)
+    assert {"qa", "classify", "summarize", "complex_analysis"} <= set(published)
+    assert published["qa"]["input_schema"]["required"] == ["question"]
+
+
+def test_submit_waits_and_prints_outputs(dspex: Dspex) -> None:
+    result = dspex("submit", "qa", "--input", "question=hi", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "answer" in result.stdout and "confidence" in result.stdout
+    assert "program qa v0" in result.stdout
+    assert result.stderr.startswith("job ")
+
+
+def test_submit_parses_json_values_and_no_wait_prints_the_job_id(dspex: Dspex) -> None:
+    # max_words=30 must arrive as an integer, question=42 as the string "42" (the schema says string)
+    summarize = dspex("submit", "summarize", "-i", "text=A long text about Redis.", "-i", "max_words=30")
+    number_as_text = dspex("submit", "qa", "-i", "question=42", "--no-wait")
+    assert summarize.returncode == 0, summarize.stderr
+    assert "key_points" in summarize.stdout
+    assert number_as_text.returncode == 0, number_as_text.stderr
+    assert len(number_as_text.stdout.strip()) == 36  # a task id, alone on stdout
+
+
+def test_bad_input_exits_2_and_names_the_field(dspex: Dspex) -> None:
+    wrong_type = dspex("submit", "summarize", "--input", "text=hi", "--input", "max_words=many")
+    missing = dspex("submit", "qa", "--input", "q=hi")
+    bad_session = dspex("submit", "qa", "--input", "question=hi", "--session", "no spaces")
+    assert wrong_type.returncode == 2
+    assert "ValidationError" in wrong_type.stderr and "max_words" in wrong_type.stderr
+    assert missing.returncode == 2 and "question" in missing.stderr and "Traceback" not in missing.stderr
+    assert bad_session.returncode == 2 and "InvalidSession" in bad_session.stderr
+
+
+def test_unknown_signature_exits_1_with_the_published_names(dspex: Dspex) -> None:
+    result = dspex("submit", "nope", "--input", "x=1")
+    assert result.returncode == 1
+    assert "unknown signature 'nope'" in result.stderr and "qa" in result.stderr
+
+
+def test_programs_put_ls_show_history_rollback_rm(dspex: Dspex, tmp_path: Path) -> None:
+    v1 = {"demos": [{"question": "What is 2+2?", "answer": "4", "confidence": 0.9}]}
+    v2 = {"demos": [*v1["demos"], {"question": "Capital of France?", "answer": "Paris", "confidence": 0.95}],
+          "instructions": "Answer briefly."}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    (tmp_path / "v2.json").write_text(json.dumps(v2))
+    # Given two stored versions
+    assert "v1" in dspex("programs", "put", "acme", "qa", str(tmp_path / "v1.json")).stdout
+    put2 = dspex("programs", "put", "acme", "qa", str(tmp_path / "v2.json"), "--signature", "qa")
+    assert put2.returncode == 0 and "v2" in put2.stdout
+    # Then ls, show and history describe them
+    ls = dspex("programs", "ls", "acme")
+    assert ls.returncode == 0 and "qa" in ls.stdout
+    assert json.loads(dspex("programs", "show", "acme", "qa").stdout) == v2
+    assert json.loads(dspex("programs", "show", "acme", "qa", "--version", "1").stdout) == v1
+    history = dspex("programs", "history", "acme", "qa")
+    assert history.returncode == 0 and "1" in history.stdout and "2" in history.stdout
+    # When rolled back, the worker serves v1 again
+    rollback = dspex("programs", "rollback", "acme", "qa", "1")
+    assert rollback.returncode == 0 and "v1" in rollback.stdout
+    assert json.loads(dspex("programs", "show", "acme", "qa").stdout) == v1
+    served = dspex("submit", "qa", "-i", "question=hi", "--session", "acme")
+    assert "program qa v1" in served.stdout, served.stdout + served.stderr
+    # When removed, it is gone, and removing it again fails clearly
+    assert dspex("programs", "rm", "acme", "qa").returncode == 0
+    assert "qa" not in dspex("programs", "ls", "acme").stdout
+    again = dspex("programs", "rm", "acme", "qa")
+    assert again.returncode == 1 and "ProgramNotFound" in again.stderr
+    assert dspex("programs", "rollback", "acme", "qa", "7").returncode == 1
+
+
+def test_programs_put_rejects_bad_files(dspex: Dspex, tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert dspex("programs", "put", "acme", "qa", str(tmp_path / "bad.json")).returncode == 2
+    assert dspex("programs", "put", "acme", "qa", str(tmp_path / "list.json")).returncode == 2
+    assert dspex("programs", "put", "acme", "qa", str(tmp_path / "missing.json")).returncode == 2
+    unknown = dspex("programs", "put", "acme", "mine", "-", "--signature", "nope", stdin="{}")
+    assert unknown.returncode == 1 and "nope" in unknown.stderr
+
+
+def test_sessions_ls_and_rm(dspex: Dspex) -> None:
+    assert dspex("programs", "put", "globex", "classify", "-", stdin='{"demos": []}').returncode == 0
+    assert "globex" in dspex("sessions", "ls").stdout
+    removed = dspex("sessions", "rm", "globex")
+    assert removed.returncode == 0 and "globex" in removed.stdout
+    assert "globex" not in dspex("sessions", "ls").stdout
+    assert dspex("sessions", "rm", "globex").returncode == 1
+
+
+def test_map_writes_every_result_in_input_order(dspex: Dspex, tmp_path: Path) -> None:
+    questions = [f"Question number {i}?" for i in range(7)]
+    forward, backward = tmp_path / "forward.jsonl", tmp_path / "backward.jsonl"
+    forward.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    backward.write_text("\n".join(json.dumps({"question": q}) for q in reversed(questions)) + "\n\n")
+    # When the same inputs are mapped in both orders with different chunkings
+    first = dspex("map", "qa", str(forward), "--session", "mapped", "--chunk-size", "3", "--out",
+                  str(tmp_path / "a.jsonl"))
+    second = dspex("map", "qa", str(backward), "--chunk-size", "2", "--out", str(tmp_path / "b.jsonl"))
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert "7 items" in first.stdout and "items/s" in first.stdout
+    a = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    # Then there is one result per input, and (the mock LM being deterministic) each lines up with its input
+    answers = [r["outputs"]["answer"] for r in a]
+    assert len(a) == len(b) == 7 and len(set(answers)) == 7
+    assert [r["outputs"]["answer"] for r in reversed(b)] == answers
+    assert {r["session"] for r in a} == {"mapped"}
+
+
+def test_map_rejects_a_bad_line_with_its_number(dspex: Dspex, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"question": "ok"}\nnot json\n')
+    result = dspex("map", "qa", str(path))
+    assert result.returncode == 2 and f"{path}:2" in result.stderr
+
+
+def test_status_json_shows_the_worker_and_queues(dspex: Dspex, cli_target: CliTarget,
+                                                 cli_worker: WorkerProcess) -> None:
+    result = dspex("status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert len(status["workers"]) >= 1
+    assert any(w["name"] == cli_worker.hostname and w["ok"] for w in status["workers"])
+    assert status["queues"][cli_target.queue] == 0
+    assert status["namespace"] == cli_target.namespace and "qa" in status["signatures"]
+    table = dspex("status")
+    assert table.returncode == 0 and cli_worker.hostname in table.stdout
+
+
+def test_unreachable_redis_is_one_clear_line(dspex: Dspex) -> None:
+    result = dspex("--redis-url", "redis://127.0.0.1:1/0", "sessions", "ls")
+    assert result.returncode == 1
+    assert "cannot reach Redis" in result.stderr and "Traceback" not in result.stderr
