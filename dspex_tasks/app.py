@@ -16,11 +16,11 @@ from typing import Any
 from celery import Celery, signals
 
 from .errors import DspexError, InvalidSession, LMError, UnknownSignature, ValidationError
+from .settings import Settings, load_settings
+from .signature import Signature, SignatureRegistry, registry
 
 # Expected failures: recorded as FAILURE and logged without a traceback.
 EXPECTED_ERRORS = (ValidationError, UnknownSignature, InvalidSession)
-from .settings import Settings, load_settings
-from .signature import Signature, SignatureRegistry, registry
 
 __all__ = ["DspexCelery", "celery_config", "create_app", "create_worker_app", "register_signature"]
 

@@ -8,6 +8,7 @@ is the safety net for notices lost while the listener reconnects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -181,10 +182,8 @@ class ProgramCache:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 if pubsub is not None:
-                    try:
+                    with contextlib.suppress(Exception):  # closing a dead connection
                         pubsub.close()
-                    except Exception:  # noqa: S110 - closing a dead connection
-                        pass
 
     def _on_message(self, data: Any) -> None:
         try:

@@ -45,7 +45,8 @@ def build_dspy_signature(sig: Signature) -> type[dspy.Signature]:
         fields[name] = (_annotation(node), dspy.OutputField(desc=desc) if desc else dspy.OutputField())
     instructions = sig.instructions or f"Given the fields {', '.join(sig.input_fields)}, produce {', '.join(sig.output_fields)}."
     class_name = "".join(p.capitalize() for p in sig.name.replace("-", "_").replace(".", "_").split("_")) or "Sig"
-    return dspy.make_signature(fields, instructions, signature_name=class_name)
+    made: type[dspy.Signature] = dspy.make_signature(fields, instructions, signature_name=class_name)
+    return made
 
 
 def build_module(sig: Signature) -> dspy.Module:

@@ -115,6 +115,10 @@ class _State:
             self.in_flight -= 1
 
 
+def _error_body(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": kind, "param": None}}
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -164,8 +168,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length > 0 else b""
         return json.loads(raw) if raw.strip() else {}
 
-    def _error(self, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> None:
-        self._send_json(status, {"error": {"message": message, "type": kind, "code": kind, "param": None}}, headers)
+    def _error(self, status: int, message: str, kind: str) -> None:
+        self._send_json(status, _error_body(message, kind))
 
     # -- routes ---------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
@@ -203,30 +207,30 @@ class _Handler(BaseHTTPRequestHandler):
     def _completion(self, body: Any) -> None:
         state = self.server.state
         fail, latency_ms, status, retry_after = state.begin()
-        try:
-            if latency_ms > 0:
-                time.sleep(latency_ms / 1000.0)
-            if fail:
-                kind = "rate_limit_exceeded" if status == 429 else "server_error"
-                headers = {"Retry-After": f"{retry_after:g}"} if status == 429 else None
-                self._error(status, f"mock LM injected error (status {status})", kind, headers)
-                return
-            messages = body.get("messages") if isinstance(body, dict) else None
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                self._error(400, "'messages' must be a list of message objects", "invalid_request_error")
-                return
-            if body.get("stream"):
-                self._error(400, "the mock LM server does not stream", "invalid_request_error")
-                return
-            try:
-                payload = self._answer(body, messages)
-            except Exception as exc:  # a mock bug must still produce an HTTP answer
-                log.exception("mock LM server: cannot answer")
-                self._error(500, f"mock LM server error: {type(exc).__name__}: {exc}", "server_error")
-                return
-            self._send_json(200, payload)
+        try:  # in_flight drops before the reply goes out, so a client that has its answer sees it dropped
+            reply = self._reply(body, fail, latency_ms, status, retry_after)
         finally:
             state.end()
+        self._send_json(*reply)
+
+    def _reply(self, body: Any, fail: bool, latency_ms: float, status: int, retry_after: float,
+               ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        if latency_ms > 0:
+            time.sleep(latency_ms / 1000.0)
+        if fail:
+            kind = "rate_limit_exceeded" if status == 429 else "server_error"
+            headers = {"Retry-After": f"{retry_after:g}"} if status == 429 else None
+            return status, _error_body(f"mock LM injected error (status {status})", kind), headers
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return 400, _error_body("'messages' must be a list of message objects", "invalid_request_error"), None
+        if body.get("stream"):
+            return 400, _error_body("the mock LM server does not stream", "invalid_request_error"), None
+        try:
+            return 200, self._answer(body, messages), None
+        except Exception as exc:  # a mock bug must still produce an HTTP answer
+            log.exception("mock LM server: cannot answer")
+            return 500, _error_body(f"mock LM server error: {type(exc).__name__}: {exc}", "server_error"), None
 
     def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
         seed = self.server.state.seed

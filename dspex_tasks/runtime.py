@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import keys, lm as _lm  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
+from . import keys  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
 from .cache import ProgramCache
 from .errors import DspexError, LMError, LMParseError, ValidationError
 from .lm import build_lm, lm_name

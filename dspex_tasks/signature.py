@@ -151,9 +151,10 @@ def _model(name: str, fields: dict[str, TypeNode]) -> type[pydantic.BaseModel]:
     for i, (fname, node) in enumerate(fields.items()):
         default = None if node.nullable else ...
         definitions[f"f{i}"] = (node.python_type(), Field(default, alias=fname))
-    return create_model(  # type: ignore[call-overload,no-any-return]
+    model: type[pydantic.BaseModel] = create_model(
         name, __config__=ConfigDict(extra="forbid", populate_by_name=False), **definitions
     )
+    return model
 
 
 def _data_path(data: Any, loc: tuple[Any, ...], missing: bool) -> str:

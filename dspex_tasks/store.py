@@ -20,6 +20,9 @@ from .errors import ProgramNotFound, ValidationError
 __all__ = ["ProgramRecord", "ProgramStoreProtocol", "ProgramStore", "MemoryProgramStore", "check_state"]
 
 DEFAULT_MAX_STATE_BYTES = 2_000_000
+# The stores have a ``list`` method, which shadows the builtin inside their class bodies.
+Names = list[str]
+Versions = list[int]
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,11 @@ class ProgramStoreProtocol(Protocol):
             token: str | None = None) -> int: ...
     def get(self, session: str, program: str, version: int | None = None) -> ProgramRecord: ...
     def current_version(self, session: str, program: str) -> int: ...
-    def list(self, session: str) -> list[str]: ...
+    def list(self, session: str) -> Names: ...
     def delete(self, session: str, program: str) -> None: ...
-    def history(self, session: str, program: str) -> list[int]: ...
+    def history(self, session: str, program: str) -> Versions: ...
     def rollback(self, session: str, program: str, version: int) -> int: ...
-    def sessions(self) -> list[str]: ...
+    def sessions(self) -> Names: ...
     def delete_session(self, session: str) -> None: ...
 
 
@@ -187,11 +190,11 @@ class ProgramStore:
         v = self.redis.hget(meta, "current")
         return int(v) if v else 0
 
-    def list(self, session: str) -> list[str]:
+    def list(self, session: str) -> Names:
         keys.check_id(session, "session")
         return sorted(_s(m) for m in self.redis.smembers(keys.session_programs(self.ns, session)))
 
-    def history(self, session: str, program: str) -> list[int]:
+    def history(self, session: str, program: str) -> Versions:
         _, versions = self._keys(session, program)
         return sorted(int(v) for v in self.redis.hkeys(versions))
 
@@ -213,11 +216,11 @@ class ProgramStore:
         pipe.publish(keys.program_events(self.ns), _message_prefix(session, program) + "0}")
         pipe.execute()
 
-    def sessions(self) -> list[str]:
+    def sessions(self) -> Names:
         """Sessions, most recently written or used first."""
         return [_s(s) for s in self.redis.zrevrange(keys.sessions(self.ns), 0, -1)]
 
-    def recent_sessions(self, limit: int) -> list[str]:
+    def recent_sessions(self, limit: int) -> Names:
         return [_s(s) for s in self.redis.zrevrange(keys.sessions(self.ns), 0, max(limit, 1) - 1)] if limit else []
 
     def touch(self, sessions: dict[str, float]) -> None:
@@ -285,11 +288,11 @@ class MemoryProgramStore:
         entry = self._entry(session, program)
         return int(entry["current"]) if entry else 0
 
-    def list(self, session: str) -> list[str]:
+    def list(self, session: str) -> Names:
         keys.check_id(session, "session")
         return sorted(p for (s, p) in self._programs if s == session)
 
-    def history(self, session: str, program: str) -> list[int]:
+    def history(self, session: str, program: str) -> Versions:
         entry = self._entry(session, program)
         return sorted(entry["versions"]) if entry else []
 
@@ -306,10 +309,10 @@ class MemoryProgramStore:
             self._entry(session, program)
             self._programs.pop((session, program), None)
 
-    def sessions(self) -> list[str]:
+    def sessions(self) -> Names:
         return [s for s, _ in sorted(self._sessions.items(), key=lambda kv: -kv[1])]
 
-    def recent_sessions(self, limit: int) -> list[str]:
+    def recent_sessions(self, limit: int) -> Names:
         return self.sessions()[:limit]
 
     def touch(self, sessions: dict[str, float]) -> None:

@@ -123,7 +123,9 @@ class TypeNode:
         if k in simple:
             return simple[k]
         if k == "dict":
-            return dict[a[0].python_type(plain=plain), a[1].python_type(plain=plain)] if a else dict[str, JsonValue]
+            if not a:
+                return dict[str, JsonValue]
+            return dict[a[0].python_type(plain=plain), a[1].python_type(plain=plain)]  # type: ignore[misc]
         if k == "list":
             return list[a[0].python_type(plain=plain)]  # type: ignore[misc]
         if k == "literal":
@@ -204,7 +206,8 @@ _ENTITY_SCHEMA = {
 
 
 def _ENTITY_SCHEMA_COPY() -> dict[str, Any]:  # noqa: N802 - reads as a constant
-    return json.loads(json.dumps(_ENTITY_SCHEMA))
+    schema: dict[str, Any] = json.loads(json.dumps(_ENTITY_SCHEMA))
+    return schema
 
 
 class _Parser:

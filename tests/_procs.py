@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal as signals
 import subprocess
@@ -60,24 +61,18 @@ class WorkerProcess:
             os.kill(self.proc.pid, sig)
 
     def kill_group(self, sig: int = signals.SIGKILL) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """Warm shutdown (SIGTERM), then SIGKILL the whole group if it lingers."""
         if self.proc.poll() is None:
             self.send(signals.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill_group(signals.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
         self._log.close()
         return self.proc.returncode
 

@@ -9,13 +9,12 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+import signatures  # noqa: F401 - the reference signatures, to validate outputs here
 from dspex_tasks.client import Client
 from dspex_tasks.mock_server import MockLMServer
-import signatures  # noqa: F401 - the reference signatures, to validate outputs here
 from dspex_tasks.signature import registry
 from tests._procs import ROOT, WorkerProcess, wait_for
 
