@@ -284,8 +284,9 @@ def mock_lm(
     done = threading.Event()
     previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        console.print(f"mock LM listening on [bold]{server.url}[/]  (Ctrl-C to stop)")
-        err.print(f"point workers at it: DSPEX_LM=openai/mock DSPEX_LM_API_BASE={server.url} DSPEX_LM_API_KEY=sk-mock")
+        console.print(f"mock LM listening on [bold]{server.url}[/]  (Ctrl-C to stop)", soft_wrap=True)
+        err.print(f"point workers at it: DSPEX_LM=openai/mock DSPEX_LM_API_BASE={server.url} DSPEX_LM_API_KEY=sk-mock",
+                  soft_wrap=True)
         while not done.wait(0.5):
             pass
     finally:

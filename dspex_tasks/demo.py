@@ -200,8 +200,9 @@ def _shutdown(out: Console, group: WorkerGroup | None, server: Any, client: Any,
             codes = group.stop(timeout_s=_STOP_TIMEOUT_S)
             stopped.append(_plural(len(codes), "worker"))
         if client is not None:
-            if configured_redis:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                _release_results(client, jobs)
+                if configured_redis:
                     _remove_demo_keys(client, sessions, jobs)
             client.close()
         if server is not None:
@@ -212,6 +213,17 @@ def _shutdown(out: Console, group: WorkerGroup | None, server: Any, client: Any,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _release_results(client: Any, jobs: list[tuple[str, str, Any]]) -> None:
+    """Unsubscribe from results never collected (after Ctrl-C) while Redis is still up.
+
+    Otherwise each pending result unsubscribes when garbage-collected at exit, after a private
+    Redis is gone, and celery retries for seconds and prints a traceback.
+    """
+    backend = client.app.backend
+    for _, _, job in jobs:
+        backend.remove_pending_result(client.app.AsyncResult(job.id))
 
 
 def _remove_demo_keys(client: Any, sessions: list[str], jobs: list[tuple[str, str, Any]]) -> None:

@@ -64,6 +64,7 @@ class _State:
         self.status = status
         self.retry_after_s = retry_after_s
         self.fail_next = 0
+        self.scenario: str | None = None
         self.seed = seed
         self.rng = random.Random(seed)
         self.requests = self.errors = self.in_flight = self.max_in_flight = 0
@@ -80,6 +81,11 @@ class _State:
                 self.fail_next = max(int(body["fail_next"]), 0)
             if "retry_after_s" in body:
                 self.retry_after_s = max(float(body["retry_after_s"]), 0.0)
+            if "scenario" in body:
+                name = body["scenario"] or None
+                if name is not None and name not in mockgen.SCENARIOS:
+                    raise ValueError(f"unknown scenario {name!r}; known: {', '.join(sorted(mockgen.SCENARIOS))}")
+                self.scenario = name
             if body.get("reset_stats"):
                 self.requests = self.errors = self.max_in_flight = 0
                 self.max_in_flight = self.in_flight
@@ -87,7 +93,7 @@ class _State:
 
     def knobs(self) -> dict[str, Any]:
         return {"latency_ms": self.latency_ms, "error_rate": self.error_rate, "status": self.status,
-                "fail_next": self.fail_next, "retry_after_s": self.retry_after_s}
+                "fail_next": self.fail_next, "retry_after_s": self.retry_after_s, "scenario": self.scenario}
 
     def stats(self) -> dict[str, int]:
         with self.lock:
@@ -234,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
         seed = self.server.state.seed
+        scenario = self.server.state.scenario
+        scripted = {"*": mockgen.SCENARIOS[scenario]} if scenario else None
         fmt = body.get("response_format")
         schema = fmt.get("json_schema", {}).get("schema") if isinstance(fmt, dict) else None
         n = max(int(body.get("n") or 1), 1)
@@ -242,7 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(schema, dict):
                 texts.append(mockgen.answer_for_schema(messages, schema, seed=seed + i))
             else:
-                texts.append(mockgen.answer(messages, seed=seed + i, registry=self.server.registry))
+                texts.append(mockgen.answer(messages, seed=seed + i, registry=self.server.registry,
+                                            scripted=scripted))
         prompt_tokens = mockgen.prompt_tokens(messages)
         completion_tokens = sum(mockgen.count_tokens(t) for t in texts)
         return {

@@ -380,6 +380,28 @@ def follow_demos(inputs: Mapping[str, Any], demos: Sequence[Mapping[str, Any]]) 
     return {}
 
 
+def learns_from_demos(inputs: Mapping[str, Any], demos: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A scripted behaviour where demos help: with at least one demo in the prompt, every
+    text output follows a rule (``rule_answer``) the demos illustrate; without demos the
+    usual hash-derived values stand. Optimization tests and demos label data with the rule."""
+    if not demos or not inputs:
+        return {}
+    return {"*text*": rule_answer(inputs)}
+
+
+def rule_answer(inputs: Mapping[str, Any]) -> str:
+    """The rule ``learns_from_demos`` applies: the first input's text, upper-cased and reversed."""
+    first = next(iter(inputs.values()))
+    return str(first).upper()[::-1]
+
+
+# Named behaviours the HTTP server can switch to (scripted callables cannot travel over HTTP).
+SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
+    "learns_from_demos": learns_from_demos,
+    "follow_demos": follow_demos,
+}
+
+
 def generate(
     p: Prompt, *, seed: int = 0, scripted: Scripted | None = None, registry: SignatureRegistry | None = None
 ) -> tuple[dict[str, Any], dict[str, JsonSchema]]:
@@ -396,6 +418,8 @@ def generate(
         given = _call_script(script, p.inputs, p.demos) if callable(script) else script
         if not isinstance(given, Mapping):
             raise TypeError(f"scripted answer must be a dict of outputs, got {type(given).__name__}")
+        if "*text*" in given:  # fill every text output
+            given = {k: given["*text*"] for k, sch in schemas.items() if sch.get("type") == "string"} or {}
         out.update({k: v for k, v in given.items() if k in out})
     return out, schemas
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests._procs import WorkerProcess
-from tests.system._cli import CliTarget, Dspex
+from tests._procs import ROOT, WorkerProcess, wait_for
+from tests.system._cli import CliTarget, Dspex, processes_with_env, wait_until_gone
 
 pytestmark = [pytest.mark.system, pytest.mark.usefixtures("cli_worker")]
 
@@ -154,3 +159,59 @@ def test_unreachable_redis_is_one_clear_line(dspex: Dspex) -> None:
     result = dspex("--redis-url", "redis://127.0.0.1:1/0", "sessions", "ls")
     assert result.returncode == 1
     assert "cannot reach Redis" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mock_lm_serves_until_interrupted(cli_target: CliTarget) -> None:
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "dspex_tasks", "mock-lm", "--port", "0"], cwd=ROOT,
+                            env=cli_target.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        url = line.split("listening on ", 1)[1].split()[0]
+        with urllib.request.urlopen(f"{url}/models", timeout=5) as response:
+            assert json.loads(response.read())["data"][0]["id"] == "mock"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("ending", ["sigterm", "child-dies"])
+def test_worker_processes_are_supervised(cli_target: CliTarget, dspex: Dspex, ending: str) -> None:
+    marker = f"DSPEX_TEST_MARKER=sup-{uuid.uuid4().hex}"
+    node = f"sup{uuid.uuid4().hex[:6]}"
+    # Given `dspex worker --processes 2` on a queue of its own
+    proc = subprocess.Popen([sys.executable, "-m", "dspex_tasks", "worker", "--processes", "2", "-c", "2",
+                             "-Q", f"{cli_target.namespace}.sup", "-n", f"{node}@%h", "-l", "WARNING"],
+                            cwd=ROOT, env=cli_target.env(DSPEX_TEST_MARKER=marker.split("=", 1)[1]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def both_answer() -> bool:
+            workers = json.loads(dspex("status", "--json").stdout)["workers"]
+            return {f"{node}0", f"{node}1"} <= {w["name"].split("@")[0] for w in workers}
+
+        wait_for(both_answer, timeout_s=45, interval_s=0.2, what="both supervised workers answer ping")
+        children = [pid for pid, cmd in processes_with_env(marker) if "celery" in cmd]
+        assert len(children) == 2
+        # When it is asked to stop, or one of its workers dies
+        if ending == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.kill(children[0], signal.SIGKILL)
+        code = proc.wait(timeout=30)
+        output = proc.stdout.read() if proc.stdout else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Then every worker is shut down, and the status says whether that was clean
+    if ending == "sigterm":
+        assert code == 0, output
+        assert "warm shutdown of 2 workers" in output
+    else:
+        assert code == 1, output
+        assert "exited with code -9; stopping the others" in output
+    assert wait_until_gone(marker) == []
