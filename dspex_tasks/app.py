@@ -186,6 +186,9 @@ def create_worker_app(settings: Settings | None = None, *, signatures: Signature
     for sig in app.dspex_signatures:
         register_signature(app, sig)
     register_map_task(app)
+    from .optimize.stages import register_optimize_tasks
+
+    register_optimize_tasks(app)
     _connect_prewarm(app)
     return app
 

@@ -56,8 +56,8 @@ def _root(
 @app.command()
 @cli_errors
 def worker(
-    queues: Annotated[str | None, typer.Option(help="Comma-separated queues [default: the predict and "
-                                                    "optimize queues from settings].")] = None,
+    queues: Annotated[str | None, typer.Option("--queues", "-Q", help="Comma-separated queues [default: the "
+                                                                     "predict and optimize queues].")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", min=1,
                                                     help="Threads or processes per worker.")] = None,
     pool: Annotated[Pool | None, typer.Option("--pool", "-P", help="Execution pool [default: DSPEX_WORKER_POOL].")

@@ -151,6 +151,77 @@ class Client:
                                           max_state_bytes=self.settings.max_state_bytes)
         return self._programs
 
+    @property
+    def datasets(self) -> Any:
+        """Named datasets (:class:`~dspex_tasks.optimize.data.DatasetStore`)."""
+        from .optimize.data import DatasetStore
+
+        return DatasetStore(redis=self.redis, namespace=self.settings.namespace)
+
+    @property
+    def runs(self) -> Any:
+        """Optimization runs (:class:`~dspex_tasks.optimize.runs.RunStore`)."""
+        from .optimize.runs import RunStore
+
+        return RunStore(redis=self.redis, namespace=self.settings.namespace)
+
+    def run(self, run_id: str) -> Any:
+        """A handle on an earlier optimization run."""
+        from .optimize.runs import OptimizationRun
+
+        self.runs.get(run_id)
+        return OptimizationRun(run_id, self.runs)
+
+    def capabilities(self) -> dict[str, list[str]]:
+        """Metric and optimizer names the workers offer."""
+        raw = self.redis.hgetall(keys.capabilities(self.settings.namespace))
+        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+
+    def optimize(self, signature: str, trainset: list[dict[str, Any]] | None = None,
+                 valset: list[dict[str, Any]] | None = None, *, metric: str = "exact_match",
+                 optimizer: str = "bootstrap_few_shot", session: str | None = None, program: str | None = None,
+                 params: dict[str, Any] | None = None, dataset: str | None = None,
+                 scheduled: bool = False) -> Any:
+        """Start an optimization run (section 3.4); returns an :class:`OptimizationRun`.
+
+        Rows are validated against the signature (inputs required, outputs as labels) and
+        the metric and optimizer names against what workers publish, before anything runs.
+        Without a valset, ``params["val_fraction"]`` of the trainset is held out.
+        """
+        from .optimize.data import validate_rows
+        from .optimize.runs import OptimizationRun
+
+        if session is not None:
+            keys.check_id(session, "session")
+        program = keys.check_id(program, "program") if program else signature
+        self._validator(signature)
+        desc = self._sigs[signature]
+        if trainset is None and dataset is None:
+            raise ValidationError.from_errors("optimization", [{"field": "trainset", "message": "give a trainset or a dataset"}])
+        if trainset is not None:
+            validate_rows(trainset, desc, what="trainset")
+        else:
+            self.datasets.get(str(dataset))
+        if valset is not None:
+            validate_rows(valset, desc, what="valset")
+        caps = self.capabilities()
+        for field, name in (("metric", metric), ("optimizer", optimizer)):
+            known = caps.get(f"{field}s")
+            if known is not None and name not in known:
+                raise ValidationError.from_errors("optimization", [
+                    {"field": field, "message": f"unknown {field} '{name}'; known: {', '.join(known)}"}])
+        if params is not None and not isinstance(params, dict):
+            raise ValidationError.from_errors("optimization", [{"field": "params", "message": "expected an object"}])
+        runs = self.runs
+        run_id = runs.create({"signature": signature, "session": session, "program": program, "metric": metric,
+                              "optimizer": optimizer, "params": params or {}, "dataset": dataset,
+                              "scheduled": scheduled})
+        runs.save_checkpoint(run_id, "input", {"trainset": trainset, "valset": valset})
+        runs.emit(run_id, {"stage": "queued", "done": 0, "total": None, "message": f"{optimizer} on {signature}"})
+        self.app.send_task("dspex.optimize.stage", kwargs={"run_id": run_id, "stage": "load"},
+                           queue=self.settings.optimize_queue)
+        return OptimizationRun(run_id, runs)
+
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()

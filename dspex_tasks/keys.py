@@ -69,3 +69,57 @@ def worker_stats(ns: str, worker: str) -> str:
 
 def worker_stats_pattern(ns: str) -> str:
     return f"{ns}:workers:*"
+
+
+def capabilities(ns: str) -> str:
+    """Hash: what workers offer besides signatures (metric and optimizer names)."""
+    return f"{ns}:capabilities"
+
+
+def run(ns: str, run_id: str) -> str:
+    """Hash: one optimization run's record."""
+    return f"{ns}:run:{run_id}"
+
+
+def run_events(ns: str, run_id: str) -> str:
+    """Stream: the run's progress events, replayable from the start."""
+    return f"{ns}:run:{run_id}:events"
+
+
+def run_checkpoint(ns: str, run_id: str, name: str) -> str:
+    """String: a stage's stored output (JSON)."""
+    return f"{ns}:run:{run_id}:ckpt:{name}"
+
+
+def run_flag(ns: str, run_id: str, name: str) -> str:
+    """String: a once-only marker (next stage enqueued, chord launched)."""
+    return f"{ns}:run:{run_id}:flag:{name}"
+
+
+def run_lease(ns: str, run_id: str) -> str:
+    """String: the token of the worker running the run's current stage (expires unless renewed)."""
+    return f"{ns}:run:{run_id}:lease"
+
+
+def run_pattern(ns: str, run_id: str) -> str:
+    return f"{ns}:run:{run_id}:*"
+
+
+def runs(ns: str) -> str:
+    """Sorted set: run id -> created (unix seconds)."""
+    return f"{ns}:runs"
+
+
+def session_runs(ns: str, session: str) -> str:
+    """Sorted set: a session's run ids -> created."""
+    return f"{ns}:{{{session}}}:runs"
+
+
+def dataset(ns: str, name: str) -> str:
+    """String: a named dataset (JSON list of rows)."""
+    return f"{ns}:dataset:{name}"
+
+
+def datasets(ns: str) -> str:
+    """Set: dataset names."""
+    return f"{ns}:datasets"

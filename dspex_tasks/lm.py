@@ -24,9 +24,11 @@ def build_lm(settings: Settings, model: str | None = None) -> Any:
     model = model or settings.lm
     if model == "mock":
         from .mock_lm import MockLM
+        from .mockgen import SCENARIOS
 
+        scripted = {"*": SCENARIOS[settings.mock_scenario]} if settings.mock_scenario else None
         return MockLM(seed=settings.mock_seed, latency_ms=settings.mock_latency_ms,
-                      failure_rate=settings.mock_failure_rate)
+                      failure_rate=settings.mock_failure_rate, scripted=scripted)
     kwargs: dict[str, Any] = {"cache": settings.lm_cache, "num_retries": settings.lm_num_retries,
                               "timeout": settings.lm_timeout_s}
     if settings.lm_api_base:

@@ -56,9 +56,14 @@ def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> Non
     """Publish schemas so clients validate without dspy or the signature code."""
     if not sigs:
         return
+    from .metrics import metric_names
+    from .optimizers import optimizer_names
+
     mapping = {s.name: json.dumps(s.describe(), separators=(",", ":")) for s in sigs}
     pipe = redis.pipeline()
     pipe.hset(keys.signatures(namespace), mapping=mapping)
+    pipe.hset(keys.capabilities(namespace), mapping={"metrics": json.dumps(metric_names()),
+                                                     "optimizers": json.dumps(optimizer_names())})
     pipe.publish(keys.signature_events(namespace), json.dumps(sorted(mapping)))
     pipe.execute()
 

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     mock_latency_ms: float = Field(0.0, ge=0)
     mock_failure_rate: float = Field(0.0, ge=0, le=1)
     mock_seed: int = 0
+    mock_scenario: str | None = None
 
     # signatures and programs
     signature_modules: str = "signatures"

@@ -180,7 +180,10 @@ def test_mock_lm_serves_until_interrupted(cli_target: CliTarget) -> None:
 
 
 @pytest.mark.parametrize("ending", ["sigterm", "child-dies"])
-def test_worker_processes_are_supervised(cli_target: CliTarget, dspex: Dspex, ending: str) -> None:
+def test_worker_processes_are_supervised(cli_target: CliTarget, ending: str) -> None:
+    from dspex_tasks.client import Client
+    from dspex_tasks.worker_procs import ping_names
+
     marker = f"DSPEX_TEST_MARKER=sup-{uuid.uuid4().hex}"
     node = f"sup{uuid.uuid4().hex[:6]}"
     # Given `dspex worker --processes 2` on a queue of its own
@@ -188,12 +191,13 @@ def test_worker_processes_are_supervised(cli_target: CliTarget, dspex: Dspex, en
                              "-Q", f"{cli_target.namespace}.sup", "-n", f"{node}@%h", "-l", "WARNING"],
                             cwd=ROOT, env=cli_target.env(DSPEX_TEST_MARKER=marker.split("=", 1)[1]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = Client(redis_url=cli_target.redis_url, namespace=cli_target.namespace)
     try:
         def both_answer() -> bool:
-            workers = json.loads(dspex("status", "--json").stdout)["workers"]
-            return {f"{node}0", f"{node}1"} <= {w["name"].split("@")[0] for w in workers}
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            return {f"{node}0", f"{node}1"} <= ping_names(client.app, timeout_s=0.3)
 
-        wait_for(both_answer, timeout_s=45, interval_s=0.2, what="both supervised workers answer ping")
+        wait_for(both_answer, timeout_s=45, interval_s=0.1, what="both supervised workers answer ping")
         children = [pid for pid, cmd in processes_with_env(marker) if "celery" in cmd]
         assert len(children) == 2
         # When it is asked to stop, or one of its workers dies
@@ -204,6 +208,7 @@ def test_worker_processes_are_supervised(cli_target: CliTarget, dspex: Dspex, en
         code = proc.wait(timeout=30)
         output = proc.stdout.read() if proc.stdout else ""
     finally:
+        client.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

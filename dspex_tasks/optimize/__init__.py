@@ -1,0 +1,1 @@
+"""Optimization as chained, checkpointed Celery jobs (see ``stages``), with the client handle in ``runs``."""

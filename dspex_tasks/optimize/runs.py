@@ -1,0 +1,189 @@
+"""Optimization runs in Redis: the record, checkpoints, once-only flags, the lease and the event stream.
+
+dspy-free: the client's :class:`OptimizationRun` handle and the worker's stages share it.
+Events go to a Redis Stream per run (durable, replayable from the start, any
+number of followers); the last event of a run has ``stage`` ``done``,
+``failed`` or ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from .. import keys
+from ..errors import DspexError, ProgramNotFound, TaskTimeout, from_remote
+
+__all__ = ["RunStore", "OptimizationRun", "TERMINAL", "END_STAGES"]
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+END_STAGES = frozenset({"done", "failed", "cancelled"})
+_STREAM_MAXLEN = 20_000
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RunStore:
+    """Everything a run keeps in Redis, under ``keys.run*``."""
+
+    def __init__(self, *, redis: Any, namespace: str = "dspex", retention_s: int = 30 * 86400) -> None:
+        self.redis = redis
+        self.ns = namespace
+        self.retention_s = retention_s
+
+    # -- record ---------------------------------------------------------------
+    def create(self, spec: dict[str, Any]) -> str:
+        run_id = spec.get("run_id") or uuid.uuid4().hex
+        keys.check_id(run_id, "run")
+        now = time.time()
+        record = {
+            "run_id": run_id, "status": "queued", "stage": "queued", "created_at": now,
+            "signature": spec["signature"], "session": spec.get("session") or "", "program": spec["program"],
+            "optimizer": spec["optimizer"], "metric": spec["metric"], "params": spec.get("params") or {},
+            "dataset": spec.get("dataset") or "", "scheduled": bool(spec.get("scheduled")),
+            "lm_calls": 0, "best_score": None,
+        }
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.run(self.ns, run_id), mapping={k: json.dumps(v) for k, v in record.items()})
+        pipe.expire(keys.run(self.ns, run_id), self.retention_s)
+        pipe.zadd(keys.runs(self.ns), {run_id: now})
+        if spec.get("session"):
+            pipe.zadd(keys.session_runs(self.ns, spec["session"]), {run_id: now})
+        pipe.execute()
+        return str(run_id)
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        keys.check_id(run_id, "run")
+        raw = self.redis.hgetall(keys.run(self.ns, run_id))
+        if not raw:
+            raise ProgramNotFound(f"no optimization run '{run_id}'")
+        return {_s(k): json.loads(v) for k, v in raw.items()}
+
+    def update(self, run_id: str, **fields: Any) -> None:
+        self.redis.hset(keys.run(self.ns, run_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def add_lm_calls(self, run_id: str, n: int) -> int:
+        # a JSON number is also a valid integer for HINCRBY
+        return int(self.redis.hincrby(keys.run(self.ns, run_id), "lm_calls", n)) if n else 0
+
+    def ids(self, session: str | None = None, limit: int = 50) -> list[str]:
+        key = keys.session_runs(self.ns, keys.check_id(session)) if session else keys.runs(self.ns)
+        return [_s(r) for r in self.redis.zrevrange(key, 0, limit - 1)]
+
+    # -- checkpoints and once-only flags -------------------------------------------
+    def checkpoint(self, run_id: str, name: str) -> Any:
+        raw = self.redis.get(keys.run_checkpoint(self.ns, run_id, name))
+        return None if raw is None else json.loads(raw)
+
+    def save_checkpoint(self, run_id: str, name: str, value: Any) -> bool:
+        """Store a stage's output once; a second writer (a redelivered stage) does not overwrite it."""
+        return bool(self.redis.set(keys.run_checkpoint(self.ns, run_id, name), json.dumps(value),
+                                   nx=True, ex=self.retention_s))
+
+    def once(self, run_id: str, name: str) -> bool:
+        """True for the first caller only (e.g. to enqueue the next stage exactly once)."""
+        return bool(self.redis.set(keys.run_flag(self.ns, run_id, name), "1", nx=True, ex=self.retention_s))
+
+    # -- lease ----------------------------------------------------------------------
+    def acquire_lease(self, run_id: str, token: str, ttl_s: float) -> bool:
+        return bool(self.redis.set(keys.run_lease(self.ns, run_id), token, nx=True, px=int(ttl_s * 1000)))
+
+    def renew_lease(self, run_id: str, token: str, ttl_s: float) -> bool:
+        script = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                  "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
+        return bool(self.redis.eval(script, 1, keys.run_lease(self.ns, run_id), token, int(ttl_s * 1000)))
+
+    def release_lease(self, run_id: str, token: str) -> None:
+        script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
+        self.redis.eval(script, 1, keys.run_lease(self.ns, run_id), token)
+
+    # -- events -----------------------------------------------------------------------
+    def emit(self, run_id: str, event: dict[str, Any]) -> dict[str, Any]:
+        event = {**event, "ts": event.get("ts", time.time())}
+        self.redis.xadd(keys.run_events(self.ns, run_id), {"e": json.dumps(event)}, maxlen=_STREAM_MAXLEN,
+                        approximate=True)
+        return event
+
+    def events(self, run_id: str, *, follow: bool = True, timeout_s: float | None = None,
+               block_ms: int = 1000) -> Iterator[dict[str, Any]]:
+        """Events from the start; with ``follow``, wait for new ones until the run ends."""
+        key = keys.run_events(self.ns, run_id)
+        last = "0-0"
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            block = block_ms if follow else None
+            if deadline is not None and block is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TaskTimeout(f"run {run_id} did not end within {timeout_s} s")
+                block = max(1, min(block, int(left * 1000)))
+            reply = self.redis.xread({key: last}, count=500, block=block)
+            if not reply:
+                if not follow:
+                    return
+                if self.get(run_id)["status"] in TERMINAL and not self.redis.xlen(key):
+                    return
+                continue
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last = _s(entry_id)
+                    event: dict[str, Any] = json.loads(fields[b"e"] if b"e" in fields else fields["e"])
+                    yield event
+                    if event.get("stage") in END_STAGES:
+                        return
+
+    def delete(self, run_id: str) -> None:
+        names = list(self.redis.scan_iter(keys.run_pattern(self.ns, run_id)))
+        self.redis.delete(keys.run(self.ns, run_id), *names)
+        self.redis.zrem(keys.runs(self.ns), run_id)
+
+
+class OptimizationRun:
+    """A handle on a run: status, events (replayed from the start), cancel, and the summary."""
+
+    def __init__(self, run_id: str, store: RunStore) -> None:
+        self.id = run_id
+        self._store = store
+
+    def status(self) -> dict[str, Any]:
+        """The run record: status, stage, scores so far, LM calls, and the summary once done."""
+        return self._store.get(self.id)
+
+    def events(self, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """``{"stage", "done", "total", "score"?, "message"?, "ts"}`` dicts; returns once the run ended."""
+        return self._store.events(self.id, timeout_s=timeout)
+
+    def cancel(self) -> None:
+        """Stop at the next stage boundary; the session's program stays untouched."""
+        if self._store.get(self.id)["status"] not in TERMINAL:
+            self._store.update(self.id, cancel_requested=True)
+
+    def get(self, timeout: float | None = 600.0) -> dict[str, Any]:
+        """Wait for the end and return the summary.
+
+        Raises:
+            TaskTimeout: the run did not end in time.
+            errors.*: the run failed (as its error class) or was cancelled (``DspexError``).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            rec = self._store.get(self.id)
+            if rec["status"] == "succeeded":
+                summary: dict[str, Any] = rec["summary"]
+                return summary
+            if rec["status"] == "failed":
+                err = rec.get("error") or {}
+                raise from_remote(err.get("type", "DspexError"), err.get("args", ["run failed"]))
+            if rec["status"] == "cancelled":
+                raise DspexError(f"optimization run {self.id} was cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TaskTimeout(f"optimization run {self.id} did not end within {timeout} s ({rec['stage']})")
+            time.sleep(0.1)
+
+    def __repr__(self) -> str:
+        return f"OptimizationRun({self.id!r})"

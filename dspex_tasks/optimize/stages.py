@@ -1,0 +1,368 @@
+"""The stages of an optimization run, each its own short Celery task on ``dspex.optimize``.
+
+    load -> baseline (chord of eval chunks) -> compile -> candidate (chord) -> decide
+
+Every stage stores its output as a checkpoint before it advances, and advancing
+is once-only, so a redelivered stage (a worker killed mid-run) resumes from the
+last checkpoint and a duplicate delivery changes nothing. A stage holds the
+run's lease (renewed by a heartbeat) while it works, so the same stage never
+runs twice at once. Promotion writes the program with the run id as an
+idempotency token: at most one new version per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from celery import chord
+
+from ..errors import DspexError, ProgramNotFound, ValidationError
+from ..metrics import get_metric
+from ..optimizers import get_optimizer, parse_common
+from ..programs import dump_program, load_program
+from .data import split, validate_rows
+from .runs import TERMINAL, RunStore
+
+log = logging.getLogger(__name__)
+
+PLAN = ("load", "baseline", "compile", "candidate", "decide")
+EVALS = {"baseline": "baseline_state", "candidate": "candidate"}
+LEASE_TTL_S = 30.0
+STAGE_TASK = "dspex.optimize.stage"
+
+
+class _Progress:
+    """DSPy callback: counts LM calls and emits throttled progress events for the current stage."""
+
+    def __init__(self, emit: Any, stage: str, total: int | None, every_s: float = 0.5) -> None:
+        from dspy.utils.callback import BaseCallback
+
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._last = 0.0
+        outer = self
+
+        class Callback(BaseCallback):  # type: ignore[misc]
+            def on_lm_end(self, call_id: str, outputs: Any, exception: Any = None) -> None:
+                with outer._lock:
+                    outer.calls += 1
+                    now = time.monotonic()
+                    due = now - outer._last >= every_s
+                    if due:
+                        outer._last = now
+                if due:
+                    emit(stage, done=min(outer.calls, total or outer.calls), total=total)
+
+        self.callback = Callback()
+
+
+class Stages:
+    """Stage logic bound to one worker app (its runtime, stores and tasks)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.settings = app.dspex_settings
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.runtime
+
+    @property
+    def runs(self) -> RunStore:
+        return RunStore(redis=self.runtime.redis, namespace=self.settings.namespace)
+
+    # -- plumbing -------------------------------------------------------------
+    def emit(self, run_id: str, stage: str, task: Any = None, **fields: Any) -> None:
+        rec_score = fields.pop("score", None)
+        event = {"stage": stage, "done": fields.pop("done", 0), "total": fields.pop("total", None), **fields}
+        if rec_score is not None:
+            event["score"] = rec_score
+        event = self.runs.emit(run_id, event)
+        if task is not None and getattr(task.request, "id", None):
+            with contextlib.suppress(Exception):  # a mirror for Flower; never fail a stage over it
+                task.update_state(state="PROGRESS", meta={"run_id": run_id, **event})
+
+    @contextlib.contextmanager
+    def lease(self, run_id: str) -> Iterator[bool]:
+        """Hold the run's lease while a stage works; yields False when another worker holds it."""
+        runs, token = self.runs, uuid.uuid4().hex
+        if not runs.acquire_lease(run_id, token, LEASE_TTL_S):
+            yield False
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(LEASE_TTL_S / 3):
+                with contextlib.suppress(Exception):
+                    runs.renew_lease(run_id, token, LEASE_TTL_S)
+
+        t = threading.Thread(target=beat, name=f"dspex-lease-{run_id[:8]}", daemon=True)
+        t.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                runs.release_lease(run_id, token)
+
+    def advance(self, run_id: str, stage: str) -> None:
+        """Enqueue the stage after ``stage`` exactly once."""
+        i = PLAN.index(stage)
+        if i + 1 < len(PLAN) and self.runs.once(run_id, f"advance:{stage}"):
+            self.app.send_task(STAGE_TASK, kwargs={"run_id": run_id, "stage": PLAN[i + 1]},
+                               queue=self.settings.optimize_queue)
+
+    def fail(self, run_id: str, exc: BaseException) -> None:
+        rec = self.runs.get(run_id)
+        if rec["status"] in TERMINAL:
+            return
+        args = list(exc.args) if isinstance(exc, DspexError) else [f"{type(exc).__name__}: {exc}"]
+        err_type = type(exc).__name__ if isinstance(exc, DspexError) else "DspexError"
+        self.runs.update(run_id, status="failed", stage="failed", finished_at=time.time(),
+                         error={"type": err_type, "args": args})
+        self.emit(run_id, "failed", message=str(args[0]) if args else err_type)
+
+    def _cancelled(self, run_id: str, rec: dict[str, Any]) -> bool:
+        if rec.get("cancel_requested") and rec["status"] not in TERMINAL:
+            self.runs.update(run_id, status="cancelled", stage="cancelled", finished_at=time.time())
+            self.emit(run_id, "cancelled", message="cancelled at a stage boundary; program untouched")
+            return True
+        return rec["status"] in TERMINAL
+
+    def _sig(self, rec: dict[str, Any]) -> Any:
+        return self.app.dspex_signatures.get(rec["signature"])
+
+    # -- the stage task ---------------------------------------------------------
+    def run_stage(self, task: Any, run_id: str, stage: str) -> dict[str, Any]:
+        rec = self.runs.get(run_id)
+        if self._cancelled(run_id, rec):
+            return {"run_id": run_id, "stage": stage, "skipped": rec["status"]}
+        with self.lease(run_id) as held:
+            if not held:  # the same run is busy elsewhere: try again once its lease could have lapsed
+                raise task.retry(countdown=LEASE_TTL_S, max_retries=100)
+            if rec["status"] == "queued":
+                self.runs.update(run_id, status="running", started_at=time.time())
+            self.runs.update(run_id, stage=stage)
+            try:
+                getattr(self, f"stage_{stage}")(task, run_id, rec)
+            except Exception as exc:
+                self.fail(run_id, exc)
+                raise
+        return {"run_id": run_id, "stage": stage}
+
+    def stage_load(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
+        if self.runs.checkpoint(run_id, "data") is None:
+            sig = self._sig(rec)
+            get_metric(rec["metric"])
+            opt = get_optimizer(rec["optimizer"])
+            common = parse_common(rec["params"])
+            opt.parse_params(rec["params"])
+            given = self.runs.checkpoint(run_id, "input") or {}
+            rows = given.get("trainset")
+            if rows is None and rec.get("dataset"):
+                from .data import DatasetStore
+
+                rows = DatasetStore(redis=self.runtime.redis, namespace=self.settings.namespace).get(rec["dataset"])
+            desc = sig.describe()
+            train = validate_rows(rows, desc, what="trainset")
+            val = given.get("valset")
+            if val is not None:
+                val = validate_rows(val, desc, what="valset")
+            else:
+                train, val = split(train, common.val_fraction, common.seed)
+            for what, data in (("trainset", train), ("valset", val)):
+                for i, row in enumerate(data):  # the worker's own, stricter check of inputs
+                    try:
+                        sig.validate_inputs({k: row[k] for k in sig.input_fields if k in row})
+                    except ValidationError as exc:
+                        raise ValidationError.from_errors(what, [
+                            {"field": f"{what}.{i}.{e['field']}", "message": e["message"]} for e in exc.errors
+                        ]) from None
+            try:
+                current = self.runtime.store.get(rec["session"], rec["program"]) if rec["session"] else None
+            except ProgramNotFound:
+                current = None
+            self.runs.save_checkpoint(run_id, "baseline_state", {
+                "version": current.version if current else 0, "state": current.state if current else None})
+            self.runs.save_checkpoint(run_id, "data", {"train": train, "val": val})
+        data = self.runs.checkpoint(run_id, "data")
+        self.emit(run_id, "load", task, done=1, total=1,
+                  message=f"{len(data['train'])} train, {len(data['val'])} validation examples")
+        self.advance(run_id, "load")
+
+    def stage_baseline(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
+        self._launch_eval(task, run_id, "baseline")
+
+    def stage_candidate(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
+        self._launch_eval(task, run_id, "candidate")
+
+    def _launch_eval(self, task: Any, run_id: str, which: str) -> None:
+        if self.runs.checkpoint(run_id, f"eval:{which}") is not None:
+            self.advance(run_id, which)
+            return
+        data = self.runs.checkpoint(run_id, "data")
+        size = parse_common(self.runs.get(run_id)["params"]).eval_chunk_size
+        n = max(1, math.ceil(len(data["val"]) / size))
+        self.emit(run_id, which, task, done=0, total=len(data["val"]), message=f"evaluating in {n} chunks")
+        if self.runs.checkpoint(run_id, f"launched:{which}") is None:
+            q = self.settings.optimize_queue
+            header = [self.app.signature("dspex.optimize.eval_chunk", kwargs={"run_id": run_id, "which": which,
+                                                                              "index": i}, queue=q, immutable=True)
+                      for i in range(n)]
+            body = self.app.signature("dspex.optimize.eval_merge", kwargs={"run_id": run_id, "which": which,
+                                                                           "chunks": n}, queue=q, immutable=True)
+            body.link_error(self.app.signature("dspex.optimize.fail", kwargs={"run_id": run_id}, queue=q))
+            chord(header)(body)
+            self.runs.save_checkpoint(run_id, f"launched:{which}", {"chunks": n})
+
+    def eval_chunk(self, task: Any, run_id: str, which: str, index: int) -> dict[str, Any]:
+        name = f"eval:{which}:{index}"
+        done = self.runs.checkpoint(run_id, name)
+        if done is not None:
+            return {"index": index, "cached": True}
+        rec = self.runs.get(run_id)
+        if rec["status"] in TERMINAL:
+            return {"index": index, "skipped": rec["status"]}
+        sig = self._sig(rec)
+        common = parse_common(rec["params"])
+        rows = self.runs.checkpoint(run_id, "data")["val"]
+        chunk = rows[index * common.eval_chunk_size:(index + 1) * common.eval_chunk_size]
+        state = (self.runs.checkpoint(run_id, EVALS[which]) or {}).get("state")
+        scores, calls = self._evaluate(sig, state, chunk, get_metric(rec["metric"]), common.num_threads)
+        self.runs.add_lm_calls(run_id, calls)
+        self.runs.save_checkpoint(run_id, name, {"scores": scores})
+        return {"index": index, "n": len(scores)}
+
+    def _evaluate(self, sig: Any, state: Any, rows: list[dict[str, Any]], metric: Any,
+                  threads: int) -> tuple[list[float], int]:
+        import dspy
+
+        module = load_program(sig, state)
+        lm = self.runtime.lm_for(sig)
+        progress = _Progress(lambda *a, **k: None, "eval", None)
+
+        def one(row: dict[str, Any]) -> float:
+            example = dspy.Example(**row).with_inputs(*sig.input_fields)
+            try:
+                with dspy.context(lm=lm, callbacks=[progress.callback]):
+                    pred = module(**example.inputs())
+                return float(metric(example, pred))
+            except Exception as exc:  # an example the program cannot answer scores 0, as in dspy.Evaluate
+                log.info("evaluation example failed: %s", exc)
+                return 0.0
+
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
+            return list(pool.map(one, rows)), progress.calls
+
+    def eval_merge(self, task: Any, run_id: str, which: str, chunks: int) -> dict[str, Any]:
+        if self.runs.checkpoint(run_id, f"eval:{which}") is None:
+            scores: list[float] = []
+            for i in range(chunks):
+                part = self.runs.checkpoint(run_id, f"eval:{which}:{i}")
+                if part is None:
+                    raise DspexError(f"evaluation chunk {i} of '{which}' has no result")
+                scores.extend(part["scores"])
+            score = sum(scores) / len(scores) if scores else 0.0
+            self.runs.save_checkpoint(run_id, f"eval:{which}", {"score": score, "n": len(scores)})
+        result = self.runs.checkpoint(run_id, f"eval:{which}")
+        rec = self.runs.get(run_id)
+        best = max(s for s in (rec.get("best_score"), result["score"]) if s is not None)
+        self.runs.update(run_id, best_score=best, **{f"{which}_score": result["score"]})
+        self.emit(run_id, which, task, done=result["n"], total=result["n"], score=result["score"],
+                  lm_calls=self.runs.get(run_id)["lm_calls"])
+        self.advance(run_id, which)
+        return {"which": which, **result}
+
+    def stage_compile(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
+        if self.runs.checkpoint(run_id, "candidate") is None:
+            import dspy
+
+            sig = self._sig(rec)
+            opt = get_optimizer(rec["optimizer"])
+            params, common = opt.parse_params(rec["params"]), parse_common(rec["params"])
+            data = self.runs.checkpoint(run_id, "data")
+            student = load_program(sig, self.runs.checkpoint(run_id, "baseline_state")["state"])
+            to_ex = [dspy.Example(**r).with_inputs(*sig.input_fields) for r in data["train"]]
+            val_ex = [dspy.Example(**r).with_inputs(*sig.input_fields) for r in data["val"]]
+            total = opt.estimate(len(to_ex), len(val_ex), params)
+            progress = _Progress(lambda stage, **k: self.emit(run_id, stage, task, **k), "compile", total)
+            metric = get_metric(rec["metric"])
+            self.emit(run_id, "compile", task, done=0, total=total, message=f"running {opt.name}")
+            with dspy.context(lm=self.runtime.lm_for(sig), callbacks=[progress.callback]):
+                compiled, trials = opt.compile(student, to_ex, val_ex, metric, params, common)
+            self.runs.add_lm_calls(run_id, progress.calls)
+            self.runs.save_checkpoint(run_id, "candidate", {"state": dump_program(compiled), "trials": trials})
+        cand = self.runs.checkpoint(run_id, "candidate")
+        self.runs.update(run_id, trials=cand["trials"])
+        self.emit(run_id, "compile", task, done=1, total=1, lm_calls=self.runs.get(run_id)["lm_calls"],
+                  message=f"{len(cand['trials'])} trials" if cand["trials"] else "candidate ready")
+        self.advance(run_id, "compile")
+
+    def stage_decide(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
+        common = parse_common(rec["params"])
+        base = self.runs.checkpoint(run_id, "eval:baseline")["score"]
+        cand = self.runs.checkpoint(run_id, "eval:candidate")["score"]
+        gain = cand - base
+        promote = bool(rec["session"]) and gain >= common.min_gain
+        version = self.runs.checkpoint(run_id, "baseline_state")["version"]
+        if promote:
+            state = self.runs.checkpoint(run_id, "candidate")["state"]
+            # The run id makes this write idempotent: a redelivered decide adds no second version.
+            version = self.runtime.store.put(rec["session"], rec["program"], state, signature=rec["signature"],
+                                             token=f"run-{run_id}")
+            reason = f"candidate {cand:.4f} beat baseline {base:.4f} by {gain:.4f} >= min_gain {common.min_gain:g}"
+        elif not rec["session"]:
+            reason = "no session given: nothing to promote"
+        else:
+            reason = f"candidate {cand:.4f} vs baseline {base:.4f}: gain {gain:.4f} < min_gain {common.min_gain:g}"
+        rec = self.runs.get(run_id)
+        summary = {
+            "run_id": run_id, "baseline_score": base, "score": cand, "promoted": promote,
+            "program_version": version, "optimizer": rec["optimizer"], "lm_calls": rec["lm_calls"],
+            "reason": reason, "trials": rec.get("trials") or [],
+            "duration_s": round(time.time() - float(rec.get("started_at") or rec["created_at"]), 3),
+        }
+        self.runs.update(run_id, status="succeeded", stage="done", finished_at=time.time(), summary=summary)
+        self.emit(run_id, "done", task, done=1, total=1, score=cand, lm_calls=rec["lm_calls"], message=reason,
+                  promoted=promote, program_version=version)
+
+
+def register_optimize_tasks(app: Any) -> None:
+    """Register the stage tasks on a worker app (they route to ``dspex.optimize``)."""
+    stages = Stages(app)
+    q = app.dspex_settings.optimize_queue
+    common = {"bind": True, "shared": False, "typing": False, "acks_late": True, "reject_on_worker_lost": True,
+              "queue": q, "throws": (ValidationError,)}
+
+    @app.task(name=STAGE_TASK, **common)  # type: ignore[untyped-decorator]
+    def stage(self: Any, run_id: str, stage: str) -> dict[str, Any]:
+        return stages.run_stage(self, run_id, stage)
+
+    @app.task(name="dspex.optimize.eval_chunk", **common)  # type: ignore[untyped-decorator]
+    def eval_chunk(self: Any, run_id: str, which: str, index: int) -> dict[str, Any]:
+        try:
+            return stages.eval_chunk(self, run_id, which, index)
+        except Exception as exc:
+            stages.fail(run_id, exc)
+            raise
+
+    @app.task(name="dspex.optimize.eval_merge", **common)  # type: ignore[untyped-decorator]
+    def eval_merge(self: Any, run_id: str, which: str, chunks: int) -> dict[str, Any]:
+        try:
+            return stages.eval_merge(self, run_id, which, chunks)
+        except Exception as exc:
+            stages.fail(run_id, exc)
+            raise
+
+    @app.task(name="dspex.optimize.fail", **common)  # type: ignore[untyped-decorator]
+    def fail(self: Any, *args: Any, run_id: str, **kwargs: Any) -> None:
+        exc = next((a for a in args if isinstance(a, BaseException)), None)
+        stages.fail(run_id, exc or DspexError("an evaluation chunk failed"))
