@@ -82,6 +82,9 @@ class DspexCelery(Celery):  # type: ignore[misc]
         self.dspex_settings = settings
         self.dspex_signatures = signatures or registry
         self.conf.update(celery_config(settings))
+        from .schedules import beat_config
+
+        self.conf.update(beat_config(settings))
         self._runtime: Any = None
         self._runtime_lock = threading.Lock()
 
@@ -189,6 +192,9 @@ def create_worker_app(settings: Settings | None = None, *, signatures: Signature
     from .optimize.stages import register_optimize_tasks
 
     register_optimize_tasks(app)
+    from .schedules import register_scheduled_task
+
+    register_scheduled_task(app)
     _connect_prewarm(app)
     return app
 

@@ -212,15 +212,13 @@ class Client:
                     {"field": field, "message": f"unknown {field} '{name}'; known: {', '.join(known)}"}])
         if params is not None and not isinstance(params, dict):
             raise ValidationError.from_errors("optimization", [{"field": "params", "message": "expected an object"}])
-        runs = self.runs
-        run_id = runs.create({"signature": signature, "session": session, "program": program, "metric": metric,
-                              "optimizer": optimizer, "params": params or {}, "dataset": dataset,
-                              "scheduled": scheduled})
-        runs.save_checkpoint(run_id, "input", {"trainset": trainset, "valset": valset})
-        runs.emit(run_id, {"stage": "queued", "done": 0, "total": None, "message": f"{optimizer} on {signature}"})
-        self.app.send_task("dspex.optimize.stage", kwargs={"run_id": run_id, "stage": "load"},
+        from .optimize.runs import start_run
+
+        spec = {"signature": signature, "session": session, "program": program, "metric": metric,
+                "optimizer": optimizer, "params": params or {}, "dataset": dataset, "scheduled": scheduled}
+        run_id = start_run(self.app, self.runs, spec, trainset=trainset, valset=valset,
                            queue=self.settings.optimize_queue)
-        return OptimizationRun(run_id, runs)
+        return OptimizationRun(run_id, self.runs)
 
     def close(self) -> None:
         if self._redis is not None:

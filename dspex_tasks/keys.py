@@ -123,3 +123,8 @@ def dataset(ns: str, name: str) -> str:
 def datasets(ns: str) -> str:
     """Set: dataset names."""
     return f"{ns}:datasets"
+
+
+def redbeat_prefix(ns: str) -> str:
+    """Prefix of RedBeat's schedule keys (RedBeat builds the rest from it)."""
+    return f"{ns}:redbeat:"

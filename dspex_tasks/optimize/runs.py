@@ -46,6 +46,7 @@ class RunStore:
             "signature": spec["signature"], "session": spec.get("session") or "", "program": spec["program"],
             "optimizer": spec["optimizer"], "metric": spec["metric"], "params": spec.get("params") or {},
             "dataset": spec.get("dataset") or "", "scheduled": bool(spec.get("scheduled")),
+            "schedule": spec.get("schedule") or "",
             "lm_calls": 0, "best_score": None,
         }
         pipe = self.redis.pipeline()
@@ -141,6 +142,17 @@ class RunStore:
         names = list(self.redis.scan_iter(keys.run_pattern(self.ns, run_id)))
         self.redis.delete(keys.run(self.ns, run_id), *names)
         self.redis.zrem(keys.runs(self.ns), run_id)
+
+
+def start_run(app: Any, runs: RunStore, spec: dict[str, Any], *, trainset: Any = None, valset: Any = None,
+              queue: str = "dspex.optimize") -> str:
+    """Record a run, store its data, and enqueue its first stage. Manual and scheduled runs both start here."""
+    run_id = runs.create(spec)
+    runs.save_checkpoint(run_id, "input", {"trainset": trainset, "valset": valset})
+    runs.emit(run_id, {"stage": "queued", "done": 0, "total": None,
+                       "message": f"{spec['optimizer']} on {spec['signature']}" + (" (scheduled)" if spec.get("scheduled") else "")})
+    app.send_task("dspex.optimize.stage", kwargs={"run_id": run_id, "stage": "load"}, queue=queue)
+    return run_id
 
 
 class OptimizationRun:
