@@ -56,24 +56,27 @@ def _root(
 @app.command()
 @cli_errors
 def worker(
-    queues: Annotated[str | None, typer.Option("--queues", "-Q", help="Comma-separated queues [default: the "
-                                                                     "predict and optimize queues].")] = None,
-    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", min=1,
-                                                    help="Threads or processes per worker.")] = None,
-    pool: Annotated[Pool | None, typer.Option("--pool", "-P", help="Execution pool [default: DSPEX_WORKER_POOL].")
-                    ] = None,
+    queues: Annotated[str | None, typer.Option("--queues", "-Q", help="Comma-separated queues.",
+                                               show_default="DSPEX_PREDICT_QUEUE,DSPEX_OPTIMIZE_QUEUE")] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", min=1, help="Threads or processes per "
+                                                    "worker.", show_default="DSPEX_WORKER_CONCURRENCY")] = None,
+    pool: Annotated[Pool | None, typer.Option("--pool", "-P", help="Execution pool.",
+                                              show_default="DSPEX_WORKER_POOL")] = None,
     loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
-    hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="Node name [default: dspex@%h].")] = None,
+    hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="Node name.",
+                                                 show_default="dspex@%h")] = None,
     processes: Annotated[int, typer.Option(min=1, help="Run N worker OS processes under a small supervisor.")] = 1,
 ) -> None:
     """Run a Celery worker serving every registered signature (pre-warmed: LM, modules, hot programs)."""
     from .settings import load_settings
 
-    settings = load_settings()
+    # Through settings, not only -P/-c: celery treats an explicit "-P prefork" as its default and replaces it
+    # with app.conf.worker_pool, which comes from DSPEX_WORKER_POOL.
+    overrides = {"worker_pool": pool.value if pool else None, "worker_concurrency": concurrency}
+    settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
     queue_list = [q.strip() for q in (queues or f"{settings.predict_queue},{settings.optimize_queue}").split(",")
                   if q.strip()]
-    pool_name = pool.value if pool else settings.worker_pool
-    threads = concurrency or settings.worker_concurrency
+    pool_name, threads = settings.worker_pool, settings.worker_concurrency
     node = hostname or "dspex@%h"
     if processes > 1:
         from .worker_procs import WorkerGroup, celery_worker_argv, supervise, worker_env
@@ -82,7 +85,8 @@ def worker(
         commands = {f"{local}{i}": celery_worker_argv(hostname=f"{local}{i}@{host or '%h'}", queues=queue_list,
                                                       pool=pool_name, concurrency=threads, loglevel=loglevel)
                     for i in range(processes)}
-        raise typer.Exit(supervise(WorkerGroup(commands, env=worker_env()), report=err.print))
+        env = worker_env({"DSPEX_WORKER_POOL": pool_name, "DSPEX_WORKER_CONCURRENCY": str(threads)})
+        raise typer.Exit(supervise(WorkerGroup(commands, env=env), report=err.print))
     from .app import create_worker_app
 
     celery_app = create_worker_app(settings)
@@ -185,8 +189,8 @@ def map_(
     file: Annotated[Path, typer.Argument(help="JSONL file of input objects ('-' for stdin).", allow_dash=True)],
     session: Annotated[str | None, typer.Option("--session", "-s")] = None,
     program: Annotated[str | None, typer.Option("--program", "-p")] = None,
-    chunk_size: Annotated[int | None, typer.Option(min=1, help="Inputs per message [default: "
-                                                               "DSPEX_MAP_CHUNK_SIZE].")] = None,
+    chunk_size: Annotated[int | None, typer.Option(min=1, help="Inputs per message.",
+                                                   show_default="DSPEX_MAP_CHUNK_SIZE")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write results as JSONL, in input order.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", "-t", help="Seconds to wait for everything.")] = 300.0,
     rows: Annotated[int, typer.Option(help="Results to show.")] = 10,

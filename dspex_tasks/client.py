@@ -7,11 +7,13 @@ against them (with ``jsonschema``) before anything is enqueued.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 from . import keys
@@ -32,7 +34,7 @@ class Result:
     session: str | None
     program: str
     program_version: int
-    usage: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = dc_field(default_factory=dict)
     lm: str = ""
     duration_ms: float = 0.0
     task_id: str | None = None
@@ -221,6 +223,19 @@ class Client:
         return OptimizationRun(run_id, self.runs)
 
     def close(self) -> None:
+        """Release connections and the result subscriptions of jobs never collected.
+
+        Otherwise each uncollected result unsubscribes when garbage-collected, possibly
+        after Redis is gone, and Celery retries for seconds at interpreter exit.
+        """
+        backend = self.app.backend
+        for mapping in getattr(backend, "_pending_results", ()):
+            for waiters in list(mapping.values()):
+                for result in list(waiters.values()):
+                    with contextlib.suppress(Exception):
+                        backend.remove_pending_result(result)
+        with contextlib.suppress(Exception):
+            backend.result_consumer.stop()
         if self._redis is not None:
             self._redis.close()
         self.app.close()

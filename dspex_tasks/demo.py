@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import demo_data
+from . import demo_data, keys
 from .cli_common import esc, preview, redacted_url
 from .errors import DspexError
 from .worker_procs import PACKAGE_ROOT, WorkerGroup, celery_worker_argv, ping_names, worker_env
@@ -89,7 +89,7 @@ def run_demo(*, workers: int = 2, tasks: int = 200, sessions: int = 8, concurren
                 out.print(f"[bold]●[/] Redis: private redis-server on port {server.port}, pid {server.pid}{note}")
             settings = load_settings(redis_url=url, broker_url=None, result_backend=None, namespace=namespace,
                                      predict_queue=queue)
-            env = _env(url, namespace, queue, settings.modules)
+            env = _env(url, namespace, queue, settings.modules, concurrency)
             argv = {n: celery_worker_argv(hostname=f"{n}@%h", queues=[queue], pool="threads", concurrency=concurrency,
                                           loglevel="WARNING", extra=["--without-mingle", "--without-gossip"])
                     for n in names}
@@ -112,7 +112,7 @@ def run_demo(*, workers: int = 2, tasks: int = 200, sessions: int = 8, concurren
                        "run_id": run_id, "lm": settings.lm}
             _report(out, results, summary, concurrency)
         finally:
-            _shutdown(out, group, server, client, configured_redis=server is None, sessions=session_ids, jobs=jobs)
+            _shutdown(out, group, server, client, configured_redis=server is None, jobs=jobs)
             shutil.rmtree(log_dir, ignore_errors=True)
     return summary
 
@@ -134,9 +134,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _env(url: str, namespace: str, queue: str, modules: list[str]) -> dict[str, str]:
+def _env(url: str, namespace: str, queue: str, modules: list[str], concurrency: int) -> dict[str, str]:
     env = worker_env({"DSPEX_REDIS_URL": url, "DSPEX_NAMESPACE": namespace, "DSPEX_PREDICT_QUEUE": queue,
-                      "DSPEX_SIGNATURE_MODULES": ",".join(dict.fromkeys([*modules, "signatures"]))})
+                      "DSPEX_SIGNATURE_MODULES": ",".join(dict.fromkeys([*modules, "signatures"])),
+                      "DSPEX_WORKER_POOL": "threads", "DSPEX_WORKER_CONCURRENCY": str(concurrency)})
     for var in ("DSPEX_BROKER_URL", "DSPEX_RESULT_BACKEND"):  # the demo keeps everything on one Redis
         env.pop(var, None)
     return env
@@ -190,7 +191,7 @@ def _run_batch(client: Any, tasks: int, sessions: list[str], timeout_s: float, o
 
 
 def _shutdown(out: Console, group: WorkerGroup | None, server: Any, client: Any, *, configured_redis: bool,
-              sessions: list[str], jobs: list[tuple[str, str, Any]]) -> None:
+              jobs: list[tuple[str, str, Any]]) -> None:
     """Stop what the demo started; a second Ctrl-C must not cut this short and leave orphans."""
     main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
@@ -203,7 +204,7 @@ def _shutdown(out: Console, group: WorkerGroup | None, server: Any, client: Any,
             with contextlib.suppress(Exception):
                 _release_results(client, jobs)
                 if configured_redis:
-                    _remove_demo_keys(client, sessions, jobs)
+                    _remove_demo_keys(client, jobs)
             client.close()
         if server is not None:
             server.stop()
@@ -226,24 +227,21 @@ def _release_results(client: Any, jobs: list[tuple[str, str, Any]]) -> None:
         backend.remove_pending_result(client.app.AsyncResult(job.id))
 
 
-def _remove_demo_keys(client: Any, sessions: list[str], jobs: list[tuple[str, str, Any]]) -> None:
-    """Leave a configured Redis as it was: the demo's sessions, signatures, stats, results and queue."""
-    from kombu import Exchange, Queue
+def _remove_demo_keys(client: Any, jobs: list[tuple[str, str, Any]]) -> None:
+    """Leave a configured Redis as it was: the demo's namespace, results and queue."""
+    from kombu.entity import Exchange, Queue
 
-    from . import keys
-
-    ns = client.settings.namespace
-    for session in sessions:
-        client.programs.delete_session(session)
-    stats = list(client.redis.scan_iter(match=keys.worker_stats_pattern(ns), count=500))
-    client.redis.delete(keys.signatures(ns), *stats)
+    # Every key of ours starts with "<namespace>:" (keys.py); this namespace is the run's own.
+    doomed = list(client.redis.scan_iter(match=keys.namespace_pattern(client.settings.namespace), count=1000))
+    for i in range(0, len(doomed), 500):
+        client.redis.delete(*doomed[i:i + 500])
     for _, _, job in jobs:
         job.forget()
     queue = client.settings.predict_queue
     with client.app.connection_for_write() as conn:
-        bound = Queue(queue, Exchange(queue), routing_key=queue)(conn.default_channel)
-        bound.declare()  # makes the binding known to this channel, so delete() removes it from Redis
-        bound.delete()
+        bound = Queue(queue, Exchange(queue), routing_key=queue)(conn.default_channel)  # type: ignore[no-untyped-call]
+        bound.declare()  # type: ignore[no-untyped-call]  # makes the binding known, so delete() removes it
+        bound.delete()  # type: ignore[no-untyped-call]
 
 
 def _report(out: Console, results: list[tuple[str, str, Any]], summary: dict[str, Any], concurrency: int) -> None:

@@ -14,6 +14,11 @@ from .errors import InvalidSession
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def namespace_pattern(ns: str) -> str:
+    """Every key of the namespace (for SCAN; the demo cleans up its own with it)."""
+    return f"{ns}:*"
+
+
 def check_id(value: object, what: str = "session") -> str:
     """Return ``value`` if it is a valid session/program id, else raise InvalidSession."""
     if not isinstance(value, str) or not _ID.match(value):

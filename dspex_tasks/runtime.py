@@ -142,10 +142,11 @@ class Runtime:
     def flush(self) -> None:
         """Write batched session use times and cache counters (from the listener thread)."""
         used = self.cache.take_used()
-        if not used or self.redis is None:
+        if self.redis is None:
             return
         try:
-            self.store.touch(used)  # type: ignore[attr-defined]
+            if used:
+                self.store.touch(used)  # type: ignore[attr-defined]
             self.redis.hset(keys.worker_stats(self.settings.namespace, self.worker_id),
                             mapping={k: v for k, v in self.cache.stats.as_dict().items()})
             self.redis.expire(keys.worker_stats(self.settings.namespace, self.worker_id), 60)

@@ -14,6 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Import hypothesis (and the module its pytest plugin imports at the end of a run) up front:
+# imported that late, after worker threads ran, CPython 3.11.7's ast.parse inside pytest's
+# assertion rewriter can fail with "AST constructor recursion depth mismatch".
+import hypothesis  # noqa: F401
+import hypothesis.internal.observability  # noqa: F401
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 PLAN = ("load", "baseline", "compile", "candidate", "decide")
 EVALS = {"baseline": "baseline_state", "candidate": "candidate"}
 LEASE_TTL_S = 30.0
+LEASE_RETRY_S = 2.0
 STAGE_TASK = "dspex.optimize.stage"
 
 
@@ -146,19 +147,22 @@ class Stages:
         if self._cancelled(run_id, rec):
             return {"run_id": run_id, "stage": stage, "skipped": rec["status"]}
         with self.lease(run_id) as held:
-            if not held:  # the same run is busy elsewhere: try again once its lease could have lapsed
-                raise task.retry(countdown=LEASE_TTL_S, max_retries=100)
+            if not held:  # the same run is busy elsewhere: look again shortly (it may finish or lapse)
+                raise task.retry(countdown=LEASE_RETRY_S, max_retries=int(4 * LEASE_TTL_S / LEASE_RETRY_S) + 100)
             if rec["status"] == "queued":
                 self.runs.update(run_id, status="running", started_at=time.time())
             self.runs.update(run_id, stage=stage)
             try:
-                getattr(self, f"stage_{stage}")(task, run_id, rec)
+                advance = getattr(self, f"stage_{stage}")(task, run_id, rec)
             except Exception as exc:
                 self.fail(run_id, exc)
                 raise
+        # Advance only once the lease is released, so the next stage never finds it held.
+        if advance:
+            self.advance(run_id, stage)
         return {"run_id": run_id, "stage": stage}
 
-    def stage_load(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
+    def stage_load(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
         if self.runs.checkpoint(run_id, "data") is None:
             sig = self._sig(rec)
             get_metric(rec["metric"])
@@ -196,18 +200,18 @@ class Stages:
         data = self.runs.checkpoint(run_id, "data")
         self.emit(run_id, "load", task, done=1, total=1,
                   message=f"{len(data['train'])} train, {len(data['val'])} validation examples")
-        self.advance(run_id, "load")
+        return True
 
-    def stage_baseline(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
-        self._launch_eval(task, run_id, "baseline")
+    def stage_baseline(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
+        return self._launch_eval(task, run_id, "baseline")
 
-    def stage_candidate(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
-        self._launch_eval(task, run_id, "candidate")
+    def stage_candidate(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
+        return self._launch_eval(task, run_id, "candidate")
 
-    def _launch_eval(self, task: Any, run_id: str, which: str) -> None:
+    def _launch_eval(self, task: Any, run_id: str, which: str) -> bool:
+        """Fan out a chord of chunks; its callback advances. True if the evaluation was already done."""
         if self.runs.checkpoint(run_id, f"eval:{which}") is not None:
-            self.advance(run_id, which)
-            return
+            return True
         data = self.runs.checkpoint(run_id, "data")
         size = parse_common(self.runs.get(run_id)["params"]).eval_chunk_size
         n = max(1, math.ceil(len(data["val"]) / size))
@@ -222,6 +226,7 @@ class Stages:
             body.link_error(self.app.signature("dspex.optimize.fail", kwargs={"run_id": run_id}, queue=q))
             chord(header)(body)
             self.runs.save_checkpoint(run_id, f"launched:{which}", {"chunks": n})
+        return False
 
     def eval_chunk(self, task: Any, run_id: str, which: str, index: int) -> dict[str, Any]:
         name = f"eval:{which}:{index}"
@@ -281,7 +286,7 @@ class Stages:
         self.advance(run_id, which)
         return {"which": which, **result}
 
-    def stage_compile(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
+    def stage_compile(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
         if self.runs.checkpoint(run_id, "candidate") is None:
             import dspy
 
@@ -304,9 +309,9 @@ class Stages:
         self.runs.update(run_id, trials=cand["trials"])
         self.emit(run_id, "compile", task, done=1, total=1, lm_calls=self.runs.get(run_id)["lm_calls"],
                   message=f"{len(cand['trials'])} trials" if cand["trials"] else "candidate ready")
-        self.advance(run_id, "compile")
+        return True
 
-    def stage_decide(self, task: Any, run_id: str, rec: dict[str, Any]) -> None:
+    def stage_decide(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
         common = parse_common(rec["params"])
         base = self.runs.checkpoint(run_id, "eval:baseline")["score"]
         cand = self.runs.checkpoint(run_id, "eval:candidate")["score"]
@@ -333,6 +338,7 @@ class Stages:
         self.runs.update(run_id, status="succeeded", stage="done", finished_at=time.time(), summary=summary)
         self.emit(run_id, "done", task, done=1, total=1, score=cand, lm_calls=rec["lm_calls"], message=reason,
                   promoted=promote, program_version=version)
+        return False
 
 
 def register_optimize_tasks(app: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -204,8 +206,13 @@ def test_worker_processes_shut_down_warm_on_sigterm(cli_target: CliTarget) -> No
         output = proc.stdout.read() if proc.stdout else ""
     finally:
         client.close()
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the test failed: still leave no workers behind
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            for pid in [proc.pid, *(pid for pid, _ in processes_with_env(marker))]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
     # Then both workers shut down cleanly and nothing is left
     assert code == 0, output

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,25 +24,75 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs /proc to find leftover processes"),
 ]
 
-DEMO = [sys.executable, "-m", "dspex_tasks", "demo", "--workers", "1", "--sessions", "4"]
+
+class Demo:
+    """One ``dspex demo`` process, tagged with a unique environment variable that its children inherit."""
+
+    def __init__(self, *args: str, redis_url: str = "redis://127.0.0.1:1/0") -> None:
+        self.entry = f"DSPEX_TEST_MARKER=demo-{uuid.uuid4().hex}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}
+        env.update({"DSPEX_REDIS_URL": redis_url, "COLUMNS": "160", "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+        env.update([self.entry.split("=", 1)])
+        self.proc = subprocess.Popen([sys.executable, "-m", "dspex_tasks", "demo", "--workers", "1", *args], cwd=ROOT,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._lines: queue.Queue[str] = queue.Queue()
+        self.output = ""
+        threading.Thread(target=lambda: [self._lines.put(line) for line in self.proc.stdout or []],
+                         daemon=True).start()
+
+    def _drain(self, timeout_s: float) -> None:
+        with contextlib.suppress(queue.Empty):
+            self.output += self._lines.get(timeout=timeout_s)
+            while True:
+                self.output += self._lines.get_nowait()
+
+    def wait_for_output(self, text: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.output:
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.output
+            self._drain(0.2)
+
+    def wait(self, timeout_s: float = 120.0) -> int:
+        code = self.proc.wait(timeout=timeout_s)
+        time.sleep(0.1)
+        self._drain(0.1)
+        return code
+
+    def redis_pid(self) -> int:
+        """The private redis-server's pid, from the demo's first line (its rewritten title hides the marker)."""
+        found = re.search(r"private redis-server on port \d+, pid (\d+)", self.output)
+        assert found, self.output
+        return int(found.group(1))
+
+    def close(self) -> None:
+        """After a failed test too: stop the demo the polite way, then whatever it left behind."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        leftovers = [pid for pid, _ in processes_with_env(self.entry)]
+        with contextlib.suppress(AssertionError):
+            if "redis-server" in (command_line(self.redis_pid()) or ""):
+                leftovers.append(self.redis_pid())
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
-def _env(marker: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}
-    # Nothing listens on port 1, so the demo must start (and stop) a private redis-server.
-    env.update({"DSPEX_REDIS_URL": "redis://127.0.0.1:1/0", "DSPEX_TEST_MARKER": marker, "COLUMNS": "160",
-                "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"})
-    return env
+@contextlib.contextmanager
+def demo(*args: str, **kwargs: str) -> Iterator[Demo]:
+    run = Demo(*args, **kwargs)
+    try:
+        yield run
+    finally:
+        run.close()
 
 
-def _redis_pid(output: str) -> int:
-    """The private redis-server's pid, from the demo's first line (its title hides our marker)."""
-    found = re.search(r"private redis-server on port \d+, pid (\d+)", output)
-    assert found, output
-    return int(found.group(1))
-
-
-def _gone(pid: int, timeout_s: float = 10.0) -> bool:
+def redis_gone(pid: int, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while "redis-server" in (command_line(pid) or ""):
         if time.monotonic() >= deadline:
@@ -51,49 +102,51 @@ def _gone(pid: int, timeout_s: float = 10.0) -> bool:
 
 
 def test_demo_runs_on_a_private_redis_and_leaves_no_processes() -> None:
-    marker = f"demo-{uuid.uuid4().hex}"
     # When the demo runs with an unreachable DSPEX_REDIS_URL
-    result = subprocess.run([*DEMO, "--tasks", "40"], cwd=ROOT, env=_env(marker), capture_output=True, text=True,
-                            timeout=120, check=False)
-    # Then it succeeds on a private Redis, shows versioned programs and throughput, and cleans up
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "private redis-server" in result.stdout
-    assert "acme/qa v2" in result.stdout and "rolled back" in result.stdout
-    assert "40/40 tasks ok" in result.stdout and "tasks/s" in result.stdout
-    assert "stopped 1 worker and private Redis" in result.stdout
-    assert wait_until_gone(f"DSPEX_TEST_MARKER={marker}") == []
-    assert _gone(_redis_pid(result.stdout))
+    with demo("--tasks", "40", "--sessions", "4") as run:
+        code = run.wait()
+        # Then it succeeds on a private Redis, shows versioned programs and throughput, and cleans up
+        assert code == 0, run.output
+        assert "private redis-server" in run.output
+        assert "acme/qa v2" in run.output and "rolled back" in run.output
+        assert "40/40 tasks ok" in run.output and "tasks/s" in run.output
+        assert "stopped 1 worker and private Redis" in run.output
+        assert wait_until_gone(run.entry) == []
+        assert redis_gone(run.redis_pid())
+
+
+def test_demo_on_a_configured_redis_leaves_nothing_behind(redis_base_url: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(redis_base_url)
+    results_before = len(list(r.scan_iter(match="celery-task-meta-*")))
+    with demo("--tasks", "8", "--sessions", "2", redis_url=redis_base_url) as run:
+        code = run.wait()
+        assert code == 0, run.output
+        assert "Redis: configured" in run.output and "8/8 tasks ok" in run.output
+        found = re.search(r"namespace (demo-[0-9a-f]+)", run.output)
+        assert found, run.output
+        # Then its namespace, queue and queue binding are gone, and so are its results and processes
+        assert list(r.scan_iter(match=f"*{found.group(1)}*")) == []
+        assert len(list(r.scan_iter(match="celery-task-meta-*"))) == results_before
+        assert wait_until_gone(run.entry) == []
+    r.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_demo_stops_its_workers_and_redis(sig: signal.Signals) -> None:
-    marker = f"demo-{uuid.uuid4().hex}"
-    entry = f"DSPEX_TEST_MARKER={marker}"
     # Given a demo with far more tasks than it can finish, once its workers are up
-    proc = subprocess.Popen([*DEMO, "--tasks", "1000000"], cwd=ROOT, env=_env(marker), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True).start()
-    seen = []
-    try:
-        deadline = time.monotonic() + 60
-        while not any("workers:" in line for line in seen):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
-            with contextlib.suppress(queue.Empty):
-                seen.append(lines.get(timeout=0.5))
-        started = processes_with_env(entry)
-        redis_pid = _redis_pid("".join(seen))
-        assert any("celery" in cmd and "worker" in cmd for _, cmd in started), started
+    with demo("--tasks", "1000000", "--sessions", "4") as run:
+        run.wait_for_output("workers:")
+        redis_pid = run.redis_pid()
+        assert any("celery" in cmd and "worker" in cmd for _, cmd in processes_with_env(run.entry))
         assert "redis-server" in (command_line(redis_pid) or "")
         # When it is interrupted
         time.sleep(0.5)
-        proc.send_signal(sig)
-        code = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    # Then it exits as interrupted and nothing it started is left running
-    assert code == 130, "".join(seen)
-    assert wait_until_gone(entry) == []
-    assert _gone(redis_pid)
+        run.proc.send_signal(sig)
+        code = run.wait(timeout_s=30)
+        # Then it exits as interrupted and nothing it started is left running
+        assert code == 130, run.output
+        assert "stopped 1 worker and private Redis" in run.output
+        assert wait_until_gone(run.entry) == []
+        assert redis_gone(redis_pid)

@@ -1,0 +1,160 @@
+"""Optimization runs on a real Redis with an in-process worker serving both queues."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dspex_tasks import errors
+from dspex_tasks.mockgen import rule_answer
+from dspex_tasks.optimize.runs import RunStore
+
+pytestmark = pytest.mark.redis
+
+
+def labelled(n: int, prefix: str = "question") -> list[dict[str, Any]]:
+    return [{"question": f"{prefix} {i}", "answer": rule_answer({"question": f"{prefix} {i}"})} for i in range(n)]
+
+
+@pytest.fixture
+def opt_app(settings: Any, signatures: Any) -> Iterator[Any]:
+    from celery.contrib.testing.worker import start_worker
+
+    from dspex_tasks.app import create_worker_app
+
+    s = settings.model_copy(update={"mock_scenario": "learns_from_demos"})
+    app = create_worker_app(s, signatures=signatures, import_modules=False)
+    with start_worker(app, pool="threads", concurrency=12, perform_ping_check=False, loglevel="WARNING",
+                      shutdown_timeout=10, queues=[s.predict_queue, s.optimize_queue]):
+        app.runtime  # noqa: B018
+        yield app
+    app.reset_runtime()
+
+
+@pytest.fixture
+def oclient(opt_app: Any) -> Iterator[Any]:
+    from dspex_tasks.client import Client
+
+    c = Client(settings=opt_app.dspex_settings)
+    yield c
+    c.close()
+
+
+def test_run_promotes_and_next_prediction_serves_new_version(oclient: Any) -> None:
+    # Given a session serving the base program
+    assert oclient.submit("qa", {"question": "abc"}, session="s1").get(timeout=20).program_version == 0
+    # When a run whose demos help the metric finishes
+    run = oclient.optimize("qa", labelled(24), metric="exact_match", optimizer="bootstrap_few_shot", session="s1",
+                           params={"eval_chunk_size": 4})
+    summary = run.get(timeout=60)
+    # Then it is promoted, says why, and the session serves the new version with the learned behaviour
+    assert summary["promoted"] is True and summary["score"] > summary["baseline_score"]
+    assert "beat baseline" in summary["reason"] and summary["lm_calls"] > 0
+    assert summary["program_version"] == 1 == oclient.programs.current_version("s1", "qa")
+    deadline = time.time() + 2
+    while (res := oclient.submit("qa", {"question": "abc"}, session="s1").get(timeout=20)).program_version != 1:
+        assert time.time() < deadline
+    assert res.outputs["answer"] == rule_answer({"question": "abc"})
+
+
+def test_run_that_cannot_improve_is_not_promoted(oclient: Any) -> None:
+    # labels no program can reach: the metric stays 0 for baseline and candidate
+    rows = [{"question": f"q{i}", "answer": f"unreachable-{i}"} for i in range(12)]
+    summary = oclient.optimize("qa", rows, session="s2", params={"eval_chunk_size": 3}).get(timeout=60)
+    assert summary["promoted"] is False and "min_gain" in summary["reason"]
+    assert oclient.programs.history("s2", "qa") == []
+
+
+def test_events_in_order_and_replay_for_late_follower(oclient: Any) -> None:
+    run = oclient.optimize("qa", labelled(16), session="s3", params={"eval_chunk_size": 4})
+    first = list(run.events(timeout=60))
+    stages = [e["stage"] for e in first]
+    order = ["queued", "load", "baseline", "compile", "candidate", "done"]
+    assert [s for s in dict.fromkeys(stages)] == order
+    assert all(a["ts"] <= b["ts"] for a, b in zip(first, first[1:], strict=False))
+    assert first[-1]["stage"] == "done" and "score" in first[-1]
+    # a late follower replays the same events from the start, and two followers agree
+    assert list(run.events(timeout=5)) == first
+    assert list(oclient.run(run.id).events(timeout=5)) == first
+
+
+def test_cancel_stops_at_a_stage_boundary_and_leaves_program(oclient: Any, opt_app: Any) -> None:
+    oclient.programs.put("s4", "qa", {"demos": []}, signature="qa")
+    run = oclient.optimize("qa", labelled(40), session="s4", params={"eval_chunk_size": 2})
+    run.cancel()
+    with pytest.raises(errors.DspexError, match="cancelled"):
+        run.get(timeout=60)
+    assert run.status()["status"] == "cancelled"
+    assert oclient.programs.history("s4", "qa") == [1]
+    assert list(run.events(timeout=5))[-1]["stage"] == "cancelled"
+
+
+def test_bad_rows_are_reported_by_index_and_field_before_anything_runs(oclient: Any) -> None:
+    rows = labelled(5)
+    rows[3] = {"question": 7, "answer": "x"}
+    with pytest.raises(errors.ValidationError) as info:
+        oclient.optimize("qa", rows, session="s5")
+    assert info.value.errors[0]["field"] == "trainset.3.question"
+    with pytest.raises(errors.ValidationError) as info:
+        oclient.optimize("qa", [{"question": "no label"}] * 3, session="s5")
+    assert info.value.errors[0]["field"] == "trainset.0" and "no label" in info.value.errors[0]["message"]
+    with pytest.raises(errors.ValidationError, match="unknown metric"):
+        oclient.optimize("qa", labelled(4), metric="nope", session="s5")
+    with pytest.raises(errors.ValidationError, match="unknown optimizer"):
+        oclient.optimize("qa", labelled(4), optimizer="nope", session="s5")
+    assert oclient.runs.ids() == []
+
+
+def test_bad_params_fail_the_run_naming_the_field(oclient: Any) -> None:
+    run = oclient.optimize("qa", labelled(6), session="s6", params={"max_bootstrapped_demos": "many"})
+    with pytest.raises(errors.ValidationError) as info:
+        run.get(timeout=30)
+    assert info.value.errors[0]["field"] == "params.max_bootstrapped_demos"
+    assert oclient.programs.history("s6", "qa") == []
+
+
+def test_named_dataset_and_random_search(oclient: Any) -> None:
+    assert oclient.datasets.put("qa-train", labelled(16)) == 16
+    assert "qa-train" in oclient.datasets.list()
+    run = oclient.optimize("qa", dataset="qa-train", optimizer="bootstrap_few_shot_with_random_search",
+                           session="s7", params={"num_candidate_programs": 2, "eval_chunk_size": 4})
+    summary = run.get(timeout=90)
+    assert summary["promoted"] is True and summary["trials"] and all(0 <= t <= 1 for t in summary["trials"])
+
+
+def test_duplicate_stage_delivery_changes_nothing(oclient: Any, opt_app: Any) -> None:
+    # Given a finished run, when its decide stage is delivered again (a redelivery after a crash)
+    run = oclient.optimize("qa", labelled(12), session="s8", params={"eval_chunk_size": 4})
+    summary = run.get(timeout=60)
+    r = opt_app.send_task("dspex.optimize.stage", kwargs={"run_id": run.id, "stage": "decide"},
+                          queue=opt_app.dspex_settings.optimize_queue)
+    r.get(timeout=20)
+    # Then no second program version is written and the summary stands
+    assert oclient.programs.history("s8", "qa") == [summary["program_version"]]
+    assert run.status()["summary"] == summary
+
+
+def test_lease_blocks_a_second_runner(oclient: Any, opt_app: Any) -> None:
+    store = RunStore(redis=oclient.redis, namespace=oclient.settings.namespace)
+    assert store.acquire_lease("r1", "a", 5) is True
+    assert store.acquire_lease("r1", "b", 5) is False
+    assert store.renew_lease("r1", "b", 5) is False and store.renew_lease("r1", "a", 5) is True
+    store.release_lease("r1", "b")
+    assert store.acquire_lease("r1", "b", 5) is False
+    store.release_lease("r1", "a")
+    assert store.acquire_lease("r1", "b", 5) is True
+
+
+def test_many_followers_see_the_same_stream(oclient: Any) -> None:
+    run = oclient.optimize("qa", labelled(12), session="s9", params={"eval_chunk_size": 4})
+    seen: list[list[dict[str, Any]]] = [[], [], []]
+    threads = [threading.Thread(target=lambda i=i: seen[i].extend(run.events(timeout=60))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(70)
+    assert seen[0] and seen[0] == seen[1] == seen[2]
