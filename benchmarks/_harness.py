@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -215,7 +216,7 @@ class MockLMProcess(ManagedProcess):
         return dict(self._request("/_control", {"reset_stats": True}))
 
 
-def wait_results(redis_client: Any, result_keys: list[str], *, timeout_s: float,
+def wait_results(redis_client: Any, result_keys: Sequence[str | bytes], *, timeout_s: float,
                  poll_s: float = 0.02) -> tuple[float, list[dict[str, Any]]]:
     """Wait until every result key exists; returns (wall time it was seen, decoded results).
 

@@ -118,9 +118,9 @@ def dspex_worker_env(ctx: Context, concurrency: int, **extra: str) -> dict[str, 
 
 
 def client_settings(ctx: Context, **extra: Any) -> Any:
-    from dspex_tasks.settings import Settings
+    from dspex_tasks.settings import load_settings
 
-    return Settings(redis_url=ctx.url, namespace=ctx.namespace, **extra)
+    return load_settings(redis_url=ctx.url, namespace=ctx.namespace, **extra)
 
 
 def pre_enqueued_run(worker: WorkerProcess, send: Callable[[int], str], key_for: Callable[[str], bytes],
@@ -258,8 +258,6 @@ def scenario_map(ctx: Context) -> Outcome:
         for w in workers:
             w.stop()
     m = median_run(runs)
-    from dspex_tasks.settings import Settings
-
     rows = [
         ratio_row("map", "Client.map qa, mock LM (2 procs x 16 threads)", m["tasks_per_s"], DSPEX_CLAIM_RPS,
                   "DSPex claim", "predictions/s", 1.0, "> 1300/s"),
@@ -267,7 +265,7 @@ def scenario_map(ctx: Context) -> Outcome:
         Row("map", "  of which schema validation", validate_s * 1000 / n, "ms"),
         Row("map", "worker CPU per item (both procs)", m["worker_cpu_ms_per_item"], "ms"),
     ]
-    return Outcome(rows, {"n": n, "workers": 2, "concurrency": concurrency, "chunk_size": Settings().map_chunk_size,
+    return Outcome(rows, {"n": n, "workers": 2, "concurrency": concurrency, "chunk_size": client.settings.map_chunk_size,
                           "validate_ms_per_item": round(validate_s * 1000 / n, 4), "rounds": runs})
 
 

@@ -34,6 +34,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         # A message unacked this long is redelivered: longer than any single task may run.
         "visibility_timeout": settings.visibility_timeout_s,
+        # Kombu scans for expired unacked messages every interval x throttle seconds (100 s by
+        # default); a killed worker's messages should come back soon after the timeout.
+        "unacked_restore_interval": max(1, min(30, settings.visibility_timeout_s // 10)),
+        "unacked_restore_throttle": 1,
         "health_check_interval": 25,
         "socket_keepalive": True,
         "retry_on_timeout": True,

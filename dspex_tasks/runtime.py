@@ -8,6 +8,7 @@ JSON. Celery tasks are thin wrappers around :meth:`Runtime.predict`.
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -30,6 +31,9 @@ from .store import ProgramRecord, ProgramStore, ProgramStoreProtocol
 __all__ = ["Runtime", "import_signature_modules", "publish_signatures", "RETRYABLE_LM_ERRORS"]
 
 log = logging.getLogger(__name__)
+
+# Connections one DSPy LM object keeps (DSPy 3.4's lm15 transport default).
+LM_CONNECTIONS = 100
 
 # Provider errors worth another attempt (by class name, so this module needs no litellm import).
 RETRYABLE_LM_ERRORS = (
@@ -108,7 +112,8 @@ class Runtime:
             max_state_bytes=settings.max_state_bytes)
         self.cache = ProgramCache(self.store, self._build, max_size=settings.program_cache_size,
                                   verify_s=settings.cache_verify_s)
-        self._lms: dict[str, Any] = {}
+        self._lms: dict[str, list[Any]] = {}
+        self._rr = itertools.count()
         self._base: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -160,14 +165,23 @@ class Runtime:
 
     # -- building -----------------------------------------------------------
     def lm_for(self, sig: Signature) -> Any:
+        """The LM for a signature; several instances round-robin when one cannot carry the concurrency.
+
+        DSPy 3.4's native HTTP engine caps each LM object at 100 connections, so with more
+        threads than that one LM would queue calls behind its own pool.
+        """
         model = str(sig.options.get("lm") or self.settings.lm)
-        lm = self._lms.get(model)
-        if lm is None:
+        pool = self._lms.get(model)
+        if pool is None:
             with self._lock:
-                lm = self._lms.get(model)
-                if lm is None:
-                    lm = self._lms[model] = build_lm(self.settings, model)
-        return lm
+                pool = self._lms.get(model)
+                if pool is None:
+                    first = build_lm(self.settings, model)
+                    size = 1 if model == "mock" else max(1, -(-self.settings.worker_concurrency // LM_CONNECTIONS))
+                    pool = self._lms[model] = [first] + [build_lm(self.settings, model) for _ in range(size - 1)]
+        if len(pool) == 1:
+            return pool[0]
+        return pool[next(self._rr) % len(pool)]
 
     def _build(self, program: str, record: ProgramRecord | None) -> Any:
         name = (record.signature if record else None) or program

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     result_expires_s: int = Field(86_400, ge=60)
     task_max_retries: int = Field(3, ge=0)
     map_chunk_size: int = Field(64, ge=1)
+    lease_ttl_s: float = Field(30.0, ge=2)
     track_started: bool = False
     log_each_task: bool = False
     predict_queue: str = "dspex.predict"

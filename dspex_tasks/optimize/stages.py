@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 PLAN = ("load", "baseline", "compile", "candidate", "decide")
 EVALS = {"baseline": "baseline_state", "candidate": "candidate"}
-LEASE_TTL_S = 30.0
 LEASE_RETRY_S = 2.0
 STAGE_TASK = "dspex.optimize.stage"
 
@@ -94,16 +93,16 @@ class Stages:
     @contextlib.contextmanager
     def lease(self, run_id: str) -> Iterator[bool]:
         """Hold the run's lease while a stage works; yields False when another worker holds it."""
-        runs, token = self.runs, uuid.uuid4().hex
-        if not runs.acquire_lease(run_id, token, LEASE_TTL_S):
+        runs, token, ttl = self.runs, uuid.uuid4().hex, self.settings.lease_ttl_s
+        if not runs.acquire_lease(run_id, token, ttl):
             yield False
             return
         stop = threading.Event()
 
         def beat() -> None:
-            while not stop.wait(LEASE_TTL_S / 3):
+            while not stop.wait(ttl / 3):
                 with contextlib.suppress(Exception):
-                    runs.renew_lease(run_id, token, LEASE_TTL_S)
+                    runs.renew_lease(run_id, token, ttl)
 
         t = threading.Thread(target=beat, name=f"dspex-lease-{run_id[:8]}", daemon=True)
         t.start()
@@ -148,7 +147,8 @@ class Stages:
             return {"run_id": run_id, "stage": stage, "skipped": rec["status"]}
         with self.lease(run_id) as held:
             if not held:  # the same run is busy elsewhere: look again shortly (it may finish or lapse)
-                raise task.retry(countdown=LEASE_RETRY_S, max_retries=int(4 * LEASE_TTL_S / LEASE_RETRY_S) + 100)
+                raise task.retry(countdown=LEASE_RETRY_S,
+                                 max_retries=int(4 * self.settings.lease_ttl_s / LEASE_RETRY_S) + 100)
             if rec["status"] == "queued":
                 self.runs.update(run_id, status="running", started_at=time.time())
             self.runs.update(run_id, stage=stage)
