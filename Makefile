@@ -19,6 +19,7 @@ install: $(STAMP)
 # All three layers (unit, redis, system). A private redis-server is started by the
 # tests themselves on a free port unless DSPEX_TEST_REDIS_URL names a dedicated DB.
 test: $(STAMP)
+	-@bash scripts/ci-deps.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -15,7 +15,17 @@ from typing import Any
 
 from celery import Celery, signals
 
-from .errors import DspexError, InvalidSession, LMError, UnknownSignature, ValidationError
+from .errors import (
+    ConfigurationError,
+    DspexError,
+    InvalidSession,
+    LMContextLengthExceeded,
+    LMError,
+    LMTimeout,
+    UnknownSignature,
+    ValidationError,
+)
+from .ratelimit import RateLimited, lm_retries, requeue
 from .settings import Settings, load_settings
 from .signature import Signature, SignatureRegistry, registry
 
@@ -41,6 +51,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "health_check_interval": 25,
         "socket_keepalive": True,
         "retry_on_timeout": True,
+        # A read that waits longer than this means Redis is gone or stopped: fail and reconnect
+        # rather than block a consumer (or a client's get()) for redis-py's default forever.
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_socket_timeout_s,
     }
     return {
         "broker_url": settings.broker,
@@ -58,8 +72,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_transport_options": transport,
-        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # Give up on a lost result backend after a few seconds (Celery's default retries for
+        # ~20 s), so a client's get() fails clearly instead of seeming to hang.
+        "result_backend_transport_options": {"retry_policy": {
+            "max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1, "timeout": 5.0}},
         "redis_backend_health_check_interval": 25,
+        "redis_socket_timeout": settings.redis_socket_timeout_s,
+        "redis_socket_connect_timeout": settings.redis_socket_timeout_s,
+        "redis_retry_on_timeout": False,  # Celery's own retry policy (above) bounds the retries
         "redis_socket_keepalive": True,
         "broker_connection_retry_on_startup": True,
         "result_expires": settings.result_expires_s,
@@ -82,6 +102,9 @@ class DspexCelery(Celery):  # type: ignore[misc]
     """A Celery app that carries our settings and, in workers, the per-process runtime."""
 
     def __init__(self, settings: Settings, *, signatures: SignatureRegistry | None = None, **kwargs: Any) -> None:
+        from .tasks_base import DspexTask
+
+        kwargs.setdefault("task_cls", DspexTask)
         super().__init__(kwargs.pop("main", "dspex"), **kwargs)
         self.dspex_settings = settings
         self.dspex_signatures = signatures or registry
@@ -141,17 +164,22 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
             **extra: Any) -> dict[str, Any]:
         _reject_extra(sig.name, args, extra)
         _check_size(self.app, inputs, "inputs")
+        settings = self.app.dspex_settings
         try:
             result: dict[str, Any] = self.app.runtime.predict(sig, inputs, session, program)
+        except RateLimited as exc:  # re-queued with a countdown, on a budget of its own
+            raise requeue(self, exc, max_requeues=settings.rate_limit_max_requeues,
+                          max_retries=settings.task_max_retries) from None
         except LMError as exc:
-            if _retryable(exc) and self.request.retries < self.app.dspex_settings.task_max_retries:
-                raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 30)) from None
+            if _retryable(exc) and lm_retries(self.request) < settings.task_max_retries:
+                raise self.retry(exc=exc, countdown=min(2 ** lm_retries(self.request), 30)) from None
             raise
         result["task_id"] = self.request.id
         return result
 
     task = app.task(name=f"dspex.{sig.name}", bind=True, shared=False, typing=False, acks_late=True, throws=EXPECTED_ERRORS,
-                    reject_on_worker_lost=True, queue=app.dspex_settings.predict_queue)(run)
+                    reject_on_worker_lost=True, queue=app.dspex_settings.predict_queue,
+                    max_retries=None)(run)  # budgets are ours: DSPEX_TASK_MAX_RETRIES, DSPEX_RATE_LIMIT_MAX_REQUEUES
     sig.task = task
     return task
 
@@ -159,6 +187,8 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
 def _retryable(exc: DspexError) -> bool:
     from .runtime import RETRYABLE_LM_ERRORS
 
+    if isinstance(exc, LMTimeout | LMContextLengthExceeded):
+        return False
     return any(f"({name})" in exc.message for name in RETRYABLE_LM_ERRORS)
 
 
@@ -216,8 +246,21 @@ def _connect_prewarm(app: DspexCelery) -> None:
             # Flower, events and metrics carry the same facts.
             logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
             logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
-        if app.conf.worker_pool != "prefork":
-            app.runtime  # noqa: B018 - warms the only process that runs tasks
+        try:
+            if app.conf.worker_pool != "prefork":
+                app.runtime  # noqa: B018 - warms the only process that runs tasks
+            else:  # children warm themselves; the parent still refuses an unsafe Redis
+                import redis as redis_lib
+
+                from .runtime import check_eviction_policy
+
+                check_eviction_policy(redis_lib.Redis.from_url(app.dspex_settings.redis_url),
+                                      app.dspex_settings.allow_unsafe_eviction)
+        except ConfigurationError as exc:
+            # Celery logs and swallows exceptions from signal handlers; a worker that
+            # must not run has to stop here, before it consumes anything.
+            log.critical("refusing to start: %s", exc)
+            raise SystemExit(78) from None
 
     def on_shutdown(**_: Any) -> None:
         app.reset_runtime()
@@ -225,6 +268,9 @@ def _connect_prewarm(app: DspexCelery) -> None:
     signals.worker_process_init.connect(on_process_init, weak=False)
     signals.worker_init.connect(on_worker_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
+    from . import metrics_prom, tracing
+    metrics_prom.install(app)
+    tracing.install()
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .cli_common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, open_client, preview, redacted_url
+from .cli_ops import register as register_ops_commands
 from .cli_optimize import register as register_optimize_commands
 from .cli_programs import programs_app, sessions_app
 from .cli_status import collect_status, print_status
@@ -320,6 +321,7 @@ def demo(
 
 
 register_optimize_commands(app)  # optimize, datasets, runs, schedule, beat
+register_ops_commands(app)  # flower, health
 
 
 def main() -> None:

@@ -1,11 +1,11 @@
-"""``dspex optimize``, ``dspex datasets|runs|schedule ...`` and ``dspex beat``: optimization runs from the shell.
+"""``dspex optimize``, ``datasets``, ``runs``, ``schedule`` and ``beat``: optimization runs from the shell.
 
-Like the rest of the CLI: results on stdout, progress and notices on stderr;
-exit status 0 ok, 1 failure (a failed or cancelled run too), 2 invalid input.
+Results on stdout, progress and notices on stderr; exit 0 ok, 1 failure (a failed or cancelled run too), 2 bad input.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -95,13 +95,15 @@ def _num(value: Any, fmt: str = ".3f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _duration(rec: dict[str, Any]) -> float | None:
-    summary = rec.get("summary") or {}
-    if summary.get("duration_s") is not None:
-        return float(summary["duration_s"])
-    start = rec.get("started_at") or rec.get("created_at")
-    end = rec.get("finished_at") or (None if rec.get("status") in ("succeeded", "failed", "cancelled") else time.time())
-    return None if start is None or end is None else float(end) - float(start)
+def _when(ts: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts))) if ts else "-"
+
+
+def _duration(rec: dict[str, Any]) -> float:
+    if (rec.get("summary") or {}).get("duration_s") is not None:
+        return float(rec["summary"]["duration_s"])
+    start, end = rec.get("started_at") or rec["created_at"], rec.get("finished_at") or time.time()
+    return float(end) - float(start)
 
 
 def _grid(rows: Iterable[tuple[str, Any]]) -> Table:
@@ -119,11 +121,10 @@ def _summary_panel(run_id: str, rec: dict[str, Any]) -> Panel:
     rows = [("baseline_score", _num(s.get("baseline_score"))), ("score", _num(s.get("score"))),
             ("promoted", promoted), ("program_version", s.get("program_version", "-")),
             ("reason", s.get("reason", "-")), ("lm_calls", s.get("lm_calls", rec.get("lm_calls", "-"))),
-            ("duration", f"{_num(_duration(rec), '.1f')} s")]
+            ("duration", f"{_duration(rec):.1f} s")]
     return Panel(_grid(rows), title=esc(f"run {run_id} · {rec.get('signature')} · {rec.get('optimizer')}"),
-                 title_align="left",
-                 subtitle=f"session {esc(rec.get('session') or '-')} · program {esc(rec.get('program'))}",
-                 subtitle_align="left")
+                 subtitle=esc(f"session {rec.get('session') or '-'} · program {rec.get('program')}"),
+                 title_align="left", subtitle_align="left", expand=False)
 
 
 def _run_error(rec: dict[str, Any]) -> DspexError:
@@ -153,7 +154,7 @@ def _follow(run: Any, timeout: float | None) -> None:
         for event in run.events(timeout=timeout):
             stage, done, total = str(event.get("stage")), int(event.get("done") or 0), event.get("total")
             lm_calls = max(lm_calls, int(event.get("lm_calls") or 0))
-            if event.get("score") is not None:
+            if event.get("score") is not None and stage not in _END:  # the end event repeats the candidate's
                 scores[stage] = float(event["score"])
                 progress.console.print(f"  {esc(stage)} score [bold]{scores[stage]:.3f}[/]")
             message = str(event.get("message") or "")
@@ -163,10 +164,10 @@ def _follow(run: Any, timeout: float | None) -> None:
             if stage not in _END and stage != "queued":
                 if stage not in bars:
                     for tid in bars.values():  # an earlier stage is over once a later one starts
-                        task = progress.tasks[tid]
-                        progress.update(tid, total=task.total or 1, completed=task.total or 1)
+                        progress.update(tid, total=(n := progress.tasks[tid].total or 1), completed=n)
                     bars[stage] = progress.add_task(stage, total=total, note="")
-                progress.update(bars[stage], total=total, completed=done, note=esc(preview(message, 50)) or None)
+                progress.update(bars[stage], total=total, completed=done,
+                                note=esc(preview(message, 50)) if message else progress.tasks[bars[stage]].fields["note"])
             best = max(scores.values()) if scores else None
             progress.status_line = (f"best score [bold]{_num(best)}[/] · baseline {_num(scores.get('baseline'))} · "
                                     f"candidate {_num(scores.get('candidate'))} · LM calls {lm_calls}")
@@ -193,8 +194,7 @@ def optimize(
     """
     if (trainset is None) == (dataset is None):
         fail("give either --trainset FILE.jsonl or --dataset NAME", code=EXIT_INVALID)
-    train_rows = read_jsonl(trainset) if trainset is not None else None
-    val_rows = read_jsonl(valset) if valset is not None else None
+    train_rows, val_rows = (read_jsonl(path) if path is not None else None for path in (trainset, valset))
     run_params = parse_params(param, params)
     with open_client() as client:
         run = client.optimize(name, train_rows, val_rows, metric=metric, optimizer=optimizer, session=session,
@@ -235,16 +235,15 @@ def datasets_put(name: DatasetName, file: Annotated[Path, typer.Argument(help="J
 def datasets_ls() -> None:
     """List datasets with their row counts."""
     with open_client() as client:
-        store = client.datasets
-        names = store.list()
-        if not names:
+        counts = {name: len(client.datasets.get(name)) for name in client.datasets.list()}
+        if not counts:
             err.print(f"no datasets in namespace '{client.settings.namespace}'")
             return
-        table = Table(title=f"datasets ({len(names)})", title_justify="left")
-        table.add_column("dataset")
-        table.add_column("rows", justify="right")
-        for name in names:
-            table.add_row(esc(name), str(len(store.get(name))))
+    table = Table(title=f"datasets ({len(counts)})", title_justify="left")
+    table.add_column("dataset")
+    table.add_column("rows", justify="right")
+    for name, n in counts.items():
+        table.add_row(esc(name), str(n))
     console.print(table)
 
 
@@ -282,10 +281,8 @@ def runs_ls(session: Annotated[str | None, typer.Option("--session", "-s", help=
     with open_client() as client:
         records = []
         for run_id in client.runs.ids(session, limit):
-            try:
+            with contextlib.suppress(ProgramNotFound):  # the record expired
                 records.append(client.runs.get(run_id))
-            except ProgramNotFound:  # expired
-                continue
     if as_json:
         echo_json(records)
         return
@@ -303,8 +300,7 @@ def runs_ls(session: Annotated[str | None, typer.Option("--session", "-s", help=
         table.add_row(rec["run_id"], esc(rec["signature"]), esc(rec.get("session") or "-"), esc(rec["optimizer"]),
                       f"[{_COLORS.get(rec['status'], 'white')}]{esc(rec['status'])}[/]", _num(rec.get("baseline_score")),
                       _num(s.get("score", rec.get("candidate_score"))), promoted,
-                      f"{_num(_duration(rec), '.1f')} s", str(rec.get("lm_calls", 0)),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(rec["created_at"]))))
+                      f"{_duration(rec):.1f} s", str(rec.get("lm_calls", 0)), _when(rec["created_at"]))
     console.print(table)
 
 
@@ -318,8 +314,8 @@ def runs_show(run_id: RunId, as_json: Annotated[bool, typer.Option("--json", hel
     if as_json:
         echo_json({"record": rec, "summary": rec.get("summary"), "events": events})
         return
-    rows = [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in sorted(rec.items())
-            if k not in ("summary", "trials", "error", "run_id")]
+    rows = [(k, _when(v) if k.endswith("_at") else v if isinstance(v, str) else json.dumps(v))
+            for k, v in sorted(rec.items()) if k not in ("summary", "trials", "error", "run_id")]
     console.print(Panel(_grid(rows), title=f"run {run_id}", title_align="left"))
     if rec["status"] == "succeeded":
         console.print(_summary_panel(run_id, rec))
@@ -353,11 +349,11 @@ def runs_cancel(run_id: RunId) -> None:
 def runs_plot(run_id: RunId, out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG file to write.",
                                                                       show_default="run-<id>.png")] = None) -> None:
     """Write a PNG of the run: score per trial, baseline and candidate, and the score over time."""
+    from .plots import plot_run
+
     with open_client() as client:
         rec = client.runs.get(run_id)
         events = list(client.runs.events(run_id, follow=False))
-    from .plots import plot_run
-
     path = plot_run(rec, events, out or Path(f"run-{run_id}.png"))
     console.print(f"wrote {path}")
 
@@ -384,8 +380,7 @@ def schedule_add(
     """
     from .schedules import add_schedule
 
-    sig = signature or name
-    run_params = parse_params(param, params)
+    sig, run_params = signature or name, parse_params(param, params)
     with open_client() as client:
         published = client.signatures(refresh=True)
         if published and sig not in published:
@@ -420,14 +415,14 @@ def schedule_ls(as_json: Annotated[bool, typer.Option("--json", help="Print as J
         err.print("no schedules")
         return
     table = Table(title=f"schedules ({len(entries)})", title_justify="left")
-    for col in ("name", "schedule", "signature", "dataset", "session", "optimizer", "metric", "enabled",
-                "last run", "due"):
+    for col in ("name", "schedule", "signature", "dataset", "session", "optimizer", "metric", "enabled", "last run",
+                "due"):
         table.add_column(col, overflow="fold")
     for e in entries:
         kw = e["kwargs"]
         table.add_row(esc(e["name"]), esc(e["schedule"]), esc(kw["signature"]), esc(kw["dataset"]),
                       esc(kw["session"]), esc(kw["optimizer"]), esc(kw["metric"]), "yes" if e["enabled"] else "no",
-                      esc(e["last_run_at"] or "-"), esc(e["due_at"] or "-"))
+                      *(esc((e[k] or "-")[:19].replace("T", " ")) for k in ("last_run_at", "due_at")))
     console.print(table)
 
 
@@ -435,9 +430,12 @@ def schedule_ls(as_json: Annotated[bool, typer.Option("--json", help="Print as J
 @cli_errors
 def schedule_rm(name: Annotated[str, typer.Argument(help="Schedule name.")]) -> None:
     """Delete a schedule (runs it already started go on)."""
+    from redbeat.schedulers import ensure_conf
+
     from .schedules import remove_schedule
 
     with open_client() as client:
+        ensure_conf(client.app)  # remove_schedule reads app.redbeat_conf, which only RedBeat's own calls set
         if not remove_schedule(client.app, name):
             fail(f"no schedule '{name}'")
     console.print(f"removed schedule {esc(name)}")
@@ -447,6 +445,5 @@ def schedule_rm(name: Annotated[str, typer.Argument(help="Schedule name.")]) -> 
 def beat(loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO") -> None:
     """Run celery beat with RedBeat: starts scheduled runs when due (one active beat however many run)."""
     from .app import create_worker_app
-    from .settings import load_settings
 
-    create_worker_app(load_settings()).start(["beat", "--loglevel", loglevel])
+    create_worker_app().start(["beat", "--loglevel", loglevel])  # settings from DSPEX_* (load_settings())

@@ -1,8 +1,14 @@
-"""``dspex status``: workers, queue depths, program cache counters and sessions, gathered in one place."""
+"""``dspex status``: workers, queue depths, program cache counters, task metrics and sessions, in one place.
+
+Cache counters and task metrics come from the hash each worker process refreshes in Redis every few
+seconds (``keys.worker_stats``; its ``metrics`` field is :func:`dspex_tasks.metrics_prom.snapshot_json`),
+summed over the processes alive now (since each one started).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 from rich.table import Table
@@ -47,32 +53,90 @@ def _workers(app: Any, timeout_s: float) -> list[dict[str, Any]]:
     return workers
 
 
-def _cache(redis: Any, namespace: str) -> dict[str, Any]:
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _worker_stats(redis: Any, namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(program cache counters, task metrics), each summed over the worker processes reporting now."""
     totals = dict.fromkeys(_CACHE_FIELDS, 0)
+    metrics = _MetricsSum()
     processes = 0
+    prefix = keys.worker_stats(namespace, "")
     for key in redis.scan_iter(match=keys.worker_stats_pattern(namespace), count=500):
         raw = redis.hgetall(key)
         if not raw:
             continue
         processes += 1
-        values = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+        values = {_text(k): v for k, v in raw.items()}
         for name in _CACHE_FIELDS:
             with contextlib.suppress(TypeError, ValueError):
                 totals[name] += int(values.get(name, 0))
+        if "metrics" in values:
+            metrics.add(_text(key)[len(prefix):], values["metrics"])
     lookups = totals["hits"] + totals["misses"]
-    return {**totals, "processes": processes, "hit_rate": round(totals["hits"] / lookups, 4) if lookups else None}
+    hit_rate = round(totals["hits"] / lookups, 4) if lookups else None
+    cache = {**totals, "processes": processes, "hit_rate": hit_rate}
+    return cache, {**metrics.result(), "cache_hit_rate": hit_rate}
+
+
+class _MetricsSum:
+    """Adds up the ``metrics`` snapshots of several worker processes."""
+
+    def __init__(self) -> None:
+        self.processes = 0
+        self.tasks: dict[str, dict[str, int]] = {}
+        self.lm: dict[str, dict[str, float]] = {}
+        self.runs: dict[str, dict[str, int]] = {}
+        self.promotions: dict[str, int] = {}
+        self.endpoints: set[str] = set()
+
+    def add(self, worker_id: str, raw: Any) -> None:
+        try:
+            snap = json.loads(raw)
+        except (TypeError, ValueError):
+            return
+        if not isinstance(snap, dict):
+            return
+        self.processes += 1
+        for table, into in (("tasks", self.tasks), ("runs", self.runs)):
+            for name, counts in (snap.get(table) or {}).items():
+                row = into.setdefault(name, {})
+                for outcome, n in (counts or {}).items():
+                    row[outcome] = row.get(outcome, 0) + int(n)
+        for model, usage in (snap.get("lm") or {}).items():
+            row_lm = self.lm.setdefault(model, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                "cost_usd": 0.0})
+            for field in row_lm:
+                row_lm[field] += usage.get(field, 0) or 0
+        for sig, n in (snap.get("promotions") or {}).items():
+            self.promotions[sig] = self.promotions.get(sig, 0) + int(n)
+        if snap.get("port") is not None:  # worker ids are "host:pid"
+            self.endpoints.add(f"{worker_id.rsplit(':', 1)[0]}:{snap['port']}")
+
+    def result(self) -> dict[str, Any]:
+        by_outcome: dict[str, int] = {}
+        for counts in self.tasks.values():
+            for outcome, n in counts.items():
+                by_outcome[outcome] = by_outcome.get(outcome, 0) + n
+        lm = {m: {**u, "cost_usd": round(u["cost_usd"], 6)} for m, u in sorted(self.lm.items())}
+        return {"processes": self.processes, "tasks": dict(sorted(self.tasks.items())), "tasks_total": by_outcome,
+                "lm": lm, "optimization_runs": dict(sorted(self.runs.items())),
+                "promotions": dict(sorted(self.promotions.items())), "endpoints": sorted(self.endpoints)}
 
 
 def collect_status(client: Any, *, timeout_s: float = 1.0) -> dict[str, Any]:
     """Everything ``dspex status`` shows, as JSON-ready data."""
     s = client.settings
     redis = client.redis
+    cache, metrics = _worker_stats(redis, s.namespace)
     return {
         "redis_url": s.redis_url,
         "namespace": s.namespace,
         "workers": _workers(client.app, timeout_s),
         "queues": {q: queue_depth(redis, q) for q in dict.fromkeys([s.predict_queue, s.optimize_queue])},
-        "cache": _cache(redis, s.namespace),
+        "cache": cache,
+        "metrics": metrics,
         "sessions": int(redis.zcard(keys.sessions(s.namespace))),
         "signatures": sorted(client.signatures(refresh=True)),
     }
@@ -105,3 +169,31 @@ def print_status(data: dict[str, Any]) -> None:
     console.print(f"[bold]program cache[/] ({cache['processes']} reporting processes): hits {cache['hits']}, "
                   f"misses {cache['misses']}, hit rate {rate}, size {cache['size']}, evictions {cache['evictions']}, "
                   f"invalidations {cache['invalidations']}")
+    _print_metrics(data.get("metrics") or {})
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    tasks = metrics.get("tasks") or {}
+    endpoints = metrics.get("endpoints") or []
+    console.print(f"[bold]/metrics[/] {', '.join(endpoints) if endpoints else 'not served (set DSPEX_METRICS_PORT)'}")
+    if not tasks:
+        console.print("[bold]tasks[/]: none recorded by the live worker processes yet")
+        return
+    outcomes = ("success", "failure", "retry")
+    table = Table(title=f"tasks ({metrics.get('processes', 0)} processes)", title_justify="left")
+    table.add_column("signature")
+    for col in outcomes:
+        table.add_column(col, justify="right")
+    for sig, counts in tasks.items():
+        table.add_row(sig, *(str(counts.get(o, 0)) for o in outcomes))
+    total = metrics.get("tasks_total") or {}
+    table.add_row("[bold]all[/]", *(f"[bold]{total.get(o, 0)}[/]" for o in outcomes))
+    console.print(table)
+    for model, u in (metrics.get("lm") or {}).items():
+        console.print(f"[bold]LM[/] {model}: {u['calls']:.0f} calls, {u['prompt_tokens']:.0f} prompt + "
+                      f"{u['completion_tokens']:.0f} completion tokens, est. ${u['cost_usd']:.4f}")
+    runs = metrics.get("optimization_runs") or {}
+    if runs:
+        shown = "; ".join(f"{opt} " + ", ".join(f"{o} {n}" for o, n in counts.items()) for opt, counts in runs.items())
+        promoted = sum((metrics.get("promotions") or {}).values())
+        console.print(f"[bold]optimization runs[/]: {shown}; promotions {promoted}")

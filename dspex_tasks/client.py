@@ -17,7 +17,7 @@ from dataclasses import field as dc_field
 from typing import Any
 
 from . import keys
-from .errors import DspexError, ResultLost, TaskTimeout, UnknownSignature, ValidationError, from_remote
+from .errors import BackendUnavailable, DspexError, ResultLost, TaskTimeout, UnknownSignature, ValidationError, from_remote
 from .settings import Settings, load_settings
 from .store import ProgramStore
 
@@ -85,10 +85,16 @@ class Job:
         """
         from celery.exceptions import TimeoutError as CeleryTimeout
 
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeout
+
         try:
             value = self._r.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
         except CeleryTimeout:
             raise TaskTimeout(f"job {self.id} did not finish within {timeout} s (state {self.state})") from None
+        except (RedisTimeout, RedisConnectionError, OSError, RuntimeError) as exc:
+            # RuntimeError: Celery's result consumer gave up reconnecting.
+            raise BackendUnavailable(f"result backend unavailable while waiting for job {self.id}: {exc}") from None
         state = self._r.state
         if state == "FAILURE" or isinstance(value, BaseException):
             _raise_remote(value if isinstance(value, BaseException) else DspexError(str(value)))
@@ -198,6 +204,8 @@ class Client:
         program = keys.check_id(program, "program") if program else signature
         self._validator(signature)
         desc = self._sigs[signature]
+        if trainset is not None and dataset is not None:
+            raise ValidationError.from_errors("optimization", [{"field": "dataset", "message": "give a trainset or a dataset, not both"}])
         if trainset is None and dataset is None:
             raise ValidationError.from_errors("optimization", [{"field": "trainset", "message": "give a trainset or a dataset"}])
         if trainset is not None:
@@ -300,7 +308,8 @@ class Client:
             keys.check_id(program, "program")
         self.validate(name, inputs)
         r = self.app.send_task(f"dspex.{name}", kwargs={"inputs": inputs, "session": session, "program": program},
-                               queue=queue or self.settings.predict_queue, countdown=countdown)
+                               queue=queue or self.settings.predict_queue, countdown=countdown,
+                               headers={"dspex_sent_at": time.time()})  # queue age for `dspex health`
         return Job(r)
 
     def job(self, job_id: str) -> Job:

@@ -20,8 +20,12 @@ __all__ = [
     "ConfigurationError",
     "LMError",
     "LMParseError",
+    "LMTimeout",
+    "LMContextLengthExceeded",
     "TaskTimeout",
     "ResultLost",
+    "DeadLettered",
+    "BackendUnavailable",
     "from_remote",
 ]
 
@@ -104,6 +108,30 @@ class LMParseError(LMError):
     code = "lm_parse_error"
 
 
+class LMTimeout(LMError):
+    """Raised when the LM did not answer within ``DSPEX_LM_TIMEOUT_S`` (not retried on the same model)."""
+
+    code = "lm_timeout"
+
+
+class LMContextLengthExceeded(LMError):
+    """Raised when the prompt exceeds the model's context window (never retried)."""
+
+    code = "lm_context_length_exceeded"
+
+
+class BackendUnavailable(DspexError):
+    """Raised when Redis (broker or result backend) does not answer within its socket timeout."""
+
+    code = "backend_unavailable"
+
+
+class DeadLettered(DspexError):
+    """Raised when a message was delivered too many times (its worker kept dying) and was set aside."""
+
+    code = "dead_letter"
+
+
 class TaskTimeout(DspexError):
     """Raised when waiting for a job result exceeds its timeout."""
 
@@ -128,8 +156,12 @@ _BY_NAME: dict[str, type[DspexError]] = {
         ConfigurationError,
         LMError,
         LMParseError,
+        LMTimeout,
+        LMContextLengthExceeded,
         TaskTimeout,
         ResultLost,
+        DeadLettered,
+        BackendUnavailable,
     )
 }
 

@@ -133,3 +133,60 @@ def datasets(ns: str) -> str:
 def redbeat_prefix(ns: str) -> str:
     """Prefix of RedBeat's schedule keys (RedBeat builds the rest from it)."""
     return f"{ns}:redbeat:"
+
+
+def deliveries(ns: str, task_id: str) -> str:
+    """Counter: how many times a redelivered message has been delivered."""
+    return f"{ns}:deliveries:{task_id}"
+
+
+def dead_letters(ns: str) -> str:
+    """List: messages set aside after too many deliveries (newest first)."""
+    return f"{ns}:deadletter"
+
+
+def gateway_api_keys(ns: str) -> str:
+    """Hash: sha256 hex of an HTTP gateway API key -> JSON {id, name, created_at, rate_per_min}."""
+    return f"{ns}:gateway:apikeys"
+
+
+def gateway_rate(ns: str, key_id: str) -> str:
+    """Hash: one API key's request token bucket {tokens, ts} (expires when idle)."""
+    return f"{ns}:gateway:rate:{key_id}"
+
+
+def gateway_job(ns: str, job_id: str) -> str:
+    """String: JSON {signature, key} of a job submitted through the gateway (expires with results)."""
+    return f"{ns}:gateway:job:{job_id}"
+
+
+# LM control. Rate-limit buckets and the LM cache each share one Redis Cluster slot (their Lua scripts
+# touch several keys); the tags contain '#', which no session id can, so they never meet a session's keys.
+def ratelimit_bucket(ns: str, scope: str, unit: str) -> str:
+    """String: a GCRA bucket's theoretical arrival time in ms (``scope`` e.g. ``model:openai/gpt-4o-mini``)."""
+    return f"{ns}:{{#rl}}:{scope}:{unit}"
+
+
+def lm_cache_entry(ns: str, digest: str) -> str:
+    """String: one cached LM response (JSON), expiring after ``DSPEX_LM_CACHE_TTL_S``."""
+    return f"{ns}:{{#lmcache}}:e:{digest}"
+
+
+def lm_cache_index(ns: str) -> str:
+    """Sorted set: cache entry key -> stored at (ms); the oldest are evicted past the size bound."""
+    return f"{ns}:{{#lmcache}}:index"
+
+
+def lm_cache_stats(ns: str) -> str:
+    """Hash: LM cache counters (hits, misses, stores, evictions)."""
+    return f"{ns}:{{#lmcache}}:stats"
+
+
+def usage(ns: str) -> str:
+    """Hash: fleet-wide LM usage, fields ``<signature>|<model>|<metric>`` (tokens, calls, cost_usd, ...)."""
+    return f"{ns}:usage"
+
+
+def session_usage(ns: str, session: str) -> str:
+    """Hash: one session's LM usage, same fields as :func:`usage`."""
+    return f"{ns}:{{{session}}}:usage"

@@ -17,8 +17,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .settings import Settings
 
 
-def build_lm(settings: Settings, model: str | None = None) -> Any:
-    """The DSPy LM for ``model`` (default ``settings.lm``)."""
+def build_lm(settings: Settings, model: str | None = None, *, num_retries: int | None = None) -> Any:
+    """The DSPy LM for ``model`` (default ``settings.lm``).
+
+    ``DSPEX_LM_ENDPOINTS`` may give a model its own ``api_base``, ``api_key_env`` (the variable holding
+    its key), ``timeout`` or ``max_tokens``; ``num_retries`` overrides ``DSPEX_LM_NUM_RETRIES`` (the
+    governed LM passes 0: it retries itself).
+    """
     import dspy
 
     model = model or settings.lm
@@ -29,15 +34,19 @@ def build_lm(settings: Settings, model: str | None = None) -> Any:
         scripted = {"*": SCENARIOS[settings.mock_scenario]} if settings.mock_scenario else None
         return MockLM(seed=settings.mock_seed, latency_ms=settings.mock_latency_ms,
                       failure_rate=settings.mock_failure_rate, scripted=scripted)
-    kwargs: dict[str, Any] = {"cache": settings.lm_cache, "num_retries": settings.lm_num_retries,
-                              "timeout": settings.lm_timeout_s}
+    kwargs: dict[str, Any] = {"cache": settings.lm_cache, "timeout": settings.lm_timeout_s,
+                              "num_retries": settings.lm_num_retries if num_retries is None else num_retries}
     if settings.lm_api_base:
         kwargs["api_base"] = settings.lm_api_base
     if settings.lm_api_key:
         kwargs["api_key"] = settings.lm_api_key_value()
     if settings.lm_max_tokens:
         kwargs["max_tokens"] = settings.lm_max_tokens
-    return dspy.LM(model, **kwargs)
+    endpoint = dict(settings.lm_endpoints.get(model) or {})
+    if "api_key_env" in endpoint:
+        kwargs["api_key"] = os.environ.get(str(endpoint.pop("api_key_env")))
+    kwargs.update({k: endpoint[k] for k in ("api_base", "timeout", "max_tokens") if k in endpoint})
+    return dspy.LM(model, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def lm_name(lm: Any) -> str:

@@ -4,7 +4,8 @@
 type-correct values as :class:`dspex_tasks.mock_lm.MockLM` (via
 :mod:`dspex_tasks.mockgen`), so real workers can talk to it through LiteLLM or
 DSPy's native engines. Knobs: latency, an error rate with a chosen HTTP status
-(429 adds ``Retry-After``), and ``POST /_control`` / ``GET /_stats`` at run time.
+(429 adds ``Retry-After``; 400 answers ``context_length_exceeded``), and ``POST /_control`` /
+``GET /_stats`` at run time; ``GET /_log`` lists each completion request's arrival time and status.
 
 Example:
     >>> with MockLMServer(port=0) as server:  # doctest: +SKIP
@@ -13,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import json
@@ -68,6 +70,7 @@ class _State:
         self.seed = seed
         self.rng = random.Random(seed)
         self.requests = self.errors = self.in_flight = self.max_in_flight = 0
+        self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)  # per request: t, status
 
     def control(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -88,6 +91,7 @@ class _State:
                 self.scenario = name
             if body.get("reset_stats"):
                 self.requests = self.errors = self.max_in_flight = 0
+                self.log.clear()
                 self.max_in_flight = self.in_flight
             return self.knobs()
 
@@ -114,7 +118,12 @@ class _State:
                 fail = True
             if fail:
                 self.errors += 1
+            self.log.append({"t": time.time(), "status": self.status if fail else 200})
             return fail, self.latency_ms, self.status, self.retry_after_s
+
+    def request_log(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.log)
 
     def end(self) -> None:
         with self.lock:
@@ -186,7 +195,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"object": "list", "data": [
                 {"id": self.server.model, "object": "model", "created": 0, "owned_by": "dspex"}]})
         elif path == "/_stats":
-            self._send_json(200, self.server.state.stats())
+            stats: dict[str, Any] = dict(self.server.state.stats())
+            if "log=1" in self.path.partition("?")[2].split("&"):
+                stats["log"] = self.server.state.request_log()
+            self._send_json(200, stats)
+        elif path == "/_log":
+            self._send_json(200, self.server.state.request_log())
         else:
             self._error(404, f"no route for GET {path}", "not_found")
 
@@ -224,6 +238,11 @@ class _Handler(BaseHTTPRequestHandler):
         if latency_ms > 0:
             time.sleep(latency_ms / 1000.0)
         if fail:
+            if status == 400:  # OpenAI's answer to a prompt longer than the model's context window
+                return 400, {"error": {"message": "This model's maximum context length is 8192 tokens. However, your "
+                                                  "messages resulted in 9000 tokens. (mock LM injected error)",
+                                       "type": "invalid_request_error", "code": "context_length_exceeded",
+                                       "param": "messages"}}, None
             kind = "rate_limit_exceeded" if status == 429 else "server_error"
             headers = {"Retry-After": f"{retry_after:g}"} if status == 429 else None
             return status, _error_body(f"mock LM injected error (status {status})", kind), headers
@@ -361,6 +380,11 @@ class MockLMServer:
     def stats(self) -> dict[str, int]:
         """Counters (same as ``GET /_stats``)."""
         return self.state.stats()
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """Per completion request, oldest first: ``{"t": unix seconds at arrival, "status": HTTP status}``
+        (the last 10,000; same as ``GET /_log`` or ``GET /_stats?log=1``; cleared by ``reset_stats``)."""
+        return self.state.request_log()
 
     def __enter__(self) -> MockLMServer:
         return self.start()

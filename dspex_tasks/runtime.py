@@ -21,12 +21,15 @@ from typing import Any
 
 from . import keys  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
 from .cache import ProgramCache
-from .errors import DspexError, LMError, LMParseError, ValidationError
-from .lm import build_lm, lm_name
+from .errors import ConfigurationError, DspexError, LMError, LMParseError, ValidationError
+from .governed_lm import build_signature_lm, plan_lm
+from .lm import lm_name
 from .programs import load_program
+from .ratelimit import RateLimited
 from .settings import Settings
 from .signature import Signature, SignatureRegistry, registry
 from .store import ProgramRecord, ProgramStore, ProgramStoreProtocol
+from .usage import UsageLedger, task_usage
 
 __all__ = ["Runtime", "import_signature_modules", "publish_signatures", "RETRYABLE_LM_ERRORS"]
 
@@ -44,6 +47,9 @@ RETRYABLE_LM_ERRORS = (
     "Timeout",
     "APITimeoutError",
     "BadGatewayError",
+    "LMRateLimitError",  # DSPy 3.4's classes (what GovernedLM reports once its own retries are spent)
+    "LMServerError",
+    "LMTransportError",
 )
 
 
@@ -70,6 +76,27 @@ def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> Non
                                                      "optimizers": json.dumps(optimizer_names())})
     pipe.publish(keys.signature_events(namespace), json.dumps(sorted(mapping)))
     pipe.execute()
+
+
+SAFE_EVICTION = frozenset({"noeviction"})
+
+
+def check_eviction_policy(redis: Any, allow_unsafe: bool) -> str | None:
+    """Refuse a Redis that may evict keys: queued messages, results and programs would vanish silently."""
+    try:
+        policy = redis.config_get("maxmemory-policy").get("maxmemory-policy")
+    except Exception as exc:  # managed Redis often forbids CONFIG: say so, do not guess
+        log.warning("could not read Redis maxmemory-policy (%s); make sure it is 'noeviction'", exc)
+        return None
+    policy = policy.decode() if isinstance(policy, bytes) else policy
+    if policy not in SAFE_EVICTION:
+        message = (f"Redis maxmemory-policy is '{policy}': it may evict queued tasks, results and programs. "
+                   "Set it to 'noeviction' (CONFIG SET maxmemory-policy noeviction), or set "
+                   "DSPEX_ALLOW_UNSAFE_EVICTION=1 to run anyway")
+        if not allow_unsafe:
+            raise ConfigurationError(message)
+        log.warning(message)
+    return str(policy)
 
 
 def classify_lm_error(sig: Signature, exc: BaseException) -> DspexError:
@@ -119,11 +146,20 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.warmed_at: float | None = None
+        self._plans: dict[str, Any] = {}
+        self.ledger = UsageLedger(redis, settings.namespace, session_ttl_s=settings.session_ttl_s)
 
     # -- warm-up ------------------------------------------------------------
     def warm(self, *, publish: bool = True, listen: bool = True) -> dict[str, Any]:
-        """Configure LMs, build every signature's module, load the hottest sessions."""
+        """Configure LMs, build every signature's module, load the hottest sessions.
+
+        Raises:
+            ConfigurationError: Redis may evict keys (anything but ``noeviction``) and
+                ``DSPEX_ALLOW_UNSAFE_EVICTION`` is not set.
+        """
         t0 = time.perf_counter()
+        if self.redis is not None:
+            check_eviction_policy(self.redis, self.settings.allow_unsafe_eviction)
         _private_dspy_cache()
         _memoize_model_metadata()
         for sig in self.signatures:
@@ -152,14 +188,16 @@ class Runtime:
         try:
             if used:
                 self.store.touch(used)  # type: ignore[attr-defined]
+            from .metrics_prom import snapshot_json
             self.redis.hset(keys.worker_stats(self.settings.namespace, self.worker_id),
-                            mapping={k: v for k, v in self.cache.stats.as_dict().items()})
+                            mapping={**self.cache.stats.as_dict(), "metrics": snapshot_json(self.cache.stats)})
             self.redis.expire(keys.worker_stats(self.settings.namespace, self.worker_id), 60)
         except Exception as exc:
             log.warning("could not record session use: %s", exc)
 
     def close(self) -> None:
         self.cache.stop()
+        self.ledger.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
@@ -170,15 +208,17 @@ class Runtime:
         DSPy 3.4's native HTTP engine caps each LM object at 100 connections, so with more
         threads than that one LM would queue calls behind its own pool.
         """
-        model = str(sig.options.get("lm") or self.settings.lm)
-        pool = self._lms.get(model)
+        plan = self._plans.get(sig.name) or self._plans.setdefault(sig.name, plan_lm(self.settings, sig.name,
+                                                                                      sig.options))
+        pool = self._lms.get(plan.key)
         if pool is None:
             with self._lock:
-                pool = self._lms.get(model)
+                pool = self._lms.get(plan.key)
                 if pool is None:
-                    first = build_lm(self.settings, model)
-                    size = 1 if model == "mock" else max(1, -(-self.settings.worker_concurrency // LM_CONNECTIONS))
-                    pool = self._lms[model] = [first] + [build_lm(self.settings, model) for _ in range(size - 1)]
+                    first = build_signature_lm(self.settings, plan, self.redis)
+                    size = 1 if plan.in_process else max(1, -(-self.settings.worker_concurrency // LM_CONNECTIONS))
+                    pool = self._lms[plan.key] = [first] + [build_signature_lm(self.settings, plan, self.redis)
+                                                            for _ in range(size - 1)]
         if len(pool) == 1:
             return pool[0]
         return pool[next(self._rr) % len(pool)]
@@ -217,11 +257,13 @@ class Runtime:
                 f"program for '{sig.name}'",
                 [{"field": "program", "message": f"program '{program}' does not serve signature '{sig.name}'"}])
         lm = self.lm_for(sig)
-        try:
-            with dspy.context(lm=lm, track_usage=True):
-                prediction = module(**clean)
-        except Exception as exc:
-            raise classify_lm_error(sig, exc) from None
+        with task_usage(sig.name, session) as spent:
+            try:
+                with dspy.context(lm=lm, track_usage=True):
+                    prediction = module(**clean)
+            except Exception as exc:
+                raise classify_lm_error(sig, exc) from None
+        usage = self.ledger.finish(spent, prediction, sig.name, session)
         raw = {name: prediction.get(name) for name in sig.output_fields}
         try:
             outputs = sig.validate_outputs(raw)
@@ -233,8 +275,8 @@ class Runtime:
             "session": session,
             "program": program,
             "program_version": version,
-            "usage": _usage(prediction),
-            "lm": lm_name(lm),
+            "usage": usage,
+            "lm": spent.served or lm_name(lm),
             "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
             "worker": self.worker_id,
         }
@@ -244,10 +286,14 @@ class Runtime:
         """Run many predictions concurrently; each item is a result or ``{"error": ...}``."""
 
         def one(inputs: Any) -> dict[str, Any]:
-            try:
-                return self.predict(sig, inputs, session, program)
-            except DspexError as exc:
-                return {"error": {"type": type(exc).__name__, "args": list(exc.args)}}
+            for _ in range(self.settings.rate_limit_max_requeues + 1):
+                try:
+                    return self.predict(sig, inputs, session, program)
+                except RateLimited as exc:  # a map item has no message of its own to re-queue: it waits
+                    time.sleep(exc.countdown_s)
+                except DspexError as exc:
+                    return {"error": {"type": type(exc).__name__, "args": list(exc.args)}}
+            return {"error": {"type": "LMError", "args": ["fleet rate limit still full (DSPEX_RATE_LIMIT_MAX_REQUEUES)"]}}
 
         if len(items) <= 1:
             return [one(i) for i in items]
@@ -256,21 +302,6 @@ class Runtime:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dspex-map")
         return list(self._pool.map(one, items))
-
-
-def _usage(prediction: Any) -> dict[str, Any]:
-    try:
-        usage = prediction.get_lm_usage() or {}
-    except AttributeError:
-        return {}
-    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for per_lm in usage.values():
-        if isinstance(per_lm, dict):
-            for k in total:
-                v = per_lm.get(k)
-                if isinstance(v, int):
-                    total[k] += v
-    return total
 
 
 _cache_configured = False

@@ -75,8 +75,9 @@ def describe(entry: Any) -> dict[str, Any]:
 
 def list_schedules(app: Any) -> list[dict[str, Any]]:
     from redbeat import RedBeatSchedulerEntry
-    from redbeat.schedulers import get_redis
+    from redbeat.schedulers import ensure_conf, get_redis
 
+    ensure_conf(app)
     redis = get_redis(app)
     out = []
     for key in redis.zrange(app.redbeat_conf.schedule_key, 0, -1):
@@ -91,8 +92,10 @@ def list_schedules(app: Any) -> list[dict[str, Any]]:
 
 def remove_schedule(app: Any, name: str) -> bool:
     from redbeat import RedBeatSchedulerEntry
+    from redbeat.schedulers import ensure_conf
 
     keys.check_id(name, "schedule")
+    ensure_conf(app)
     key = RedBeatSchedulerEntry.generate_key(app, name)
     try:
         RedBeatSchedulerEntry.from_key(key, app=app).delete()

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     mock_seed: int = 0
     mock_scenario: str | None = None
 
+    # LM control (dspex_tasks.governed_lm): fleet-wide rate limits, shared response cache, fallbacks
+    rate_limits: dict[str, dict[str, float]] = Field(default_factory=dict)  # model -> {rpm, tpm, burst, ...}
+    rate_limit_max_wait_s: float = Field(1.0, ge=0)  # longest in-thread wait; longer re-queues the task
+    rate_limit_max_requeues: int = Field(200, ge=0)  # re-queues for a full bucket (own budget, not task_max_retries)
+    lm_shared_cache: bool = False  # every signature uses the Redis LM cache (else per signature: cache=True)
+    lm_cache_ttl_s: int = Field(86_400, gt=0)
+    lm_cache_max_entries: int = Field(100_000, ge=1)
+    lm_fallbacks: str | None = None  # "m1,m2": tried in order after a signature's model is exhausted
+    lm_endpoints: dict[str, dict[str, Any]] = Field(default_factory=dict)  # model -> {api_base, api_key_env, ...}
+    lm_retry_backoff_s: float = Field(0.5, ge=0)  # first in-thread retry delay (doubles; Retry-After wins)
+
     # signatures and programs
     signature_modules: str = "signatures"
     prewarm_sessions: int = Field(100, ge=0)
@@ -68,16 +79,37 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(3, ge=0)
     map_chunk_size: int = Field(64, ge=1)
     lease_ttl_s: float = Field(30.0, ge=2)
+    max_deliveries: int = Field(5, ge=1)
+    redis_socket_timeout_s: float = Field(10.0, gt=1)
+    allow_unsafe_eviction: bool = False
     track_started: bool = False
     log_each_task: bool = False
     predict_queue: str = "dspex.predict"
     optimize_queue: str = "dspex.optimize"
+
+    # HTTP gateway
+    gateway_auth: bool = True
+    gateway_rate_per_min: int = Field(600, ge=0)
+    gateway_max_body_bytes: int = Field(1_000_000, gt=0)
+
+    # observability
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # /metrics per worker process; 0: any free port
+    otel: bool = False  # OpenTelemetry tracing of tasks (dspex_tasks.tracing; needs the [otel] extra)
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("redis://", "rediss://", "unix://", "amqp://", "pyamqp://")):
             raise ValueError(f"expected a redis://, rediss:// or amqp:// URL, got {v!r}")
+        return v
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _limits(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        from .ratelimit import parse_limits
+
+        for model, spec in v.items():
+            parse_limits(spec, f"model:{model}")  # raises ValueError naming the bad key
         return v
 
     @property
@@ -107,7 +139,7 @@ def load_settings(**overrides: Any) -> Settings:
     """
     known = {f"DSPEX_{name.upper()}" for name in Settings.model_fields}
     for var in os.environ:
-        if var.startswith("DSPEX_") and var not in known and not var.startswith("DSPEX_TEST_"):
+        if var.startswith("DSPEX_") and var not in known and not var.startswith(("DSPEX_TEST_", "DSPEX_FLOWER_")):
             close = difflib.get_close_matches(var, sorted(known), n=1)
             log.warning("unknown setting %s%s", var, f"; did you mean {close[0]}?" if close else "")
     try:

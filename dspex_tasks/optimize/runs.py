@@ -73,8 +73,17 @@ class RunStore:
         return int(self.redis.hincrby(keys.run(self.ns, run_id), "lm_calls", n)) if n else 0
 
     def ids(self, session: str | None = None, limit: int = 50) -> list[str]:
+        """Newest first; ids whose record expired are dropped from the index on the way."""
         key = keys.session_runs(self.ns, keys.check_id(session)) if session else keys.runs(self.ns)
-        return [_s(r) for r in self.redis.zrevrange(key, 0, limit - 1)]
+        ids = [_s(r) for r in self.redis.zrevrange(key, 0, limit - 1)]
+        pipe = self.redis.pipeline()
+        for run_id in ids:
+            pipe.exists(keys.run(self.ns, run_id))
+        alive = pipe.execute()
+        gone = [r for r, ok in zip(ids, alive, strict=True) if not ok]
+        if gone:
+            self.redis.zrem(key, *gone)
+        return [r for r, ok in zip(ids, alive, strict=True) if ok]
 
     # -- checkpoints and once-only flags -------------------------------------------
     def checkpoint(self, run_id: str, name: str) -> Any:
@@ -106,8 +115,11 @@ class RunStore:
     # -- events -----------------------------------------------------------------------
     def emit(self, run_id: str, event: dict[str, Any]) -> dict[str, Any]:
         event = {**event, "ts": event.get("ts", time.time())}
-        self.redis.xadd(keys.run_events(self.ns, run_id), {"e": json.dumps(event)}, maxlen=_STREAM_MAXLEN,
-                        approximate=True)
+        pipe = self.redis.pipeline()
+        pipe.xadd(keys.run_events(self.ns, run_id), {"e": json.dumps(event)}, maxlen=_STREAM_MAXLEN,
+                  approximate=True)
+        pipe.expire(keys.run_events(self.ns, run_id), self.retention_s)
+        pipe.execute()
         return event
 
     def events(self, run_id: str, *, follow: bool = True, timeout_s: float | None = None,
@@ -139,9 +151,12 @@ class RunStore:
                         return
 
     def delete(self, run_id: str) -> None:
+        session = self.get(run_id).get("session")
         names = list(self.redis.scan_iter(keys.run_pattern(self.ns, run_id)))
         self.redis.delete(keys.run(self.ns, run_id), *names)
         self.redis.zrem(keys.runs(self.ns), run_id)
+        if session:
+            self.redis.zrem(keys.session_runs(self.ns, session), run_id)
 
 
 def start_run(app: Any, runs: RunStore, spec: dict[str, Any], *, trainset: Any = None, valset: Any = None,

@@ -26,6 +26,7 @@ from celery import chord
 
 from ..errors import DspexError, ProgramNotFound, ValidationError
 from ..metrics import get_metric
+from ..metrics_prom import record_run
 from ..optimizers import get_optimizer, parse_common
 from ..programs import dump_program, load_program
 from .data import split, validate_rows
@@ -88,7 +89,10 @@ class Stages:
         event = self.runs.emit(run_id, event)
         if task is not None and getattr(task.request, "id", None):
             with contextlib.suppress(Exception):  # a mirror for Flower; never fail a stage over it
-                task.update_state(state="PROGRESS", meta={"run_id": run_id, **event})
+                meta = {"run_id": run_id, **event}
+                task.update_state(state="PROGRESS", meta=meta)
+                # Flower's task list follows events, not the result backend: say it there too.
+                task.send_event("task-progress", state="PROGRESS", **{k: v for k, v in meta.items() if k != "state"})
 
     @contextlib.contextmanager
     def lease(self, run_id: str) -> Iterator[bool]:
@@ -128,11 +132,13 @@ class Stages:
         err_type = type(exc).__name__ if isinstance(exc, DspexError) else "DspexError"
         self.runs.update(run_id, status="failed", stage="failed", finished_at=time.time(),
                          error={"type": err_type, "args": args})
+        record_run(rec.get("optimizer", ""), "failed")
         self.emit(run_id, "failed", message=str(args[0]) if args else err_type)
 
     def _cancelled(self, run_id: str, rec: dict[str, Any]) -> bool:
         if rec.get("cancel_requested") and rec["status"] not in TERMINAL:
             self.runs.update(run_id, status="cancelled", stage="cancelled", finished_at=time.time())
+            record_run(rec.get("optimizer", ""), "cancelled")
             self.emit(run_id, "cancelled", message="cancelled at a stage boundary; program untouched")
             return True
         return rec["status"] in TERMINAL
@@ -234,7 +240,7 @@ class Stages:
         if done is not None:
             return {"index": index, "cached": True}
         rec = self.runs.get(run_id)
-        if rec["status"] in TERMINAL:
+        if rec["status"] in TERMINAL or rec.get("cancel_requested"):  # a cancel stops the LM calls now
             return {"index": index, "skipped": rec["status"]}
         sig = self._sig(rec)
         common = parse_common(rec["params"])
@@ -259,15 +265,18 @@ class Stages:
             try:
                 with dspy.context(lm=lm, callbacks=[progress.callback]):
                     pred = module(**example.inputs())
-                return float(metric(example, pred))
             except Exception as exc:  # an example the program cannot answer scores 0, as in dspy.Evaluate
                 log.info("evaluation example failed: %s", exc)
                 return 0.0
+            # A metric that raises is a bug in the metric: it fails the run instead of scoring 0.
+            return float(metric(example, pred))
 
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
             return list(pool.map(one, rows)), progress.calls
 
     def eval_merge(self, task: Any, run_id: str, which: str, chunks: int) -> dict[str, Any]:
+        if self._cancelled(run_id, self.runs.get(run_id)):
+            return {"which": which, "skipped": "cancelled"}
         if self.runs.checkpoint(run_id, f"eval:{which}") is None:
             scores: list[float] = []
             for i in range(chunks):
@@ -336,6 +345,7 @@ class Stages:
             "duration_s": round(time.time() - float(rec.get("started_at") or rec["created_at"]), 3),
         }
         self.runs.update(run_id, status="succeeded", stage="done", finished_at=time.time(), summary=summary)
+        record_run(rec["optimizer"], "succeeded", promoted=rec["signature"] if promote else None)
         self.emit(run_id, "done", task, done=1, total=1, score=cand, lm_calls=rec["lm_calls"], message=reason,
                   promoted=promote, program_version=version)
         return False

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,54 @@ def dspex(cli_target: CliTarget) -> Dspex:
     def run(*args: str, stdin: str | None = None, timeout_s: float = 60.0,
             **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "dspex_tasks", *args], cwd=ROOT, env=cli_target.env(**env),
+                              input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def opt_target(redis_base_url: str) -> CliTarget:
+    """A namespace and predict queue of their own for optimization tests (the optimize queue is ``<ns>.optimize``)."""
+    ns = f"opt{uuid.uuid4().hex[:8]}"
+    return CliTarget(redis_base_url, ns, f"{ns}.predict")
+
+
+def _optimize_queue(target: CliTarget) -> str:
+    return f"{target.namespace}.optimize"
+
+
+@pytest.fixture(scope="module")
+def opt_worker(opt_target: CliTarget, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """One worker OS process consuming both queues, predict and optimize, with the ``learns_from_demos`` mock LM."""
+    import redis
+
+    from dspex_tasks import keys
+
+    env = {"DSPEX_PREDICT_QUEUE": opt_target.queue, "DSPEX_OPTIMIZE_QUEUE": _optimize_queue(opt_target),
+           "DSPEX_MOCK_SCENARIO": "learns_from_demos"}
+    proc = WorkerProcess(opt_target.redis_url, opt_target.namespace,
+                         queues=f"{opt_target.queue},{_optimize_queue(opt_target)}", concurrency=16,
+                         name=f"opttest-{opt_target.namespace}", log_dir=tmp_path_factory.mktemp("opt-worker"), env=env)
+    r = redis.Redis.from_url(opt_target.redis_url)
+    try:
+        proc.wait_ready(timeout_s=60)
+        wait_for(lambda: r.hexists(keys.signatures(opt_target.namespace), "qa")
+                 and r.hexists(keys.capabilities(opt_target.namespace), "optimizers"), timeout_s=30,
+                 what="signatures and capabilities published")
+        yield proc
+    finally:
+        r.close()
+        proc.stop(timeout_s=10)
+
+
+@pytest.fixture
+def dspex_opt(opt_target: CliTarget) -> Dspex:
+    """Like ``dspex``, pointed at ``opt_target`` (its namespace, predict and optimize queues)."""
+
+    def run(*args: str, stdin: str | None = None, timeout_s: float = 60.0, cwd: Path = ROOT,
+            **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dspex_tasks", *args], cwd=cwd,
+                              env=opt_target.env(DSPEX_OPTIMIZE_QUEUE=_optimize_queue(opt_target), **env),
                               input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False)
 
     return run

@@ -1,0 +1,121 @@
+"""The gateway's outer ASGI layer: request size limit, API key check and per-key rate limit.
+
+Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses (SSE) pass through untouched. Order: a
+declared ``Content-Length`` over the limit is refused before anything else (413); then the key
+(401, or 429 with ``Retry-After``); then the body is counted while the app reads it, so a chunked body
+that grows past the limit fails with 413 too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .auth import key_from_headers
+from .problems import PROBLEM_JSON, problem_body
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+__all__ = ["GatewayMiddleware", "PUBLIC_PATHS", "BodyTooLarge", "is_loopback"]
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz"})
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds the {limit}-byte limit")
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+async def _send_problem(send: Send, status: int, code: str, detail: str, path: str,
+                        headers: dict[str, str] | None = None, **extra: Any) -> None:
+    body = json.dumps(problem_body(status, code, detail, instance=path, **extra)).encode()
+    raw = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gw = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.gw.ensure_started()
+        path: str = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        limit = self.gw.settings.gateway_max_body_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await _send_problem(send, 413, "payload_too_large", f"the request body exceeds the {limit}-byte limit",
+                                path, {"Connection": "close"})
+            return
+        if path not in PUBLIC_PATHS:
+            if not await self._admit(scope, headers, send, path):
+                return
+        await self.app(scope, _counting(receive, limit), send)
+
+    async def _admit(self, scope: Scope, headers: dict[str, str], send: Send, path: str) -> bool:
+        settings = self.gw.settings
+        raw_key: str | None = None
+        if settings.gateway_auth:
+            raw_key = key_from_headers(headers)
+            if raw_key is None:
+                await _send_problem(send, 401, "unauthorized", "an API key is required (Authorization: Bearer <key> "
+                                    "or X-API-Key)", path, {"WWW-Authenticate": 'Bearer realm="dspex"'})
+                return False
+        else:
+            client = scope.get("client")
+            if not is_loopback(client[0] if client else None):
+                await _send_problem(send, 403, "forbidden", "authentication is off: only loopback clients are "
+                                    "served", path)
+                return False
+        result = await self.gw.limiter.check(self.gw.aredis, raw_key)
+        if not result.ok:
+            await _send_problem(send, 401, "unauthorized", "unknown or revoked API key", path,
+                                {"WWW-Authenticate": 'Bearer realm="dspex", error="invalid_token"'})
+            return False
+        if result.limited:
+            await _send_problem(send, 429, "rate_limited",
+                                f"more than {result.limit} requests per minute for this key", path,
+                                {"Retry-After": str(result.retry_after_s)}, retry_after=result.retry_after_s)
+            return False
+        scope.setdefault("state", {})["api_key_id"] = result.key_id
+        return True
+
+
+def _counting(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return wrapped

@@ -1,0 +1,255 @@
+"""The OpenAPI document: FastAPI's fixed routes plus one typed set of operations per published signature.
+
+Each signature's published input and output JSON Schemas become components (``qa.inputs``,
+``qa.outputs``) referenced by its operations, so a generated client has ``question: string`` rather than
+``object``. Every protected operation documents its problem responses and the API-key security schemes.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from .problems import PROBLEM_JSON, PROBLEM_SCHEMA
+
+__all__ = ["build_document", "PUBLIC", "JOB_SCHEMA", "RUN_SCHEMA", "SIGNATURE_SCHEMA", "ref"]
+
+PUBLIC = frozenset({"/healthz"})
+_ERRORS = (400, 401, 403, 404, 413, 415, 422, 429, 503)
+_RUN_ERRORS = (502, 504)
+_DESCRIPTIONS = {400: "Malformed request", 401: "Missing or unknown API key", 403: "Forbidden",
+                 404: "Not found", 409: "The named program serves another signature", 413: "Request body too large", 415: "Unsupported media type",
+                 422: "Validation failed (errors[].field names each bad field)", 429: "Rate limited",
+                 502: "The job failed on the worker or the LM", 503: "Store unavailable", 504: "Timed out"}
+
+NULLABLE_STR = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+ID_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r"^[A-Za-z0-9._:-]+$"}
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _result_schema(outputs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "outputs": outputs, "session": NULLABLE_STR, "program": {"type": "string"},
+            "program_version": {"type": "integer"}, "usage": {"type": "object"}, "lm": {"type": "string"},
+            "duration_ms": {"type": "number"}, "worker": NULLABLE_STR, "task_id": NULLABLE_STR,
+        },
+        "required": ["outputs", "program_version"],
+    }
+
+
+def _job_schema(result: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "signature": signature,
+            "state": {"type": "string", "description": "PENDING, STARTED, RETRY, SUCCESS, FAILURE, ..."},
+            "result": result, "error": ref("JobError"),
+        },
+        "required": ["id", "state", "signature"],
+    }
+
+
+JOB_SCHEMA = _job_schema(ref("Result"), NULLABLE_STR)
+RUN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An optimization run's record; summary once it succeeded.",
+    "properties": {"run_id": {"type": "string"}, "status": {"type": "string"}, "stage": {"type": "string"},
+                   "signature": {"type": "string"}, "summary": {"type": "object"}},
+    "required": ["run_id", "status", "stage"],
+}
+SIGNATURE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "spec": {"type": "string"}, "module": {"type": "string"},
+                   "instructions": {"type": "string"}, "input_fields": {"type": "object"},
+                   "output_fields": {"type": "object"}, "input_schema": {"type": "object"},
+                   "output_schema": {"type": "object"}},
+    "required": ["name", "input_schema", "output_schema"],
+}
+_COMMON: dict[str, Any] = {
+    "Problem": PROBLEM_SCHEMA,
+    "JobError": {"type": "object", "properties": {
+        "type": {"type": "string"}, "code": {"type": "string"}, "message": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}}}, "required": ["type", "code", "message"]},
+    "Result": _result_schema({"type": "object"}),
+    "Job": JOB_SCHEMA,
+    "Run": RUN_SCHEMA,
+    "SignatureDescription": SIGNATURE_SCHEMA,
+}
+
+
+def _embed(schema: dict[str, Any], prefix: str, components: dict[str, Any]) -> dict[str, Any]:
+    """A published schema as a component: ``$schema`` dropped, ``$defs`` moved out, their refs rewritten."""
+    schema = copy.deepcopy(schema)
+    schema.pop("$schema", None)
+    defs = schema.pop("$defs", {}) or {}
+    names = {name: f"{prefix}.{re.sub(r'[^A-Za-z0-9._-]', '_', name)}" for name in defs}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            target = node.get("$ref")
+            if isinstance(target, str) and target.startswith("#/$defs/") and target[8:] in names:
+                node = {**node, "$ref": f"#/components/schemas/{names[target[8:]]}"}
+            return {k: rewrite(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name, sub in defs.items():
+        components[names[name]] = rewrite(sub)
+    return dict(rewrite(schema))
+
+
+def _problem(code: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": _DESCRIPTIONS.get(code, "Error"),
+                           "content": {PROBLEM_JSON: {"schema": ref("Problem")}}}
+    if code == 429:
+        out["headers"] = {"Retry-After": {"description": "seconds until a request is allowed",
+                                          "schema": {"type": "integer"}}}
+    return out
+
+
+def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}, **extra}
+
+
+_LOCATION = {"Location": {"description": "the job resource", "schema": {"type": "string"}}}
+
+
+def _signature_paths(name: str) -> dict[str, Any]:
+    c = f"{name}."
+    tag = ["signatures"]
+    body = {"required": True, "content": {"application/json": {"schema": ref(c + "job_request")}}}
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": ID_SCHEMA}
+    timeout = {"name": "timeout", "in": "query", "required": False,
+               "description": "seconds to wait for the result before answering 202 with the pending job",
+               "schema": {"type": "number", "minimum": 0, "maximum": 300, "default": 30}}
+    return {
+        f"/v1/signatures/{name}": {"get": {
+            "operationId": f"describe_{name}", "summary": f"Describe signature {name}", "tags": tag,
+            "responses": {"200": _json(ref("SignatureDescription"), "The published description")}}},
+        f"/v1/signatures/{name}/jobs": {"post": {
+            "operationId": f"submit_{name}", "summary": f"Submit a {name} job", "tags": tag, "requestBody": body,
+            "responses": {"202": _json(ref(c + "job"), "Accepted; poll the job or follow its events",
+                                       headers=_LOCATION)}}},
+        f"/v1/signatures/{name}/jobs/{{job_id}}": {"get": {
+            "operationId": f"get_{name}_job", "summary": f"A {name} job's state and typed result", "tags": tag,
+            "parameters": [job_id],
+            "responses": {"200": _json(ref(c + "job"), "The job")}}},
+        f"/v1/signatures/{name}:run": {"post": {
+            "operationId": f"run_{name}", "summary": f"Run {name} and wait for the result", "tags": tag,
+            "parameters": [timeout], "requestBody": body,
+            "responses": {"200": _json(ref(c + "job"), "Done: the job with its result"),
+                          "202": _json(ref(c + "job"), "Still running at the timeout", headers=_LOCATION)}}},
+    }
+
+
+def _signature_components(name: str, desc: dict[str, Any], components: dict[str, Any]) -> None:
+    c = f"{name}."
+    components[c + "inputs"] = _embed(desc["input_schema"], c + "inputs", components)
+    components[c + "outputs"] = _embed(desc["output_schema"], c + "outputs", components)
+    components[c + "job_request"] = {
+        "type": "object", "title": f"{name} job request",
+        "properties": {"inputs": ref(c + "inputs"), "session": {"anyOf": [ID_SCHEMA, {"type": "null"}]},
+                       "program": {"anyOf": [ID_SCHEMA, {"type": "null"}]}},
+        "required": ["inputs"], "additionalProperties": False,
+    }
+    components[c + "result"] = _result_schema(ref(c + "outputs"))
+    components[c + "job"] = _job_schema(ref(c + "result"), {"type": "string", "const": name})
+
+
+def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, list[str]],
+                             components: dict[str, Any]) -> None:
+    """A run request for one signature: rows typed by its schemas, names from the workers' capabilities."""
+    from ..optimize.data import MAX_ROWS, example_schema
+
+    c = f"{name}."
+    row = _embed(example_schema(desc), c + "example", components)
+    outputs = list((desc.get("output_schema") or {}).get("properties") or {})
+    if outputs:
+        row["anyOf"] = [{"required": [o]} for o in outputs]  # at least one label
+    row["title"] = f"{name} example"
+    components[c + "example"] = row
+    rows = {"anyOf": [{"type": "array", "maxItems": MAX_ROWS, "items": ref(c + "example")}, {"type": "null"}]}
+    nullable_id = {"anyOf": [ID_SCHEMA, {"type": "null"}]}
+
+    def named(kind: str, default: str) -> dict[str, Any]:
+        known = caps.get(f"{kind}s")
+        return {"type": "string", "enum": list(known), "default": default} if known else {**ID_SCHEMA, "default": default}
+
+    components[c + "optimization_request"] = {
+        "type": "object", "title": f"{name} optimization request",
+        "properties": {"signature": {"type": "string", "const": name}, "trainset": rows, "valset": rows,
+                       "metric": named("metric", "exact_match"), "optimizer": named("optimizer", "bootstrap_few_shot"),
+                       "session": nullable_id, "program": nullable_id,
+                       "params": {"anyOf": [{"type": "object"}, {"type": "null"}]}, "dataset": nullable_id},
+        "required": ["signature"], "additionalProperties": False,
+        "anyOf": [{"required": ["trainset"], "properties": {"trainset": {"type": "array"}}},
+                  {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}}],
+    }
+
+
+def _typed_fixed_bodies(doc: dict[str, Any], signatures: dict[str, dict[str, Any]]) -> None:
+    """Fixed routes whose bodies name a signature: only published names, rows typed by signature."""
+    schemas = doc["components"]["schemas"]
+    names = sorted(signatures)
+    if not names:
+        return
+    put = schemas.get("ProgramPut")
+    if put is not None:
+        put["properties"]["signature"] = {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]}
+        demos = {"type": "array", "items": {"type": "object"}}
+        put["properties"]["state"] = {
+            "type": "object", "description": "DSPy dump_state() JSON, or {demos, instructions}",
+            "properties": {"demos": demos},
+            "additionalProperties": {"anyOf": [{"not": {"type": "object"}},
+                                               {"type": "object", "properties": {"demos": demos}}]}}
+    op = doc["paths"].get("/v1/optimizations", {}).get("post")
+    if op is not None:
+        op["requestBody"]["content"]["application/json"]["schema"] = {
+            "oneOf": [ref(f"{n}.optimization_request") for n in names],
+            "discriminator": {"propertyName": "signature",
+                              "mapping": {n: f"#/components/schemas/{n}.optimization_request" for n in names}}}
+
+
+def build_document(base: dict[str, Any], signatures: dict[str, dict[str, Any]],
+                   capabilities: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """``base`` (FastAPI's document of the fixed routes) with every signature's operations and the problems."""
+    doc = copy.deepcopy(base)
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    schemas.update(copy.deepcopy(_COMMON))
+    paths: dict[str, Any] = {}
+    for name in sorted(signatures):
+        _signature_components(name, signatures[name], schemas)
+        _optimization_components(name, signatures[name], capabilities or {}, schemas)
+        paths.update(_signature_paths(name))
+    paths.update(doc.get("paths", {}))
+    doc["paths"] = paths
+    _typed_fixed_bodies(doc, signatures)
+    components["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    }
+    doc["security"] = [{"bearer": []}, {"apiKey": []}]
+    for path, item in paths.items():
+        for method, op in item.items():
+            if method not in {"get", "post", "put", "delete", "patch"}:
+                continue
+            responses = op.setdefault("responses", {})
+            if path in PUBLIC:
+                op["security"] = []
+                continue
+            codes = _ERRORS + (_RUN_ERRORS if path.endswith(":run") else ())
+            if path.startswith("/v1/signatures/") and method == "post":
+                codes += (409,)
+            for code in codes:
+                responses[str(code)] = _problem(code)
+    return doc

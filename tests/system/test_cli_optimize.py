@@ -1,0 +1,196 @@
+"""Layer 3: ``dspex optimize``, ``datasets``, ``runs`` and ``schedule`` as real processes against a real worker.
+
+The worker consumes both its predict and optimize queues and answers with the ``learns_from_demos``
+mock LM, so a run's candidate (with demos) beats its baseline and is promoted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspex_tasks.mockgen import rule_answer
+from tests._procs import ROOT, wait_for
+from tests.system._cli import CliTarget, Dspex
+
+pytestmark = [pytest.mark.system, pytest.mark.usefixtures("opt_worker")]
+
+STAGES = ("load", "baseline", "compile", "candidate")
+
+
+def labelled(n: int, prefix: str = "question") -> list[dict[str, Any]]:
+    return [{"question": f"{prefix} {i}", "answer": rule_answer({"question": f"{prefix} {i}"})} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_dataset_optimize_follow_then_inspect_and_plot(dspex_opt: Dspex, tmp_path: Path) -> None:
+    # Given a stored dataset whose labels the mock LM learns from demos
+    put = dspex_opt("datasets", "put", "qa-train", str(write_jsonl(tmp_path / "train.jsonl", labelled(16))))
+    assert put.returncode == 0, put.stderr
+    assert "16 rows" in put.stdout
+    listed = dspex_opt("datasets", "ls")
+    assert listed.returncode == 0 and "qa-train" in listed.stdout and "16" in listed.stdout
+    shown = dspex_opt("datasets", "show", "qa-train", "--limit", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert [json.loads(line) for line in shown.stdout.splitlines()] == labelled(2)
+
+    # When a run is started on it and followed
+    run = dspex_opt("optimize", "qa", "--dataset", "qa-train", "--session", "s1", "--follow",
+                    "--param", "eval_chunk_size=4", "--param", "max_bootstrapped_demos=2", "--timeout", "60")
+
+    # Then it exits 0 after showing every stage, the scores, and a summary saying it was promoted
+    assert run.returncode == 0, run.stdout + run.stderr
+    for stage in STAGES:
+        assert stage in run.stderr, run.stderr
+    assert "best score" in run.stderr and "LM calls" in run.stderr
+    assert "promoted" in run.stdout and "yes" in run.stdout
+    assert "baseline_score" in run.stdout and "program_version" in run.stdout and "beat baseline" in run.stdout
+
+    # And runs ls lists it, runs show --json carries its summary and events, runs plot draws it
+    as_json = dspex_opt("runs", "ls", "--session", "s1", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    records = json.loads(as_json.stdout)
+    assert len(records) == 1 and records[0]["status"] == "succeeded" and records[0]["dataset"] == "qa-train"
+    run_id = records[0]["run_id"]
+    assert records[0]["params"] == {"eval_chunk_size": 4, "max_bootstrapped_demos": 2}  # k=v parsed as JSON
+    table = dspex_opt("runs", "ls", "--session", "s1")
+    assert table.returncode == 0 and run_id in table.stdout and "succeeded" in table.stdout
+    assert run_id in run.stderr
+
+    show = dspex_opt("runs", "show", run_id, "--json")
+    assert show.returncode == 0, show.stderr
+    detail = json.loads(show.stdout)
+    summary = detail["summary"]
+    assert summary["promoted"] is True and summary["score"] > summary["baseline_score"]
+    assert summary["program_version"] == 1 and summary["lm_calls"] > 0
+    assert [e["stage"] for e in detail["events"]][-1] == "done"
+    assert set(STAGES) <= {e["stage"] for e in detail["events"]}
+    text = dspex_opt("runs", "show", run_id)
+    assert text.returncode == 0 and "events" in text.stdout and "candidate" in text.stdout
+
+    plot = dspex_opt("runs", "plot", run_id, "--out", "tmp/x.png", cwd=tmp_path)
+    assert plot.returncode == 0, plot.stderr
+    png = (tmp_path / "tmp" / "x.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    # A finished run cannot be cancelled; an unknown one is reported
+    cancel = dspex_opt("runs", "cancel", run_id)
+    assert cancel.returncode == 1 and "already succeeded" in cancel.stderr
+    missing = dspex_opt("runs", "show", "nope")
+    assert missing.returncode == 1 and "no optimization run" in missing.stderr
+
+
+def test_bad_rows_and_files_exit_2_naming_the_problem(dspex_opt: Dspex, tmp_path: Path) -> None:
+    # a row whose question is a number: reported by index and field, before anything runs
+    rows: list[Any] = labelled(5)
+    rows[3] = {"question": 7, "answer": "x"}
+    bad_row = dspex_opt("optimize", "qa", "--trainset", str(write_jsonl(tmp_path / "bad.jsonl", rows)),
+                        "--session", "s2")
+    assert bad_row.returncode == 2, bad_row.stderr
+    assert "trainset.3.question" in bad_row.stderr and "Traceback" not in bad_row.stderr
+    # a line that is not JSON, in optimize and in datasets put: file:line
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(labelled(1)[0]) + "\n{not json\n")
+    for args in (("optimize", "qa", "--trainset", str(broken)), ("datasets", "put", "broken", str(broken))):
+        res = dspex_opt(*args)
+        assert res.returncode == 2 and f"{broken}:2" in res.stderr, res.stderr
+    # neither or both of --trainset/--dataset, a bad --param, an unknown optimizer
+    good = str(write_jsonl(tmp_path / "good.jsonl", labelled(4)))
+    assert dspex_opt("optimize", "qa").returncode == 2
+    assert dspex_opt("optimize", "qa", "--trainset", good, "--dataset", "d").returncode == 2
+    assert dspex_opt("optimize", "qa", "--trainset", good, "--param", "novalue").returncode == 2
+    unknown = dspex_opt("optimize", "qa", "--trainset", good, "--optimizer", "nope")
+    assert unknown.returncode == 2 and "unknown optimizer" in unknown.stderr
+    assert dspex_opt("datasets", "show", "never-stored").returncode == 1
+    assert json.loads(dspex_opt("runs", "ls", "--session", "s2", "--json").stdout) == []
+
+
+def test_no_follow_prints_the_run_id_and_a_failed_run_exits_1(dspex_opt: Dspex, tmp_path: Path) -> None:
+    train = str(write_jsonl(tmp_path / "t.jsonl", labelled(6)))
+    # params the optimizer rejects fail the run on the worker (not at the client)
+    started = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3", "--no-follow",
+                        "--params", '{"max_bootstrapped_demos": "many"}')
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+    assert len(run_id) == 32
+    followed = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3",
+                         "--params", '{"max_bootstrapped_demos": "many"}', "--timeout", "30")
+    assert followed.returncode == 1, followed.stdout + followed.stderr
+    assert "failed" in followed.stderr and "params.max_bootstrapped_demos" in followed.stderr
+
+
+def test_schedule_add_ls_rm_round_trip(dspex_opt: Dspex) -> None:
+    # Given two schedules: one naming its signature, one whose NAME is the signature
+    nightly = dspex_opt("schedule", "add", "nightly", "--signature", "qa", "--cron", "0 3 * * *",
+                        "--dataset", "qa-train", "--session", "s1", "--param", "eval_chunk_size=4")
+    hourly = dspex_opt("schedule", "add", "qa", "--every", "3600", "--dataset", "qa-train", "--session", "s1",
+                       "--optimizer", "bootstrap_few_shot_with_random_search")
+    assert nightly.returncode == 0, nightly.stderr
+    assert hourly.returncode == 0, hourly.stderr
+    # When they are listed
+    entries = {e["name"]: e for e in json.loads(dspex_opt("schedule", "ls", "--json").stdout)}
+    table = dspex_opt("schedule", "ls")
+    # Then both are there with what each run will do
+    assert set(entries) == {"nightly", "qa"}
+    assert entries["nightly"]["kwargs"]["signature"] == "qa"
+    assert entries["nightly"]["kwargs"]["params"] == {"eval_chunk_size": 4}
+    assert "0 3" in entries["nightly"]["schedule"]
+    assert entries["qa"]["kwargs"]["signature"] == "qa"
+    assert entries["qa"]["kwargs"]["optimizer"] == "bootstrap_few_shot_with_random_search"
+    assert table.returncode == 0 and "nightly" in table.stdout and "qa-train" in table.stdout
+    # Bad schedules are refused
+    unknown_sig = dspex_opt("schedule", "add", "weekly", "--cron", "0 3 * * 0", "--dataset", "qa-train",
+                            "--session", "s1")
+    assert unknown_sig.returncode == 1 and "--signature" in unknown_sig.stderr
+    bad_cron = dspex_opt("schedule", "add", "qa", "--cron", "0 3 *", "--dataset", "d", "--session", "s1")
+    assert bad_cron.returncode == 2 and "cron" in bad_cron.stderr
+    both = dspex_opt("schedule", "add", "qa", "--cron", "0 3 * * *", "--every", "60", "--dataset", "d",
+                     "--session", "s1")
+    assert both.returncode == 2
+    # And removing them leaves none
+    assert dspex_opt("schedule", "rm", "nightly").returncode == 0
+    assert dspex_opt("schedule", "rm", "qa").returncode == 0
+    assert dspex_opt("schedule", "rm", "qa").returncode == 1
+    assert json.loads(dspex_opt("schedule", "ls", "--json").stdout) == []
+
+
+def test_beat_starts_a_scheduled_run(dspex_opt: Dspex, opt_target: CliTarget, tmp_path: Path) -> None:
+    # Given a dataset and a schedule due every second
+    assert dspex_opt("datasets", "put", "beat-train", str(write_jsonl(tmp_path / "b.jsonl", labelled(8)))).returncode == 0
+    added = dspex_opt("schedule", "add", "beat-qa", "--signature", "qa", "--every", "1", "--dataset", "beat-train",
+                      "--session", "beat", "--param", "eval_chunk_size=4")
+    assert added.returncode == 0, added.stderr
+    # When dspex beat runs for a while
+    env = opt_target.env(DSPEX_OPTIMIZE_QUEUE=f"{opt_target.namespace}.optimize")
+    log = tmp_path / "beat.log"
+    with log.open("wb") as out:
+        beat = subprocess.Popen([sys.executable, "-m", "dspex_tasks", "beat", "--loglevel", "INFO"], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # Then it starts scheduled runs on the worker, which finish like manual ones
+            def finished() -> list[dict[str, Any]]:
+                res = dspex_opt("runs", "ls", "--session", "beat", "--json")
+                return [r for r in json.loads(res.stdout or "[]") if r["status"] == "succeeded"]
+
+            runs = wait_for(finished, timeout_s=30, interval_s=0.5, what="a scheduled run that succeeded")
+        finally:
+            os.killpg(beat.pid, signal.SIGTERM)
+            try:
+                beat.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(beat.pid, signal.SIGKILL)
+                beat.wait(5)
+    assert runs[0]["scheduled"] is True and runs[0]["schedule"] == "beat-qa" and runs[0]["dataset"] == "beat-train"
+    assert "Sending due task beat-qa" in log.read_text(errors="replace")
+    assert dspex_opt("schedule", "rm", "beat-qa").returncode == 0
