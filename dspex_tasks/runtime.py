@@ -350,4 +350,7 @@ def _private_dspy_cache() -> None:
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True,
                          disk_cache_dir=tempfile.mkdtemp(prefix="dspex-dspy-cache-"), restrict_pickle=True)
+    # DSPy keeps every call's prompt and answer in a process-wide history (10,000 entries):
+    # tens of MB in a long-lived worker, and nothing here reads it.
+    dspy.configure(disable_history=True)
     _cache_configured = True

@@ -73,7 +73,7 @@ def _parse_cli(argv: list[str]) -> dict[str, Any]:
     group = typer.main.get_command(cli.app)
     root = group.make_context("dspex", [], resilient_parsing=True)
     name, *rest = argv
-    command = group.get_command(root, name)  # type: ignore[attr-defined]
+    command = group.get_command(root, name)
     assert command is not None, f"`dspex {name}` is not a command"
     ctx = command.make_context(name, list(rest), parent=root)
     return dict(ctx.params)
