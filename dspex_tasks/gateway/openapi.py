@@ -13,7 +13,8 @@ from typing import Any
 
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA
 
-__all__ = ["build_document", "PUBLIC", "JOB_SCHEMA", "RUN_SCHEMA", "SIGNATURE_SCHEMA", "ref"]
+__all__ = ["build_document", "PUBLIC", "JOB_SCHEMA", "RUN_SCHEMA", "RUN_EVENT_SCHEMA", "SIGNATURE_SCHEMA", "ref",
+           "sse_schema"]
 
 PUBLIC = frozenset({"/healthz"})
 _ERRORS = (400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -81,6 +82,22 @@ _COMMON: dict[str, Any] = {
     "Run": RUN_SCHEMA,
     "SignatureDescription": SIGNATURE_SCHEMA,
 }
+
+
+def sse_schema(data: dict[str, Any], events: list[str] | None = None) -> dict[str, Any]:
+    """One Server-Sent Event (OpenAPI 3.2's convention for ``text/event-stream``): ``data`` is JSON."""
+    event: dict[str, Any] = {"type": "string", "enum": events} if events else {"type": "string"}
+    return {"type": "object", "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+        "event": event, "id": {"type": "string"}, "retry": {"type": "integer"}}, "required": ["data"]}
+
+
+RUN_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object", "properties": {"stage": {"type": "string"}, "done": {"type": "integer"},
+                                     "total": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                                     "score": {"type": "number"}, "message": {"type": "string"},
+                                     "ts": {"type": "number"}},
+    "required": ["stage", "ts"]}
 
 
 def _embed(schema: dict[str, Any], prefix: str, components: dict[str, Any]) -> dict[str, Any]:
@@ -189,8 +206,8 @@ def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, li
                        "session": nullable_id, "program": nullable_id,
                        "params": {"anyOf": [{"type": "object"}, {"type": "null"}]}, "dataset": nullable_id},
         "required": ["signature"], "additionalProperties": False,
-        "anyOf": [{"required": ["trainset"], "properties": {"trainset": {"type": "array"}}},
-                  {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}}],
+        "oneOf": [{"required": ["trainset"], "properties": {"trainset": {"type": "array"}, "dataset": {"type": "null"}}},
+                  {"required": ["dataset"], "properties": {"dataset": {"type": "string"}, "trainset": {"type": "null"}}}],
     }
 
 

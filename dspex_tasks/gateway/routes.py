@@ -32,7 +32,7 @@ from .models import (
     Versions,
 )
 from .checks import check_program_state, envelope, read_json
-from .openapi import ref
+from .openapi import RUN_EVENT_SCHEMA, ref, sse_schema
 from .problems import Problem, problem_for_error, problem_response
 from .sse import event_stream, job_events, run_events
 
@@ -53,8 +53,11 @@ class _SignatureName(Convertor[str]):
 
 register_url_convertor("dspex_signature", _SignatureName())
 
-_SSE = {200: {"description": "text/event-stream; each event's data is JSON",
-              "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+_RUN_SSE = {200: {"description": "One event per progress step (data: a run event); the last has stage done, "
+                                 "failed or cancelled. Reconnect with Last-Event-ID to resume.",
+                  "content": {"text/event-stream": {"schema": sse_schema(RUN_EVENT_SCHEMA)}}}}
+_JOB_SSE = {200: {"description": "'state' events ({id, state}) on each change, then one 'done' event with the job",
+                  "content": {"text/event-stream": {"schema": sse_schema({"type": "object"}, ["state", "done"])}}}}
 
 
 def _json_doc(name: str, description: str = "OK") -> dict[int | str, dict[str, Any]]:
@@ -136,7 +139,7 @@ def register(app: FastAPI, gw: Gateway) -> None:  # noqa: C901 - one closure per
     async def get_job(job_id: JobIdPath) -> JSONResponse:
         return JSONResponse(await _job(job_id))
 
-    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses=_SSE, response_class=Response,
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses=_JOB_SSE, response_class=Response,
              summary="Server-Sent Events: 'state' on each change, then 'done' with the job")
     async def job_stream(job_id: JobIdPath) -> Response:
         record, _ = await gw.jobs.lookup(job_id)
@@ -231,7 +234,7 @@ def register(app: FastAPI, gw: Gateway) -> None:  # noqa: C901 - one closure per
         run.cancel()
         return JSONResponse(run.status(), status_code=202)
 
-    @app.get("/v1/optimizations/{run_id}/events", tags=["optimizations"], responses=_SSE, response_class=Response,
+    @app.get("/v1/optimizations/{run_id}/events", tags=["optimizations"], responses=_RUN_SSE, response_class=Response,
              summary="Server-Sent Events: every progress event from the start, then live, until the run ends")
     async def optimization_events(run_id: RunIdPath, request: Request) -> Response:
         await run_in_threadpool(gw.client.runs.get, run_id)  # 404 before the stream starts
