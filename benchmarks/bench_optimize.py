@@ -17,7 +17,7 @@ groups of dspex worker processes (``celery worker``, threads pool), each group o
 * ``dspy.Evaluate(N)``: the same rows, metric (``exact_match``) and program (``qa`` with the same two demos) in
   this process, ``dspy.Evaluate(num_threads=N)`` over ``dspy.Predict`` with one ``dspy.LM("openai/mock", ...)``;
   N = 1 x W x T and 3 x W x T, the dspex totals. First plain DSPy, then with dspex's price-lookup memoization
-  (``dspex_tasks.runtime._memoize_model_metadata``, which every dspex worker applies) in this process.
+  (``dspex_tasks.dspy_patches.apply_dspy_speedups``, which every dspex worker applies) in this process.
 
 The workers of the group not being measured are SIGSTOPped (no CPU); so are all workers while ``dspy.Evaluate``
 runs. Each row is the median run. Scores are checked equal on every side (a failed call would score 0).
@@ -351,9 +351,9 @@ def run_benchmark(knobs: Knobs, redis_url: str, log_dir: Path) -> dict[str, list
         for r in range(1, knobs.rounds + 1):
             dspex_all("plain", r, procs)
             evaluate_all("plain", r, procs)
-        from dspex_tasks.runtime import _memoize_model_metadata
+        from dspex_tasks.dspy_patches import apply_dspy_speedups
 
-        _memoize_model_metadata()  # irreversible in this process: every plain run came before it
+        apply_dspy_speedups()  # irreversible in this process: every plain run came before it
         print("[phase 2: DSPy with the price lookup memoized, as in the workers]", flush=True)
         for r in range(1, knobs.rounds + 1):  # reverse order, so drift over time does not favour one side
             evaluate_all("memoized", r, procs[::-1], suffix="m")

@@ -23,10 +23,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .cli_common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, open_client, preview, redacted_url
+from .cli_gateway import register as register_gateway_commands
 from .cli_ops import register as register_ops_commands
 from .cli_optimize import register as register_optimize_commands
 from .cli_programs import programs_app, sessions_app
 from .cli_status import collect_status, print_status
+from .cli_usage import register as register_usage_commands
 from .errors import DspexError, ValidationError
 
 __all__ = ["app", "main"]
@@ -321,7 +323,9 @@ def demo(
 
 
 register_optimize_commands(app)  # optimize, datasets, runs, schedule, beat
+register_gateway_commands(app)  # gateway, keys
 register_ops_commands(app)  # flower, health
+register_usage_commands(app)  # usage
 
 
 def main() -> None:

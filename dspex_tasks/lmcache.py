@@ -53,20 +53,16 @@ return excess
 """
 
 
-def _canonical(value: Any) -> Any:
-    """JSON-able form of request values (pydantic response formats as their schema)."""
-    if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
+def _json_default(value: Any) -> Any:
+    """JSON for what ``json`` cannot encode (pydantic response formats as their schema)."""
     schema = getattr(value, "model_json_schema", None)
     if isinstance(value, type) and callable(schema):
         return {"__schema__": schema()}
     dump = getattr(value, "model_dump", None)
     if callable(dump):
-        return _canonical(dump())
+        return dump()
+    if isinstance(value, Mapping):
+        return dict(value)
     return repr(value)
 
 
@@ -74,7 +70,7 @@ def request_digest(route: str, prompt: Any, messages: Any, params: Mapping[str, 
     """SHA-256 hex of a request: the route, the prompt or messages, and every answer-shaping parameter."""
     body = {"route": route, "prompt": prompt, "messages": messages,
             "params": {k: v for k, v in params.items() if k not in IGNORED_PARAMS and v is not None}}
-    text = json.dumps(_canonical(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from . import keys
 from .errors import DspexError, LMError
 
-__all__ = ["Limit", "RateLimited", "RateLimiter", "parse_limits", "requeue", "lm_retries", "requeues",
+__all__ = ["Limit", "RateLimited", "RateLimiter", "parse_limits", "gcra_reserve", "requeue", "lm_retries", "requeues",
            "estimate_tokens", "requeue_countdown", "REQUEUE_HEADER"]
 
 Unit = Literal["requests", "tokens"]
@@ -170,6 +170,31 @@ def parse_limits(spec: Mapping[str, Any], scope: str) -> list[Limit]:
             raise ValueError(f"rate limit {burst_key} for {scope} must be >= 1, got {burst}")
         limits.append(Limit(scope, unit, rate, burst))
     return limits
+
+
+def gcra_reserve(tats: dict[str, float], now_ms: float, wants: Sequence[tuple[str, Limit, float]],
+                 max_wait_ms: float) -> tuple[bool, float]:
+    """The acquire script's arithmetic in Python (the reference its tests check): ``tats`` maps bucket
+    names to theoretical arrival times in ms and is updated in place when the call is reserved.
+
+    Args:
+        tats: Bucket state.
+        now_ms: The clock.
+        wants: ``(bucket name, limit, cost)`` per bucket the call needs.
+        max_wait_ms: Reserve only if the call can start within this.
+
+    Returns:
+        ``(reserved, wait_ms)``.
+    """
+    send = now_ms
+    for name, limit, cost in wants:
+        send = max(send, tats.get(name, now_ms) + cost * limit.interval_ms - limit.tolerance_ms)
+    wait = send - now_ms
+    if wait > max_wait_ms:
+        return False, wait
+    for name, limit, cost in wants:
+        tats[name] = max(tats.get(name, now_ms), send) + cost * limit.interval_ms
+    return True, wait
 
 
 def _number(value: Any, name: str, scope: str) -> float:

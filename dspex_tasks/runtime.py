@@ -22,6 +22,7 @@ from typing import Any
 from . import keys  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
 from .cache import ProgramCache
 from .errors import ConfigurationError, DspexError, LMError, LMParseError, ValidationError
+from .dspy_patches import apply_dspy_speedups
 from .governed_lm import build_signature_lm, plan_lm
 from .lm import lm_name
 from .programs import load_program
@@ -79,6 +80,11 @@ def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> Non
 
 
 SAFE_EVICTION = frozenset({"noeviction"})
+
+# Per-task DSPy settings. DSPy otherwise keeps every call's prompt and answer in a process-wide
+# history (10,000 entries): tens of MB in a long-lived worker, and nothing here reads it. Set per
+# task (not with dspy.configure) so an in-process worker never changes its host's DSPy.
+DSPY_TASK_SETTINGS: dict[str, Any] = {"disable_history": True}
 
 
 def check_eviction_policy(redis: Any, allow_unsafe: bool) -> str | None:
@@ -161,7 +167,7 @@ class Runtime:
         if self.redis is not None:
             check_eviction_policy(self.redis, self.settings.allow_unsafe_eviction)
         _private_dspy_cache()
-        _memoize_model_metadata()
+        apply_dspy_speedups()
         for sig in self.signatures:
             self.lm_for(sig)
             self._base[sig.name] = sig.build_module()
@@ -259,7 +265,7 @@ class Runtime:
         lm = self.lm_for(sig)
         with task_usage(sig.name, session) as spent:
             try:
-                with dspy.context(lm=lm, track_usage=True):
+                with dspy.context(lm=lm, track_usage=True, **DSPY_TASK_SETTINGS):
                     prediction = module(**clean)
             except Exception as exc:
                 raise classify_lm_error(sig, exc) from None
@@ -305,42 +311,6 @@ class Runtime:
 
 
 _cache_configured = False
-_metadata_memoized = False
-
-
-def _memoize_model_metadata() -> None:
-    """DSPy 3.4 prices every call by looking the model up in its price table, and for a
-    model it does not know (a self-hosted or mock endpoint) that is a scan of the whole
-    table: ~2 ms of GIL per call, a quarter of a worker's CPU at 100 calls/s. The table
-    is static once loaded, so the lookup is memoized (results are still copied)."""
-    global _metadata_memoized
-    if _metadata_memoized:
-        return
-    import copy
-    import functools
-
-    try:
-        from dspy.clients import costs, model_metadata
-    except ImportError:  # pragma: no cover - a DSPy without this module has nothing to fix
-        return
-    original = model_metadata.model_info
-
-    @functools.lru_cache(maxsize=1024)
-    def cached(provider: Any, model: Any, namespaces: Any) -> Any:
-        return original(provider, model, namespaces=namespaces)
-
-    def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> Any:
-        try:
-            return copy.deepcopy(cached(provider, model, tuple(namespaces) if namespaces is not None else None))
-        except TypeError:  # unhashable arguments: do what DSPy does
-            return original(provider, model, namespaces=namespaces)
-
-    model_metadata.model_info = model_info
-    if getattr(costs, "model_info", None) is original:
-        costs.model_info = model_info
-    _metadata_memoized = True
-
-
 def _private_dspy_cache() -> None:
     """DSPy's on-disk cache pickles; keep it off. The in-memory cache stays (per process)."""
     global _cache_configured
@@ -350,7 +320,4 @@ def _private_dspy_cache() -> None:
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True,
                          disk_cache_dir=tempfile.mkdtemp(prefix="dspex-dspy-cache-"), restrict_pickle=True)
-    # DSPy keeps every call's prompt and answer in a process-wide history (10,000 entries):
-    # tens of MB in a long-lived worker, and nothing here reads it.
-    dspy.configure(disable_history=True)
     _cache_configured = True

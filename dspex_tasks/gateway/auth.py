@@ -49,6 +49,9 @@ class ApiKey:
         return {"id": self.id, "name": self.name, "created_at": self.created_at, "rate_per_min": self.rate_per_min}
 
 
+Keys = list[ApiKey]  # ``KeyStore.list`` shadows the builtin inside the class body
+
+
 class KeyStore:
     """Create, list and revoke keys (synchronous; the CLI and tests use it)."""
 
@@ -78,10 +81,10 @@ class KeyStore:
                         ApiKey(data["id"], data["name"], float(data["created_at"]), data.get("rate_per_min"))))
         return sorted(out, key=lambda kv: kv[1].created_at)
 
-    def list(self) -> list[ApiKey]:
+    def list(self) -> Keys:
         return [k for _, k in self._all()]
 
-    def revoke(self, id_or_name: str) -> list[ApiKey]:
+    def revoke(self, id_or_name: str) -> Keys:
         """Revoke the key with this id, or every key with this name. Raises ProgramNotFound when none."""
         found = [(d, k) for d, k in self._all() if id_or_name in (k.id, k.name)]
         if not found:

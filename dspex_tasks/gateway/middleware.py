@@ -72,9 +72,8 @@ class GatewayMiddleware:
             await _send_problem(send, 413, "payload_too_large", f"the request body exceeds the {limit}-byte limit",
                                 path, {"Connection": "close"})
             return
-        if path not in PUBLIC_PATHS:
-            if not await self._admit(scope, headers, send, path):
-                return
+        if path not in PUBLIC_PATHS and not await self._admit(scope, headers, send, path):
+            return
         await self.app(scope, _counting(receive, limit), send)
 
     async def _admit(self, scope: Scope, headers: dict[str, str], send: Send, path: str) -> bool:

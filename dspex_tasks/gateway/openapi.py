@@ -20,7 +20,8 @@ PUBLIC = frozenset({"/healthz"})
 _ERRORS = (400, 401, 403, 404, 413, 415, 422, 429, 503)
 _RUN_ERRORS = (502, 504)
 _DESCRIPTIONS = {400: "Malformed request", 401: "Missing or unknown API key", 403: "Forbidden",
-                 404: "Not found", 409: "The named program serves another signature", 413: "Request body too large", 415: "Unsupported media type",
+                 404: "Not found", 409: "The named program serves another signature",
+                 413: "Request body too large", 415: "Unsupported media type",
                  422: "Validation failed (errors[].field names each bad field)", 429: "Rate limited",
                  502: "The job failed on the worker or the LM", 503: "Store unavailable", 504: "Timed out"}
 
@@ -138,6 +139,35 @@ def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, A
 _LOCATION = {"Location": {"description": "the job resource", "schema": {"type": "string"}}}
 
 
+def _job_links(name: str) -> dict[str, Any]:
+    job = {"job_id": "$response.body#/id"}
+    return {"typed": {"operationId": f"get_{name}_job", "parameters": job},
+            "job": {"operationId": "get_job", "parameters": job},
+            "events": {"operationId": "job_stream", "parameters": job}}
+
+
+def _add_links(doc: dict[str, Any]) -> None:
+    """Links between fixed operations (the job links are set per signature): for generated clients and tests."""
+    program = {"session": "$request.path.session", "program": "$request.path.program"}
+    run = {"run_id": "$response.body#/run_id"}
+    wanted = {
+        ("/v1/sessions/{session}/programs/{program}", "put", "200"): {
+            "get": {"operationId": "get_program", "parameters": program},
+            "history": {"operationId": "program_history", "parameters": program},
+            "rollback": {"operationId": "rollback_program", "parameters": program,
+                         "requestBody": {"version": "$response.body#/version"}},
+            "delete": {"operationId": "delete_program", "parameters": program}},
+        ("/v1/optimizations", "post", "202"): {
+            "get": {"operationId": "get_optimization", "parameters": run},
+            "cancel": {"operationId": "cancel_optimization", "parameters": run},
+            "events": {"operationId": "optimization_events", "parameters": run}},
+    }
+    for (path, method, status), links in wanted.items():
+        response = doc["paths"].get(path, {}).get(method, {}).get("responses", {}).get(status)
+        if response is not None:
+            response["links"] = links
+
+
 def _signature_paths(name: str) -> dict[str, Any]:
     c = f"{name}."
     tag = ["signatures"]
@@ -153,7 +183,7 @@ def _signature_paths(name: str) -> dict[str, Any]:
         f"/v1/signatures/{name}/jobs": {"post": {
             "operationId": f"submit_{name}", "summary": f"Submit a {name} job", "tags": tag, "requestBody": body,
             "responses": {"202": _json(ref(c + "job"), "Accepted; poll the job or follow its events",
-                                       headers=_LOCATION)}}},
+                                       headers=_LOCATION, links=_job_links(name))}}},
         f"/v1/signatures/{name}/jobs/{{job_id}}": {"get": {
             "operationId": f"get_{name}_job", "summary": f"A {name} job's state and typed result", "tags": tag,
             "parameters": [job_id],
@@ -161,8 +191,9 @@ def _signature_paths(name: str) -> dict[str, Any]:
         f"/v1/signatures/{name}:run": {"post": {
             "operationId": f"run_{name}", "summary": f"Run {name} and wait for the result", "tags": tag,
             "parameters": [timeout], "requestBody": body,
-            "responses": {"200": _json(ref(c + "job"), "Done: the job with its result"),
-                          "202": _json(ref(c + "job"), "Still running at the timeout", headers=_LOCATION)}}},
+            "responses": {"200": _json(ref(c + "job"), "Done: the job with its result", links=_job_links(name)),
+                          "202": _json(ref(c + "job"), "Still running at the timeout", headers=_LOCATION,
+                                       links=_job_links(name))}}},
     }
 
 
@@ -197,7 +228,9 @@ def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, li
 
     def named(kind: str, default: str) -> dict[str, Any]:
         known = caps.get(f"{kind}s")
-        return {"type": "string", "enum": list(known), "default": default} if known else {**ID_SCHEMA, "default": default}
+        if known:
+            return {"type": "string", "enum": list(known), "default": default}
+        return {**ID_SCHEMA, "default": default}
 
     components[c + "optimization_request"] = {
         "type": "object", "title": f"{name} optimization request",
@@ -206,8 +239,9 @@ def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, li
                        "session": nullable_id, "program": nullable_id,
                        "params": {"anyOf": [{"type": "object"}, {"type": "null"}]}, "dataset": nullable_id},
         "required": ["signature"], "additionalProperties": False,
-        "oneOf": [{"required": ["trainset"], "properties": {"trainset": {"type": "array"}, "dataset": {"type": "null"}}},
-                  {"required": ["dataset"], "properties": {"dataset": {"type": "string"}, "trainset": {"type": "null"}}}],
+        "oneOf": [  # a trainset or a dataset, not both
+            {"required": ["trainset"], "properties": {"trainset": {"type": "array"}, "dataset": {"type": "null"}}},
+            {"required": ["dataset"], "properties": {"dataset": {"type": "string"}, "trainset": {"type": "null"}}}],
     }
 
 
@@ -251,6 +285,7 @@ def build_document(base: dict[str, Any], signatures: dict[str, dict[str, Any]],
     paths.update(doc.get("paths", {}))
     doc["paths"] = paths
     _typed_fixed_bodies(doc, signatures)
+    _add_links(doc)
     components["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},

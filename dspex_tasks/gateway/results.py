@@ -40,6 +40,7 @@ class Hub:
         self._callbacks: dict[str, Callable[[bytes], Awaitable[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._confirm: dict[str, asyncio.Future[None]] = {}
 
     async def start(self, fixed: dict[str, Callable[[bytes], Awaitable[None]]]) -> None:
         self._callbacks = dict(fixed)
@@ -59,13 +60,17 @@ class Hub:
     async def _read(self) -> None:
         while True:
             try:
-                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                msg = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a reconnect re-subscribes every channel (redis-py on_connect)
                 log.warning("gateway pub/sub read failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
+            if msg and msg.get("type") == "subscribe":  # the server has the subscription from here on
+                confirmed = self._confirm.pop(_s(msg["channel"]), None)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
             if not msg or msg.get("type") != "message":
                 continue
             channel, data = _s(msg["channel"]), msg["data"]
@@ -80,13 +85,18 @@ class Hub:
 
     @contextlib.asynccontextmanager
     async def listen(self, channel: str) -> AsyncIterator[asyncio.Queue[bytes]]:
-        """Messages on ``channel`` while the block runs."""
+        """Messages on ``channel`` while the block runs (subscribed, as confirmed by the server, on entry)."""
         q: asyncio.Queue[bytes] = asyncio.Queue()
+        confirmed: asyncio.Future[None] | None = None
         async with self._lock:
             first = channel not in self._queues
             self._queues.setdefault(channel, set()).add(q)
             if first and self._pubsub is not None:
+                confirmed = self._confirm[channel] = asyncio.get_running_loop().create_future()
                 await self._pubsub.subscribe(channel)
+        if confirmed is not None:  # else a PUBLISH racing the SUBSCRIBE could be missed until the next poll
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(confirmed), _POLL_S)
         try:
             yield q
         finally:

@@ -17,6 +17,7 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from ..errors import ProgramNotFound, ValidationError
 from .app import Gateway
+from .checks import check_program_state, envelope, read_json
 from .models import (
     Health,
     IdPath,
@@ -31,7 +32,6 @@ from .models import (
     RunList,
     Versions,
 )
-from .checks import check_program_state, envelope, read_json
 from .openapi import RUN_EVENT_SCHEMA, ref, sse_schema
 from .problems import Problem, problem_for_error, problem_response
 from .sse import event_stream, job_events, run_events
@@ -53,11 +53,13 @@ class _SignatureName(Convertor[str]):
 
 register_url_convertor("dspex_signature", _SignatureName())
 
-_RUN_SSE = {200: {"description": "One event per progress step (data: a run event); the last has stage done, "
-                                 "failed or cancelled. Reconnect with Last-Event-ID to resume.",
-                  "content": {"text/event-stream": {"schema": sse_schema(RUN_EVENT_SCHEMA)}}}}
-_JOB_SSE = {200: {"description": "'state' events ({id, state}) on each change, then one 'done' event with the job",
-                  "content": {"text/event-stream": {"schema": sse_schema({"type": "object"}, ["state", "done"])}}}}
+_RUN_SSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "One event per progress step (data: a run event); the last has stage done, failed or cancelled. "
+                   "Reconnect with Last-Event-ID to resume.",
+    "content": {"text/event-stream": {"schema": sse_schema(RUN_EVENT_SCHEMA)}}}}
+_JOB_SSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "'state' events ({id, state}) on each change, then one 'done' event with the job",
+    "content": {"text/event-stream": {"schema": sse_schema({"type": "object"}, ["state", "done"])}}}}
 
 
 def _json_doc(name: str, description: str = "OK") -> dict[int | str, dict[str, Any]]:
@@ -208,6 +210,9 @@ def register(app: FastAPI, gw: Gateway) -> None:  # noqa: C901 - one closure per
               responses={202: {"description": "Started", "content": {"application/json": {"schema": ref("Run")}},
                                "headers": {"Location": {"schema": {"type": "string"}}}}})
     def start_optimization(body: OptimizationRequest) -> JSONResponse:
+        if body.dataset is not None and body.trainset is None and body.dataset not in gw.client.datasets.list():
+            raise Problem(404, ProgramNotFound.code, f"no dataset '{body.dataset}'",
+                          errors=[{"field": "dataset", "message": "no such dataset", "pointer": "/dataset"}])
         run = gw.client.optimize(body.signature, body.trainset, body.valset, metric=body.metric,
                                  optimizer=body.optimizer, session=body.session, program=body.program,
                                  params=body.params, dataset=body.dataset)

@@ -29,6 +29,7 @@ from ..metrics import get_metric
 from ..metrics_prom import record_run
 from ..optimizers import get_optimizer, parse_common
 from ..programs import dump_program, load_program
+from ..runtime import DSPY_TASK_SETTINGS
 from .data import split, validate_rows
 from .runs import TERMINAL, RunStore
 
@@ -263,7 +264,7 @@ class Stages:
         def one(row: dict[str, Any]) -> float:
             example = dspy.Example(**row).with_inputs(*sig.input_fields)
             try:
-                with dspy.context(lm=lm, callbacks=[progress.callback]):
+                with dspy.context(lm=lm, callbacks=[progress.callback], **DSPY_TASK_SETTINGS):
                     pred = module(**example.inputs())
             except Exception as exc:  # an example the program cannot answer scores 0, as in dspy.Evaluate
                 log.info("evaluation example failed: %s", exc)
@@ -310,7 +311,7 @@ class Stages:
             progress = _Progress(lambda stage, **k: self.emit(run_id, stage, task, **k), "compile", total)
             metric = get_metric(rec["metric"])
             self.emit(run_id, "compile", task, done=0, total=total, message=f"running {opt.name}")
-            with dspy.context(lm=self.runtime.lm_for(sig), callbacks=[progress.callback]):
+            with dspy.context(lm=self.runtime.lm_for(sig), callbacks=[progress.callback], **DSPY_TASK_SETTINGS):
                 compiled, trials = opt.compile(student, to_ex, val_ex, metric, params, common)
             self.runs.add_lm_calls(run_id, progress.calls)
             self.runs.save_checkpoint(run_id, "candidate", {"state": dump_program(compiled), "trials": trials})

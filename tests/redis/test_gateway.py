@@ -106,7 +106,8 @@ def test_auth_is_required_and_keys_are_stored_hashed(gw: Served, key_store: KeyS
         body = r.json()
         assert body["status"] == 401 and body["code"] == "unauthorized" and body["instance"] == "/v1/signatures"
         assert "Bearer" in r.headers["www-authenticate"]
-        assert anon.get("/v1/signatures", headers={"Authorization": "Bearer dsk_00000000_" + "x" * 43}).status_code == 401
+        forged = {"Authorization": "Bearer dsk_00000000_" + "x" * 43}
+        assert anon.get("/v1/signatures", headers=forged).status_code == 401
         assert anon.get("/healthz").status_code == 200 and anon.get("/openapi.json").status_code == 200
     raw, record = key_store.create("svc-a")
     stored = redis_client.hgetall(keys.gateway_api_keys(gw.settings.namespace))
@@ -190,7 +191,8 @@ def test_submit_poll_and_run(gw: Served, api_key: str) -> None:
         assert r.json()["state"] == "SUCCESS" and isinstance(r.json()["result"]["outputs"]["answer"], str)
         # the job's event stream ends with 'done' and the result
         events = c.get(f"/v1/jobs/{r.json()['id']}/events").text
-        assert events.rstrip().splitlines()[-2:] == ["event: done", "data: " + json.dumps(r.json(), separators=(",", ":"))]
+        done = "data: " + json.dumps(r.json(), separators=(",", ":"))
+        assert events.rstrip().splitlines()[-2:] == ["event: done", done]
 
 
 def test_program_crud(gw: Served, api_key: str) -> None:
