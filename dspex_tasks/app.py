@@ -25,7 +25,7 @@ from .errors import (
     UnknownSignature,
     ValidationError,
 )
-from .ratelimit import RateLimited, lm_retries, requeue
+from .ratelimit import RateLimited, claim_from, lm_retries, requeue
 from .settings import Settings, load_settings
 from .signature import Signature, SignatureRegistry, registry
 
@@ -165,6 +165,7 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
         _reject_extra(sig.name, args, extra)
         _check_size(self.app, inputs, "inputs")
         settings = self.app.dspex_settings
+        claim_from(self.request)  # a rate-limit slot reserved for this task when it was re-queued
         try:
             result: dict[str, Any] = self.app.runtime.predict(sig, inputs, session, program)
         except RateLimited as exc:  # re-queued with a countdown, on a budget of its own

@@ -53,7 +53,7 @@ from .errors import ConfigurationError, DspexError, LMContextLengthExceeded, LME
 from .lm import build_lm, lm_name
 from .lmcache import IGNORED_PARAMS, LMCache, entry_from_response, request_digest
 from .ratelimit import Limit, RateLimited, RateLimiter, estimate_tokens, parse_limits
-from .usage import record_call
+from .usage import prime, record_call
 
 __all__ = ["GovernedLM", "Route", "LMPlan", "plan_lm", "build_signature_lm", "parse_route", "classify",
            "retry_delay", "RETRY_SAME_MODEL", "CONTEXT_ERRORS"]
@@ -418,12 +418,17 @@ def plan_lm(settings: Any, name: str, options: Mapping[str, Any]) -> LMPlan:
 
 
 def build_signature_lm(settings: Any, plan: LMPlan, redis: Any) -> Any:
-    """Build the LM a plan describes (a plain LM when it needs no governing)."""
+    """Build the LM a plan describes (a plain LM when it needs no governing); its models' prices are
+    looked up now, at warm-up, rather than on the first task."""
     if not plan.governed:
-        return build_lm(settings, plan.route.models[0])
+        plain = build_lm(settings, plan.route.models[0])
+        prime(lm_name(plain))
+        return plain
     if (plan.cache or plan.limits) and redis is None:
         raise ConfigurationError("LM rate limits and the shared LM cache need Redis")
     inners = {m: build_lm(settings, m, num_retries=0) for m in plan.route.models}
+    for inner in inners.values():
+        prime(lm_name(inner))
     limiter = RateLimiter(redis, settings.namespace, max_wait_s=settings.rate_limit_max_wait_s) \
         if plan.limits else None
     cache = LMCache(redis, settings.namespace, ttl_s=settings.lm_cache_ttl_s,

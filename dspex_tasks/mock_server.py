@@ -152,6 +152,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every reply carries Content-Length
     server_version = "dspex-mock-lm/1"
     timeout = 120  # idle keep-alive connections are dropped after this
+    # Headers and body go out in separate writes; with Nagle on, the body waits for the client's
+    # delayed ACK (~40 ms per call on a kept-alive connection).
+    disable_nagle_algorithm = True
     server: _Server
 
     def setup(self) -> None:

@@ -26,7 +26,7 @@ from .dspy_patches import apply_dspy_speedups
 from .governed_lm import build_signature_lm, plan_lm
 from .lm import lm_name
 from .programs import load_program
-from .ratelimit import RateLimited
+from .ratelimit import RateLimited, claim
 from .settings import Settings
 from .signature import Signature, SignatureRegistry, registry
 from .store import ProgramRecord, ProgramStore, ProgramStoreProtocol
@@ -297,6 +297,7 @@ class Runtime:
                     return self.predict(sig, inputs, session, program)
                 except RateLimited as exc:  # a map item has no message of its own to re-queue: it waits
                     time.sleep(exc.countdown_s)
+                    claim(exc.slot)
                 except DspexError as exc:
                     return {"error": {"type": type(exc).__name__, "args": list(exc.args)}}
             return {"error": {"type": "LMError", "args": ["fleet rate limit still full (DSPEX_RATE_LIMIT_MAX_REQUEUES)"]}}

@@ -28,7 +28,7 @@ from . import keys
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-__all__ = ["TaskUsage", "task_usage", "record_call", "price", "UsageLedger", "usage_report", "usage_totals",
+__all__ = ["TaskUsage", "task_usage", "record_call", "price", "prime", "UsageLedger", "usage_report", "usage_totals",
            "METRICS"]
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,17 @@ def _int(value: Any) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _priced(model: str) -> bool:
-    """Whether LiteLLM's local table prices ``model`` (looked up once per model)."""
+    """Whether LiteLLM's local table prices ``model`` (looked up once per model; the in-process mock
+    never is, and is never looked up, so mock-only workers do not import LiteLLM)."""
+    if model == "mock" or model.startswith("mock/"):
+        return False
     return price_tokens(model, 1000, 1000) is not None
+
+
+def prime(model: str) -> bool:
+    """Look ``model`` up now (at worker warm-up): the first lookup imports LiteLLM, seconds of CPU
+    that must not land on the first tasks (the GIL would stall every thread of the process)."""
+    return _priced(model)
 
 
 def price_tokens(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:

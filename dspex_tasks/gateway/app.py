@@ -87,8 +87,12 @@ class Gateway:
         self.hub = Hub(self.aredis)
         self._jobs = JobReader(celery_app=self.client.app, aredis=self.aredis, hub=self.hub,
                                namespace=self.settings.namespace, record_ttl_s=self.settings.result_expires_s)
-        await self.reload()
-        await self.hub.start({keys.signature_events(self.settings.namespace): self._on_publish})
+        try:
+            await self.reload()
+            await self.hub.start({keys.signature_events(self.settings.namespace): self._on_publish})
+        except BaseException:  # Redis not there yet: the next request tries again
+            await self.stop()
+            raise
         self._loop = loop
 
     async def stop(self) -> None:
@@ -192,7 +196,13 @@ def create_gateway(settings: Settings | None = None, client: Client | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await gw.ensure_started()
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            await gw.ensure_started()
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # serve 503s until Redis answers
+            log.warning("gateway started without Redis (%s); retrying on each request", exc)
         try:
             yield
         finally:

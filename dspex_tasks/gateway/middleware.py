@@ -13,6 +13,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,8 +65,14 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await self.gw.ensure_started()
         path: str = scope.get("path", "")
+        try:
+            await self.gw.ensure_started()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("gateway cannot reach Redis: %s", exc)
+            await _send_problem(send, 503, "unavailable", "the store is unavailable; retry shortly", path,
+                                {"Retry-After": "1"})
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         limit = self.gw.settings.gateway_max_body_bytes
         declared = headers.get("content-length", "")
@@ -72,7 +80,13 @@ class GatewayMiddleware:
             await _send_problem(send, 413, "payload_too_large", f"the request body exceeds the {limit}-byte limit",
                                 path, {"Connection": "close"})
             return
-        if path not in PUBLIC_PATHS and not await self._admit(scope, headers, send, path):
+        try:
+            if path not in PUBLIC_PATHS and not await self._admit(scope, headers, send, path):
+                return
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("gateway cannot reach Redis: %s", exc)
+            await _send_problem(send, 503, "unavailable", "the store is unavailable; retry shortly", path,
+                                {"Retry-After": "1"})
             return
         await self.app(scope, _counting(receive, limit), send)
 

@@ -75,7 +75,13 @@ class Problem(Exception):
         self.errors, self.headers, self.extra = errors, headers, extra
 
 
+# Library codes whose class may be newer than this table (matched by code, most specific first).
+_STATUS_BY_CODE = {"lm_timeout": 504, "backend_unavailable": 503, "dead_letter": 502}
+
+
 def status_for(exc: errors.DspexError) -> int:
+    if exc.code in _STATUS_BY_CODE:
+        return _STATUS_BY_CODE[exc.code]
     for cls, status in _STATUS:
         if isinstance(exc, cls):
             return status

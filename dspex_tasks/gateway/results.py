@@ -87,13 +87,13 @@ class Hub:
     async def listen(self, channel: str) -> AsyncIterator[asyncio.Queue[bytes]]:
         """Messages on ``channel`` while the block runs (subscribed, as confirmed by the server, on entry)."""
         q: asyncio.Queue[bytes] = asyncio.Queue()
-        confirmed: asyncio.Future[None] | None = None
         async with self._lock:
             first = channel not in self._queues
             self._queues.setdefault(channel, set()).add(q)
             if first and self._pubsub is not None:
-                confirmed = self._confirm[channel] = asyncio.get_running_loop().create_future()
+                self._confirm[channel] = asyncio.get_running_loop().create_future()
                 await self._pubsub.subscribe(channel)
+            confirmed = self._confirm.get(channel)  # also when another listener's SUBSCRIBE is still on its way
         if confirmed is not None:  # else a PUBLISH racing the SUBSCRIBE could be missed until the next poll
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(confirmed), _POLL_S)

@@ -12,7 +12,7 @@ import pytest
 from dspex_tasks import keys
 from dspex_tasks.cli_usage import collect_usage
 from dspex_tasks.lmcache import LMCache, cache_stats
-from dspex_tasks.ratelimit import Limit, RateLimited, RateLimiter, parse_limits
+from dspex_tasks.ratelimit import Limit, RateLimited, RateLimiter, claim, parse_limits
 from dspex_tasks.signature import SignatureRegistry, signature
 from dspex_tasks.usage import TaskUsage, UsageLedger, usage_report, usage_totals
 
@@ -75,8 +75,46 @@ def test_reservations_space_the_sends(redis_client: Any, namespace: str) -> None
         t.join()
     # Then ~burst + 10 start within the second, the rest are told to come back, and the sends are paced
     assert 11 <= len(sends) <= 13 and len(limited) == 30 - len(sends)
-    assert all(c >= 0.9 for c in limited)
+    assert all(c >= 0.0 for c in limited)
     assert _max_in_window(sends, 0.5) <= lim.max_in_window(0.5) + 1
+
+
+def test_a_slot_reserved_ahead_is_redeemed_once_on_time(redis_client: Any, namespace: str) -> None:
+    # Given a 2/s bucket (burst 1) and a caller further back than the 0.3 s in-thread wait
+    limiter = RateLimiter(redis_client, namespace, max_wait_s=0.3, jitter_s=0.0)
+    (lim,) = parse_limits({"rps": 2, "burst": 1}, "sig:slots")
+    limiter.acquire([lim])
+    with pytest.raises(RateLimited) as info:
+        limiter.acquire([lim])  # ~0.5 s away: reserved ahead, comes back ~0.15 s before it
+    slot = info.value.slot
+    assert slot is not None and 0.15 < info.value.countdown_s < 0.3  # 0.5 s less 90% of 0.3 s
+    # Early for it: told to come back again for the same slot, which stays reserved
+    claim(slot)
+    with pytest.raises(RateLimited) as early:
+        limiter.acquire([lim])
+    assert early.value.slot == slot
+    assert limiter.try_acquire([lim], max_wait_s=0.3) == (False, pytest.approx(1.0, abs=0.1))
+    # On time: redeemed without touching the bucket, and only once
+    time.sleep(info.value.countdown_s)
+    claim(slot)
+    waited = limiter.acquire([lim])
+    assert 0 <= waited <= 0.3
+    with pytest.raises(RateLimited) as again:
+        limiter.acquire([lim])  # no claim left: the next slot is a new one, 0.5 s after
+    assert again.value.slot is not None and again.value.slot["at"] > slot["at"] + 400
+
+
+def test_a_late_slot_is_dropped_not_sent(redis_client: Any, namespace: str) -> None:
+    limiter = RateLimiter(redis_client, namespace, max_wait_s=0.0, jitter_s=0.0)
+    (lim,) = parse_limits({"rps": 5, "burst": 1}, "sig:late")
+    limiter.acquire([lim])
+    with pytest.raises(RateLimited) as info:
+        limiter.acquire([lim])
+    time.sleep(0.6)  # the slot was 0.2 s away: now well past it
+    claim(info.value.slot)
+    limiter.acquire([lim])  # a fresh slot (the bucket has refilled), not the stale one
+    with pytest.raises(RateLimited):
+        limiter.acquire([lim])
 
 
 def test_tokens_reserve_estimate_and_settle(redis_client: Any, namespace: str) -> None:
@@ -91,8 +129,8 @@ def test_tokens_reserve_estimate_and_settle(redis_client: Any, namespace: str) -
 
 
 def test_buckets_are_shared_by_limiters(redis_client: Any, namespace: str) -> None:
-    a = RateLimiter(redis_client, namespace, max_wait_s=0.0)
-    b = RateLimiter(redis_client, namespace, max_wait_s=0.0)
+    a = RateLimiter(redis_client, namespace, max_wait_s=0.0, jitter_s=0.0)
+    b = RateLimiter(redis_client, namespace, max_wait_s=0.0, jitter_s=0.0)
     lim = Limit("model:shared", "requests", rate=1.0, burst=2.0)
     assert a.try_acquire([lim])[0] and b.try_acquire([lim])[0]
     ok, wait = a.try_acquire([lim])

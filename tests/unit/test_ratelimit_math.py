@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from dspex_tasks.errors import LMError
 from dspex_tasks.ratelimit import (
     REQUEUE_HEADER,
+    SLOT_HEADER,
     Limit,
     RateLimited,
     estimate_tokens,
@@ -108,6 +109,28 @@ def test_any_window_admits_at_most_burst_plus_rate_times_window(rate: float, bur
         assert inside <= lim.max_in_window(window) + 1e-9
 
 
+@settings(max_examples=60, deadline=None)
+@given(rate=st.floats(1, 50), burst=st.integers(1, 8), window=st.floats(0.05, 3.0), seed=st.integers(0, 2**16),
+       arrivals=st.lists(st.floats(0, 5000), min_size=1, max_size=150))
+def test_jitter_reserve_keeps_the_bound_at_the_provider(rate: float, burst: int, window: float, seed: int,
+                                                         arrivals: list[float]) -> None:
+    # Each request reaches the provider 0..100 ms after its slot; the reserve keeps windows within bounds
+    lim = Limit("m", "requests", rate=rate, burst=float(burst))
+    if burst < rate * 0.1:
+        return  # the reserve cannot exceed the burst (documented)
+    rng = random.Random(seed)
+    tats: dict[str, float] = {}
+    seen = []
+    for t in sorted(arrivals):
+        ok, wait = gcra_reserve(tats, t, [("b", lim, 1.0)], 1000, jitter_ms=100)
+        if ok:
+            seen.append(t + wait + rng.uniform(0, 100))
+    seen.sort()
+    width = window * 1000
+    for i, start in enumerate(seen):
+        assert sum(1 for s in seen[i:] if s < start + width) <= lim.max_in_window(window) + 1e-9
+
+
 def test_countdown_spreads_but_never_shortens() -> None:
     rng = random.Random(7)
     values = [requeue_countdown(2.0, rng) for _ in range(200)]
@@ -135,7 +158,11 @@ def test_requeue_has_its_own_budget() -> None:
     assert requeues(task.request) == 4 and lm_retries(task.request) == 1
     out = requeue(task, RateLimited(1.5, "full"), max_requeues=10, max_retries=1)
     assert isinstance(out, RuntimeError)
-    assert task.calls == [{"countdown": 1.5, "headers": {REQUEUE_HEADER: 5, "trace": "x"}, "throw": False}]
+    assert task.calls == [{"countdown": 1.5, "headers": {REQUEUE_HEADER: 5, SLOT_HEADER: None, "trace": "x"},
+                           "throw": False}]
+    slot = {"key": "k", "at": 123.0}
+    requeue(task, RateLimited(2.0, "full", False, slot), max_requeues=10, max_retries=1)
+    assert task.calls[-1]["headers"][SLOT_HEADER] == slot
     spent = _Task(retries=10, headers={REQUEUE_HEADER: 10})
     assert isinstance(requeue(spent, RateLimited(1.0), max_requeues=10, max_retries=3), LMError)
 
@@ -150,7 +177,7 @@ def test_provider_wait_spends_the_lm_retry_budget() -> None:
 
 
 def test_rate_limited_round_trips_its_args() -> None:
-    exc = RateLimited(2.5, "full", True)
+    exc = RateLimited(2.5, "full", True, {"key": "k", "at": 1.0})
     again = RateLimited(*exc.args)
-    assert (again.countdown_s, again.message, again.provider) == (2.5, "full", True)
+    assert (again.countdown_s, again.message, again.provider, again.slot) == (2.5, "full", True, {"key": "k", "at": 1.0})
     assert requeues(SimpleNamespace(headers=None, dspex_rate_limited="3")) == 3
