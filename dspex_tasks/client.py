@@ -17,7 +17,15 @@ from dataclasses import field as dc_field
 from typing import Any
 
 from . import keys
-from .errors import BackendUnavailable, DspexError, ResultLost, TaskTimeout, UnknownSignature, ValidationError, from_remote
+from .errors import (
+    BackendUnavailable,
+    DspexError,
+    ResultLost,
+    TaskTimeout,
+    UnknownSignature,
+    ValidationError,
+    from_remote,
+)
 from .settings import Settings, load_settings
 from .store import ProgramStore
 
@@ -84,7 +92,6 @@ class Job:
             errors.*: the worker's failure, as its own class.
         """
         from celery.exceptions import TimeoutError as CeleryTimeout
-
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeout
 

@@ -91,13 +91,16 @@ def classify(exc: BaseException) -> str:
     return "fatal"
 
 
+MAX_BACKOFF_S = 4.0  # in-thread backoff never holds a thread longer (the task's own retries wait longer)
+
+
 def retry_delay(exc: BaseException, attempt: int, backoff_s: float, rng: random.Random | None = None) -> float:
     """Seconds before retry number ``attempt + 1``: the provider's ``Retry-After`` when given, else
-    ``backoff_s * 2**attempt`` with +-20% jitter."""
+    ``backoff_s * 2**attempt`` with +-20% jitter, at most :data:`MAX_BACKOFF_S`."""
     hint = getattr(exc, "retry_after", None)
     if isinstance(hint, int | float) and not isinstance(hint, bool) and math.isfinite(hint) and hint >= 0:
         return float(hint)
-    return float(backoff_s * (2 ** min(attempt, 8)) * (rng or random).uniform(0.8, 1.2))
+    return float(min(backoff_s * (2 ** min(attempt, 8)), MAX_BACKOFF_S) * (rng or random).uniform(0.8, 1.2))
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
@@ -361,7 +364,10 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
             log.warning("could not settle token bucket: %s", exc)
 
     def dump_state(self) -> dict[str, Any]:
-        return {"model": self.model, "route": self.route.key}
+        """The primary model's state: a program saved with this LM reloads with a plain LM for it."""
+        primary = self.inners[self.route.models[0]]
+        dump = getattr(primary, "dump_state", None)
+        return dict(dump()) if callable(dump) else {"model": self.model}
 
     def __repr__(self) -> str:
         return f"GovernedLM(route={self.route.key!r}, cache={self.shared_cache is not None}, limits={dict(self.limits)!r})"

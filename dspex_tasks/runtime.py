@@ -21,8 +21,8 @@ from typing import Any
 
 from . import keys  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
 from .cache import ProgramCache
-from .errors import ConfigurationError, DspexError, LMError, LMParseError, ValidationError
 from .dspy_patches import apply_dspy_speedups
+from .errors import ConfigurationError, DspexError, LMError, LMParseError, ValidationError
 from .governed_lm import build_signature_lm, plan_lm
 from .lm import lm_name
 from .programs import load_program

@@ -2,8 +2,9 @@
 
 Each task's tokens come from the calls :class:`~dspex_tasks.governed_lm.GovernedLM` records in the
 task's :func:`task_usage` scope (so a fallback is billed to the model that answered), else from DSPy's
-usage tracker. Cost is LiteLLM's local price table (``litellm.cost_per_token``); a model it does not
-know costs 0 and says ``cost_known: false``. Cache hits bill nothing and are counted as ``cache_hits``.
+usage tracker. Cost comes from LiteLLM's bundled price table (what ``litellm.cost_per_token`` reads
+offline: prompt and completion tokens times the model's per-token prices); a model it does not know
+costs 0 and says ``cost_known: false``. Cache hits bill nothing and are counted as ``cache_hits``.
 
 Aggregates are summed in process and written every second by a daemon thread (and on
 :meth:`UsageLedger.close`), one pipeline of HINCRBY/HINCRBYFLOAT, so a task costs no Redis round
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import json
 import logging
 import os
 import threading
@@ -25,8 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import keys
-
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 __all__ = ["TaskUsage", "task_usage", "record_call", "price", "prime", "UsageLedger", "usage_report", "usage_totals",
            "METRICS"]
@@ -79,39 +80,56 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+@functools.lru_cache(maxsize=1)
+def _price_table() -> dict[str, Any]:
+    """LiteLLM's bundled price table (the one ``litellm.cost_per_token`` reads with
+    ``LITELLM_LOCAL_MODEL_COST_MAP=True``), read as JSON: ~0.1 s, where importing LiteLLM itself costs
+    seconds of CPU per process (measured: 3.8 s on a loaded host, stalling every thread of a worker
+    that did it on its first task)."""
+    try:
+        spec = importlib.util.find_spec("litellm")  # locates the package without importing it
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            path = os.path.join(folder, "model_prices_and_context_window_backup.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    table = json.load(f)
+                return table if isinstance(table, dict) else {}
+    except (ImportError, OSError, ValueError) as exc:
+        log.warning("LiteLLM's price table is unavailable (%s); LM costs are reported as unknown", exc)
+    return {}
+
+
 @functools.lru_cache(maxsize=256)
-def _priced(model: str) -> bool:
-    """Whether LiteLLM's local table prices ``model`` (looked up once per model; the in-process mock
-    never is, and is never looked up, so mock-only workers do not import LiteLLM)."""
+def _prices(model: str) -> tuple[float, float] | None:
+    """(USD per prompt token, per completion token) for ``model``, as LiteLLM prices it; None if unknown.
+
+    ``provider/name`` is looked up as written, then as ``name`` when the table lists it for that
+    provider (``openai/gpt-4o-mini`` -> ``gpt-4o-mini``). The in-process mock is never looked up."""
     if model == "mock" or model.startswith("mock/"):
-        return False
-    return price_tokens(model, 1000, 1000) is not None
+        return None
+    table = _price_table()
+    provider, _, name = model.partition("/")
+    for key, want in ((model, None), (name, provider)):
+        entry = table.get(key) if key else None
+        if not isinstance(entry, dict) or (want is not None and entry.get("litellm_provider") != want):
+            continue
+        inp, out = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
+        if isinstance(inp, int | float) and isinstance(out, int | float):
+            return float(inp), float(out)
+    return None
 
 
 def prime(model: str) -> bool:
-    """Look ``model`` up now (at worker warm-up): the first lookup imports LiteLLM, seconds of CPU
-    that must not land on the first tasks (the GIL would stall every thread of the process)."""
-    return _priced(model)
-
-
-def price_tokens(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    try:
-        import litellm
-
-        litellm.suppress_debug_info = True
-        prompt_cost, completion_cost = litellm.cost_per_token(model=model, prompt_tokens=prompt_tokens,
-                                                              completion_tokens=completion_tokens)
-        return float(prompt_cost) + float(completion_cost)
-    except Exception:  # unknown model, no provider prefix, litellm missing
-        return None
+    """Load the price table and look ``model`` up now (at worker warm-up, not on a task)."""
+    return _prices(model) is not None
 
 
 def price(model: str, prompt_tokens: int, completion_tokens: int) -> tuple[float, bool]:
     """Estimated USD for the tokens, and whether the model is in the price table (else 0.0, False)."""
-    if not _priced(model):
+    prices = _prices(model)
+    if prices is None:
         return 0.0, False
-    cost = price_tokens(model, prompt_tokens, completion_tokens)
-    return (cost, True) if cost is not None else (0.0, False)
+    return prompt_tokens * prices[0] + completion_tokens * prices[1], True
 
 
 def _per_model(scope: TaskUsage | None, prediction: Any) -> dict[str, dict[str, int]]:

@@ -192,7 +192,13 @@ def create_gateway(settings: Settings | None = None, client: Client | None = Non
     """The gateway app (run it with uvicorn, or ``dspex gateway``)."""
     settings = settings or (client.settings if client is not None else load_settings())
     owns_client = client is None
-    gw = Gateway(settings, client or Client(settings=settings))
+    if client is None:
+        client = Client(settings=settings)
+        # The gateway waits on results itself (results.Hub), so Celery's SUBSCRIBE per sent task (and the
+        # UNSUBSCRIBE when the AsyncResult is dropped) is pure cost. A later .get() still subscribes and then
+        # reads the stored result, so nothing is lost.
+        client.app.backend.on_task_call = lambda *_args, **_kwargs: None
+    gw = Gateway(settings, client)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import subprocess
@@ -66,14 +67,15 @@ class UvicornThread:
 
 
 @pytest.fixture(scope="module")
-def gw_settings(redis_base_url: str) -> Any:
+def gw_settings(redis_base_url: str) -> Iterator[Any]:
     """A namespace and queues of this module's own (the per-test fixtures flush the DB; these do not)."""
     from dspex_tasks.settings import Settings
 
     ns = f"gw{uuid.uuid4().hex[:8]}"
-    return Settings(redis_url=redis_base_url, namespace=ns, predict_queue=f"{ns}.predict",
+    yield Settings(redis_url=redis_base_url, namespace=ns, predict_queue=f"{ns}.predict",
                     optimize_queue=f"{ns}.optimize", worker_concurrency=8, prewarm_sessions=10, cache_verify_s=0.2,
                     gateway_rate_per_min=100_000)
+    gc.collect()  # last: Celery results left in reference cycles unsubscribe while Redis is still up
 
 
 @pytest.fixture(scope="module")

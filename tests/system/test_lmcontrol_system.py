@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 import signatures  # noqa: F401 - the mock servers answer qa-shaped prompts precisely
-import tests.system._lmcontrol_signatures  # noqa: F401 - the same signatures the workers serve
 from dspex_tasks import errors
 from dspex_tasks.client import Client
 from dspex_tasks.mock_server import MockLMServer
@@ -173,7 +172,7 @@ def test_timeout_is_typed_in_time_and_the_worker_keeps_serving(client: Client,
         elapsed = time.monotonic() - t0
     finally:
         slow.control(latency_ms=2)
-    assert len(served) == 10 and fast < TIMEOUT_S  # other tasks were served while the slow calls waited
+    assert len(served) == 10 and fast < 3.0  # served while the slow calls waited (they would answer at 4 s)
     assert elapsed < TIMEOUT_S + 1.5  # timeout + margin: no retry on the same model, no task retry
     assert slow.stats()["requests"] == 3
 

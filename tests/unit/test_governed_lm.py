@@ -211,10 +211,22 @@ def test_cache_entry_is_plain_json() -> None:
     assert entry_from_response({"choices": [{"message": {"content": object()}}]}, "m") is None
 
 
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "gpt-4o-mini", "openai/gpt-4o", "anthropic/claude-haiku-4-5"])
+def test_prices_match_litellm_cost_per_token(model: str) -> None:
+    import os
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    prompt_cost, completion_cost = litellm.cost_per_token(model=model, prompt_tokens=1234, completion_tokens=567)
+    assert price(model, 1234, 567) == (pytest.approx(prompt_cost + completion_cost), True)
+
+
 def test_price_and_ledger_without_redis() -> None:
     cost, known = price("openai/gpt-4o-mini", 1000, 1000)
     assert known and cost > 0
     assert price("openai/no-such-model-here", 1000, 1000) == (0.0, False)
+    assert price("mock/dspex", 10, 10) == (0.0, False) and price("azure/gpt-4o-mini-nope", 1, 1) == (0.0, False)
     ledger = UsageLedger(None, "ns")
     with task_usage("qa", "s") as spent:
         spent.calls.append(("openai/gpt-4o-mini", {"prompt_tokens": 100, "completion_tokens": 20}, False))
