@@ -103,9 +103,16 @@ class LMError(DspexError):
 
 
 class LMParseError(LMError):
-    """Raised when the LM answered but its output does not parse into the signature."""
+    """Raised when the LM answered but its output does not parse into the signature.
+
+    ``errors`` lists the output fields that did not fit, when known.
+    """
 
     code = "lm_parse_error"
+
+    @property
+    def errors(self) -> list[dict[str, str]]:
+        return list(self.args[1]) if len(self.args) > 1 and isinstance(self.args[1], list) else []
 
 
 class LMTimeout(LMError):
