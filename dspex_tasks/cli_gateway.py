@@ -37,8 +37,11 @@ def gateway(
 
     The OpenAPI document is at /openapi.json, interactive docs at /docs.
     """
-    import uvicorn
-
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        fail(f"the gateway needs FastAPI and uvicorn ({exc.name} is missing): pip install 'dspex-tasks[gateway]'")
     from .gateway.middleware import is_loopback
     from .settings import load_settings
 

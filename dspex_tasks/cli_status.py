@@ -31,6 +31,18 @@ def queue_depth(redis: Any, queue: str) -> int:
     return int(sum(pipe.execute()))
 
 
+def _queue_depths(client: Any) -> dict[str, int | None]:
+    """Depths from the broker (which may be another Redis than DSPEX_REDIS_URL); None if not Redis."""
+    s = client.settings
+    names = list(dict.fromkeys([s.predict_queue, s.optimize_queue]))
+    if not s.broker.startswith(("redis://", "rediss://", "unix://")):
+        return dict.fromkeys(names)
+    import redis as redis_lib
+
+    broker = client.redis if s.broker == s.redis_url else redis_lib.Redis.from_url(s.broker, socket_timeout=5)
+    return {q: queue_depth(broker, q) for q in names}
+
+
 def _workers(app: Any, timeout_s: float) -> list[dict[str, Any]]:
     pings = app.control.inspect(timeout=timeout_s).ping() or {}
     stats: dict[str, Any] = {}
@@ -134,7 +146,7 @@ def collect_status(client: Any, *, timeout_s: float = 1.0) -> dict[str, Any]:
         "redis_url": s.redis_url,
         "namespace": s.namespace,
         "workers": _workers(client.app, timeout_s),
-        "queues": {q: queue_depth(redis, q) for q in dict.fromkeys([s.predict_queue, s.optimize_queue])},
+        "queues": _queue_depths(client),
         "cache": cache,
         "metrics": metrics,
         "sessions": int(redis.zcard(keys.sessions(s.namespace))),

@@ -73,7 +73,7 @@ def register(app: FastAPI, gw: Gateway) -> None:  # noqa: C901 - one closure per
         if program is not None and session is not None:
             await run_in_threadpool(gw.check_program, name, session, program)
         try:
-            job = await run_in_threadpool(gw.client.submit, name, inputs, session=session, program=program)
+            job = await gw.enqueue(gw.client.submit, name, inputs, session=session, program=program)
         except ValidationError as exc:
             raise _InputsProblem(exc) from None
         await gw.jobs.record(job.id, name, getattr(request.state, "api_key_id", ""))
