@@ -109,6 +109,7 @@ async def _http_phase(url: str, key: str, path: str, n: int, concurrency: int, s
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
     ids: list[str] = []
+    retried: list[int] = []
     counter = iter(range(start, start + n))
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
                                  timeout=120) as client:
@@ -116,7 +117,11 @@ async def _http_phase(url: str, key: str, path: str, n: int, concurrency: int, s
         async def one_connection() -> None:
             for i in counter:
                 t = time.perf_counter()
-                r = await client.post(path, json={"inputs": question(i), "session": "bench-gw"})
+                try:
+                    r = await client.post(path, json={"inputs": question(i), "session": "bench-gw"})
+                except (httpx.ReadError, httpx.RemoteProtocolError):  # a keep-alive connection closed under us
+                    retried.append(i)
+                    r = await client.post(path, json={"inputs": question(i), "session": "bench-gw"})
                 latencies.append(time.perf_counter() - t)
                 if r.status_code != expect:
                     raise RuntimeError(f"{path}: {r.status_code} {r.text[:500]}")
@@ -125,6 +130,8 @@ async def _http_phase(url: str, key: str, path: str, n: int, concurrency: int, s
         t0 = time.perf_counter()
         await asyncio.gather(*(one_connection() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
+    if retried:
+        print(f"    ({len(retried)} requests retried after the server closed a keep-alive connection)", flush=True)
     return elapsed, latencies, ids
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from .. import errors
@@ -204,6 +205,10 @@ def install_handlers(app: FastAPI) -> None:
         return problem_response(503, "unavailable", "the store is unavailable; retry shortly",
                                 instance=request.url.path, headers={"Retry-After": "1"})
 
+    async def on_disconnect(request: Request, exc: Exception) -> Response:
+        log.debug("client left %s before sending its body", request.url.path)
+        return Response(status_code=400)  # nobody reads it
+
     async def on_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
         return problem_response(500, "internal_error", "an unexpected error occurred", instance=request.url.path)
@@ -216,4 +221,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(redis_errors.ConnectionError, on_redis)
     app.add_exception_handler(redis_errors.TimeoutError, on_redis)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)
     app.add_exception_handler(Exception, on_error)
