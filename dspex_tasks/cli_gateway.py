@@ -53,7 +53,7 @@ def gateway(
              "create keys with 'dspex keys create' and leave DSPEX_GATEWAY_AUTH on", code=EXIT_INVALID)
     auth = "API keys required" if settings.gateway_auth else "[yellow]no authentication (loopback only)[/]"
     err.print(f"gateway on [bold]http://{host}:{port}[/] · {auth} · rate {settings.gateway_rate_per_min}/min per key"
-              f" · body ≤ {settings.gateway_max_body_bytes} bytes · namespace {settings.namespace}")
+              f" · body ≤ {settings.gateway_max_body_bytes} bytes · namespace {settings.namespace}", soft_wrap=True)
     uvicorn.run("dspex_tasks.gateway.app:create_gateway", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, timeout_graceful_shutdown=5, proxy_headers=False)
 

@@ -377,6 +377,7 @@ def test_openapi_contract_with_schemathesis(gw: Served, api_key: str, tmp_path: 
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{gw.url}/openapi.json", "--checks", "all",
            "--max-examples", "20", "--request-timeout", "30", "-H", f"Authorization: Bearer {api_key}",
            "--report", "junit", "--report-dir", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    # run in tmp_path: schemathesis keeps state (a crash cache) in its working directory
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "Tested: " in out.stdout
