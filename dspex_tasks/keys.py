@@ -21,7 +21,7 @@ def namespace_pattern(ns: str) -> str:
 
 def check_id(value: object, what: str = "session") -> str:
     """Return ``value`` if it is a valid session/program id, else raise InvalidSession."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         shown = repr(value)[:80]
         raise InvalidSession(f"invalid {what} id {shown}: expected 1-128 characters of [A-Za-z0-9._:-]")
     return value

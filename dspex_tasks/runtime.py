@@ -171,6 +171,7 @@ class Runtime:
         for sig in self.signatures:
             self.lm_for(sig)
             self._base[sig.name] = sig.build_module()
+            self._base[sig.name]._dspex_signature = sig.name
         loaded = 0
         if self.settings.prewarm_sessions and self.redis is not None:
             sessions = self.store.sessions()[: self.settings.prewarm_sessions]
@@ -239,6 +240,7 @@ class Runtime:
             module = self._base.get(sig.name)
             if module is None:
                 module = self._base[sig.name] = sig.build_module()
+                module._dspex_signature = sig.name  # so a task of another signature refuses it
             return module
         module = load_program(sig, record.state)
         module._dspex_signature = sig.name

@@ -189,6 +189,8 @@ class Stages:
                 val = validate_rows(val, desc, what="valset")
             else:
                 train, val = split(train, common.val_fraction, common.seed)
+            if not train:
+                raise ValidationError.from_errors("trainset", [{"field": "trainset", "message": "is empty"}])
             for what, data in (("trainset", train), ("valset", val)):
                 for i, row in enumerate(data):  # the worker's own, stricter check of inputs
                     try:
