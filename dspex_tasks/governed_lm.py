@@ -52,6 +52,7 @@ from dspy.utils.exceptions import (
 from .errors import ConfigurationError, DspexError, LMContextLengthExceeded, LMError, LMTimeout
 from .lm import build_lm, lm_name
 from .lmcache import IGNORED_PARAMS, LMCache, entry_from_response, request_digest
+from .mock_lm import _Response, _wrap  # noqa: F401 - the OpenAI-shaped response both LMs return
 from .ratelimit import Limit, RateLimited, RateLimiter, estimate_tokens, parse_limits
 from .usage import prime, record_call
 
@@ -159,22 +160,6 @@ def parse_route(spec: Any, fallbacks: Sequence[str] = ()) -> Route:
     raise ConfigurationError(f"lm must be a model name, a list of them or {{model: weight}}, got {spec!r}")
 
 
-class _Response(dict[str, Any]):
-    """An OpenAI-shaped dict whose keys also read as attributes (what DSPy's legacy path reads)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _wrap(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return _Response({k: _wrap(v) for k, v in obj.items()})
-    if isinstance(obj, list):
-        return [_wrap(v) for v in obj]
-    return obj
 
 
 def _usage_of(raw: Any) -> dict[str, Any]:
