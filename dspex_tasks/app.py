@@ -48,6 +48,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # default); a killed worker's messages should come back soon after the timeout.
         "unacked_restore_interval": max(1, min(30, settings.visibility_timeout_s // 10)),
         "unacked_restore_throttle": 1,
+        # A worker killed while it held the restore mutex blocks every other restore until the
+        # mutex expires (kombu: 300 s). Restores take milliseconds; 15 s is plenty.
+        "unacked_mutex_expire": 15,
         "health_check_interval": 25,
         "socket_keepalive": True,
         "retry_on_timeout": True,
