@@ -63,7 +63,7 @@ def machine_info() -> dict[str, Any]:
 
     redis_version = "unknown"
     with contextlib.suppress(Exception):
-        from dspex_tasks.redis_server import find_redis_server
+        from dspex_tasks.testing.redis_server import find_redis_server
 
         out = subprocess.run([find_redis_server(), "--version"], capture_output=True, text=True, timeout=10)
         redis_version = out.stdout.split("v=", 1)[1].split()[0] if "v=" in out.stdout else out.stdout.strip()
@@ -179,7 +179,7 @@ class MockLMProcess(ManagedProcess):
 
     def __init__(self, *, latency_ms: float, log_dir: Path, port: int | None = None) -> None:
         self.port = port or free_port()
-        code = f"from dspex_tasks.mock_server import serve; serve(port={self.port}, latency_ms={float(latency_ms)!r})"
+        code = f"from dspex_tasks.testing.mock_server import serve; serve(port={self.port}, latency_ms={float(latency_ms)!r})"
         env = child_env(None, DSPEX_SIGNATURE_MODULES="signatures")
         super().__init__(f"mock-lm-{self.port}", [sys.executable, "-c", code], env, log_dir)
 

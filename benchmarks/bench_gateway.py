@@ -53,7 +53,7 @@ from benchmarks._harness import (  # noqa: E402
     new_log_dir,
     wait_results,
 )
-from dspex_tasks.redis_server import RedisServer  # noqa: E402
+from dspex_tasks.testing.redis_server import RedisServer  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SIGNATURE = "qa"

@@ -17,7 +17,7 @@ groups of dspex worker processes (``celery worker``, threads pool), each group o
 * ``dspy.Evaluate(N)``: the same rows, metric (``exact_match``) and program (``qa`` with the same two demos) in
   this process, ``dspy.Evaluate(num_threads=N)`` over ``dspy.Predict`` with one ``dspy.LM("openai/mock", ...)``;
   N = 1 x W x T and 3 x W x T, the dspex totals. First plain DSPy, then with dspex's price-lookup memoization
-  (``dspex_tasks.dspy_patches.apply_dspy_speedups``, which every dspex worker applies) in this process.
+  (``dspex_tasks.worker.dspy_patches.apply_dspy_speedups``, which every dspex worker applies) in this process.
 
 The workers of the group not being measured are SIGSTOPped (no CPU); so are all workers while ``dspy.Evaluate``
 runs. Each row is the median run. Scores are checked equal on every side (a failed call would score 0).
@@ -55,8 +55,8 @@ from benchmarks._harness import (  # noqa: E402
     machine_info,
     new_log_dir,
 )
-from dspex_tasks.mockgen import rule_answer  # noqa: E402
-from dspex_tasks.redis_server import RedisServer  # noqa: E402
+from dspex_tasks.testing.mockgen import rule_answer  # noqa: E402
+from dspex_tasks.testing.redis_server import RedisServer  # noqa: E402
 
 SIGNATURE = "qa"
 SESSION = "bench-opt"
@@ -261,8 +261,8 @@ class InProcess:
         import dspy
 
         import signatures  # noqa: F401 - registers qa
-        from dspex_tasks.metrics import exact_match
-        from dspex_tasks.signature import registry
+        from dspex_tasks.dsl.signature import registry
+        from dspex_tasks.optimize.metrics import exact_match
 
         logging.getLogger("dspy.evaluate.evaluate").setLevel(logging.WARNING)  # its per-run "Average Metric"
         self.dspy = dspy
@@ -351,7 +351,7 @@ def run_benchmark(knobs: Knobs, redis_url: str, log_dir: Path) -> dict[str, list
         for r in range(1, knobs.rounds + 1):
             dspex_all("plain", r, procs)
             evaluate_all("plain", r, procs)
-        from dspex_tasks.dspy_patches import apply_dspy_speedups
+        from dspex_tasks.worker.dspy_patches import apply_dspy_speedups
 
         apply_dspy_speedups()  # irreversible in this process: every plain run came before it
         print("[phase 2: DSPy with the price lookup memoized, as in the workers]", flush=True)

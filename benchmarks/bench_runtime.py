@@ -11,7 +11,7 @@ for ``io``, the HTTP mock LM in its own OS process, then runs the selected scena
   the in-process mock LM, vs DSPex's claimed 1,300 requests/s.
 * ``io``: the HTTP mock LM at 200 ms; one dspex worker process (concurrency 200, ``openai/mock`` through LiteLLM),
   pre-enqueued like ``overhead``, vs the same calls from this process with ``dspy.Parallel(num_threads=200)``,
-  once with plain DSPy and once with ``dspex_tasks.dspy_patches.apply_dspy_speedups()`` applied.
+  once with plain DSPy and once with ``dspex_tasks.worker.dspy_patches.apply_dspy_speedups()`` applied.
 
 Usage::
 
@@ -48,7 +48,7 @@ from benchmarks._harness import (  # noqa: E402
     new_log_dir,
     wait_results,
 )
-from dspex_tasks.redis_server import RedisServer  # noqa: E402
+from dspex_tasks.testing.redis_server import RedisServer  # noqa: E402
 
 SCENARIOS = ("overhead", "map", "io")
 SIGNATURE = "qa"
@@ -346,7 +346,7 @@ def scenario_io(ctx: Context) -> Outcome:
         for r in range(ctx.rounds):
             run_worker(r)
             run_parallel("plain")
-        from dspex_tasks.dspy_patches import apply_dspy_speedups
+        from dspex_tasks.worker.dspy_patches import apply_dspy_speedups
 
         apply_dspy_speedups()  # irreversible in this process: every plain run comes before it
         for r in range(ctx.rounds):

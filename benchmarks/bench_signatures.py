@@ -5,7 +5,7 @@ Measures, in one run:
 * defining DSPex's ComplexAnalysis signature (parse + pydantic models, ``register=False``), in both spellings,
   and the one-off ``to_dspy()`` build on top;
 * ``validate_outputs`` on a typical ComplexAnalysis answer;
-* one ``dspy.Predict`` call through DSPy's ChatAdapter with the project's :class:`dspex_tasks.mock_lm.MockLM`,
+* one ``dspy.Predict`` call through DSPy's ChatAdapter with the project's :class:`dspex_tasks.testing.mock_lm.MockLM`,
   and the same module with ``dspy.utils.DummyLM``, so the mock's overhead shows as a ratio.
 
 DSPex (the Elixir seed) reported about 2 ms per signature compile and 1 ms per mock execution; those figures
@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dspex_tasks import Signature, signature  # noqa: E402
-from dspex_tasks.types import parse_type  # noqa: E402
+from dspex_tasks.dsl.types import parse_type  # noqa: E402
 
 COMPLEX_ANALYSIS = (
     "text: str, context: list[str] -> analysis: reasoning_chain, confidence: confidence_score, entities: list[entity]"
@@ -102,7 +102,7 @@ def bench_predict(sig: Signature, calls: int) -> dict[str, Any]:
     import dspy
     from dspy.utils import DummyLM
 
-    from dspex_tasks.mock_lm import MockLM
+    from dspex_tasks.testing.mock_lm import MockLM
 
     module = dspy.Predict(sig.to_dspy())
     adapter = dspy.ChatAdapter()
@@ -125,8 +125,8 @@ def bench_predict(sig: Signature, calls: int) -> dict[str, Any]:
 
     results = {"mock_lm": measure(call(mock), calls), "dummy_lm": measure(call(dummy), calls)}
     results["ratio_mock_to_dummy"] = results["mock_lm"]["median_us"] / results["dummy_lm"]["median_us"]
-    # What a dspex worker runs: the same call after its DSPy memoizations (dspex_tasks.dspy_patches).
-    from dspex_tasks.dspy_patches import apply_dspy_speedups
+    # What a dspex worker runs: the same call after its DSPy memoizations (dspex_tasks.worker.dspy_patches).
+    from dspex_tasks.worker.dspy_patches import apply_dspy_speedups
 
     apply_dspy_speedups()  # irreversible in this process: the plain runs came first
     results["mock_lm_worker"] = measure(call(mock), calls)

@@ -115,7 +115,7 @@ def scenario_coldstart(ctx: Context) -> Outcome:
     """``dspex worker --processes 8`` with 100 stored session programs: launch -> first served task."""
     import signatures
     from dspex_tasks.client import Client
-    from dspex_tasks.programs import dump_program
+    from dspex_tasks.programs.state import dump_program
 
     procs, sessions = 8, 100
     client = Client(settings=client_settings(ctx))
@@ -163,9 +163,9 @@ def scenario_progcache(ctx: Context) -> Outcome:
     import redis as redis_lib
 
     import signatures
-    from dspex_tasks.cache import ProgramCache
-    from dspex_tasks.programs import dump_program, load_program
-    from dspex_tasks.store import ProgramStore
+    from dspex_tasks.programs.cache import ProgramCache
+    from dspex_tasks.programs.state import dump_program, load_program
+    from dspex_tasks.programs.store import ProgramStore
 
     n = 300 if ctx.quick else 2000
     r = redis_lib.Redis.from_url(ctx.url)
@@ -213,8 +213,8 @@ def scenario_progcache(ctx: Context) -> Outcome:
 # -- shared LM cache -------------------------------------------------------------------------
 def lm_cache_available() -> bool:
     try:
-        from dspex_tasks.governed_lm import plan_lm  # noqa: F401
-        from dspex_tasks.lmcache import LMCache  # noqa: F401
+        from dspex_tasks.lm.cache import LMCache  # noqa: F401
+        from dspex_tasks.lm.governed import plan_lm  # noqa: F401
         from dspex_tasks.settings import Settings
     except ImportError:
         return False

@@ -50,7 +50,7 @@ from benchmarks.bench_runtime import (  # noqa: E402
     scenario_map,
     scenario_overhead,
 )
-from dspex_tasks.redis_server import RedisServer  # noqa: E402
+from dspex_tasks.testing.redis_server import RedisServer  # noqa: E402
 
 RUNNERS: dict[str, Callable[[Context], Outcome]] = {
     "overhead": scenario_overhead,

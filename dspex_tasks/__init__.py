@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import errors
-from .signature import Signature, registry, signature
+from .dsl.signature import Signature, registry, signature
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import Client, Job, Result
-    from .mock_lm import MockLM
-    from .store import MemoryProgramStore, ProgramRecord, ProgramStore
+    from .programs.store import MemoryProgramStore, ProgramRecord, ProgramStore
+    from .testing.mock_lm import MockLM
 
 __all__ = [
     # signatures

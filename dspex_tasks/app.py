@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from .dsl.signature import Signature, SignatureRegistry, registry
 from .errors import (
     ConfigurationError,
     DspexError,
@@ -25,9 +26,8 @@ from .errors import (
     UnknownSignature,
     ValidationError,
 )
-from .ratelimit import RateLimited, claim_from, lm_retries, requeue
+from .lm.ratelimit import RateLimited, claim_from, lm_retries, requeue
 from .settings import Settings, load_settings
-from .signature import Signature, SignatureRegistry, registry
 
 # Expected failures: recorded as FAILURE and logged without a traceback.
 EXPECTED_ERRORS = (ValidationError, UnknownSignature, InvalidSession)
@@ -105,14 +105,14 @@ class DspexCelery(Celery):  # type: ignore[misc]
     """A Celery app that carries our settings and, in workers, the per-process runtime."""
 
     def __init__(self, settings: Settings, *, signatures: SignatureRegistry | None = None, **kwargs: Any) -> None:
-        from .tasks_base import DspexTask
+        from .worker.guard import DspexTask
 
         kwargs.setdefault("task_cls", DspexTask)
         super().__init__(kwargs.pop("main", "dspex"), **kwargs)
         self.dspex_settings = settings
         self.dspex_signatures = signatures or registry
         self.conf.update(celery_config(settings))
-        from .schedules import beat_config
+        from .optimize.schedules import beat_config
 
         self.conf.update(beat_config(settings))
         self._runtime: Any = None
@@ -120,11 +120,11 @@ class DspexCelery(Celery):  # type: ignore[misc]
 
     @property
     def runtime(self) -> Any:
-        """The process's :class:`~dspex_tasks.runtime.Runtime`, created (and warmed) on first use."""
+        """The process's :class:`~dspex_tasks.worker.runtime.Runtime`, created (and warmed) on first use."""
         if self._runtime is None:
             with self._runtime_lock:
                 if self._runtime is None:
-                    from .runtime import Runtime
+                    from .worker.runtime import Runtime
 
                     rt = Runtime(self.dspex_settings, signatures=self.dspex_signatures)
                     rt.warm()
@@ -189,7 +189,7 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
 
 
 def _retryable(exc: DspexError) -> bool:
-    from .runtime import RETRYABLE_LM_ERRORS
+    from .worker.runtime import RETRYABLE_LM_ERRORS
 
     if isinstance(exc, LMTimeout | LMContextLengthExceeded):
         return False
@@ -221,7 +221,7 @@ def create_worker_app(settings: Settings | None = None, *, signatures: Signature
     settings = settings or load_settings()
     app = DspexCelery(settings, signatures=signatures)
     if import_modules:
-        from .runtime import import_signature_modules
+        from .worker.runtime import import_signature_modules
 
         import_signature_modules(settings.modules)
     for sig in app.dspex_signatures:
@@ -230,7 +230,7 @@ def create_worker_app(settings: Settings | None = None, *, signatures: Signature
     from .optimize.stages import register_optimize_tasks
 
     register_optimize_tasks(app)
-    from .schedules import register_scheduled_task
+    from .optimize.schedules import register_scheduled_task
 
     register_scheduled_task(app)
     _connect_prewarm(app)
@@ -256,7 +256,7 @@ def _connect_prewarm(app: DspexCelery) -> None:
             else:  # children warm themselves; the parent still refuses an unsafe Redis
                 import redis as redis_lib
 
-                from .runtime import check_eviction_policy
+                from .worker.runtime import check_eviction_policy
 
                 check_eviction_policy(redis_lib.Redis.from_url(app.dspex_settings.redis_url),
                                       app.dspex_settings.allow_unsafe_eviction)
@@ -272,7 +272,8 @@ def _connect_prewarm(app: DspexCelery) -> None:
     signals.worker_process_init.connect(on_process_init, weak=False)
     signals.worker_init.connect(on_worker_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
-    from . import metrics_prom, tracing
+    from .observability import prometheus as metrics_prom
+    from .observability import tracing
     metrics_prom.install(app)
     tracing.install()
 

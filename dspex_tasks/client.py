@@ -26,8 +26,8 @@ from .errors import (
     ValidationError,
     from_remote,
 )
+from .programs.store import ProgramStore
 from .settings import Settings, load_settings
-from .store import ProgramStore
 
 __all__ = ["Client", "Job", "Result"]
 
@@ -168,8 +168,8 @@ class Client:
 
     @property
     def datasets(self) -> Any:
-        """Named datasets (:class:`~dspex_tasks.optimize.data.DatasetStore`)."""
-        from .optimize.data import DatasetStore
+        """Named datasets (:class:`~dspex_tasks.optimize.datasets.DatasetStore`)."""
+        from .optimize.datasets import DatasetStore
 
         return DatasetStore(redis=self.redis, namespace=self.settings.namespace)
 
@@ -203,7 +203,7 @@ class Client:
         the metric and optimizer names against what workers publish, before anything runs.
         Without a valset, ``params["val_fraction"]`` of the trainset is held out.
         """
-        from .optimize.data import validate_rows
+        from .optimize.datasets import validate_rows
         from .optimize.runs import OptimizationRun
 
         if session is not None:

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     mock_seed: int = 0
     mock_scenario: str | None = None
 
-    # LM control (dspex_tasks.governed_lm): fleet-wide rate limits, shared response cache, fallbacks
+    # LM control (dspex_tasks.lm.governed): fleet-wide rate limits, shared response cache, fallbacks
     rate_limits: dict[str, dict[str, float]] = Field(default_factory=dict)  # model -> {rpm, tpm, burst, ...}
     rate_limit_max_wait_s: float = Field(1.0, ge=0)  # longest in-thread wait; longer re-queues the task
     rate_limit_max_requeues: int = Field(200, ge=0)  # re-queues for a full bucket (own budget, not task_max_retries)
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
 
     # observability
     metrics_port: int | None = Field(None, ge=0, le=65535)  # /metrics per worker process; 0: any free port
-    otel: bool = False  # OpenTelemetry tracing of tasks (dspex_tasks.tracing; needs the [otel] extra)
+    otel: bool = False  # OpenTelemetry tracing of tasks (dspex_tasks.observability.tracing; needs the [otel] extra)
 
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod
@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     @field_validator("rate_limits")
     @classmethod
     def _limits(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        from .ratelimit import parse_limits
+        from .lm.ratelimit import parse_limits
 
         for model, spec in v.items():
             parse_limits(spec, f"model:{model}")  # raises ValueError naming the bad key

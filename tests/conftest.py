@@ -36,7 +36,7 @@ def redis_server() -> Iterator[Any]:
     if os.environ.get("DSPEX_TEST_REDIS_URL"):
         yield None
         return
-    from dspex_tasks.redis_server import RedisServer
+    from dspex_tasks.testing.redis_server import RedisServer
 
     server = RedisServer().start()
     try:

@@ -12,8 +12,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from dspex_tasks import mockgen
-from dspex_tasks.metrics import exact_match, metric
+from dspex_tasks.optimize.metrics import exact_match, metric
+from dspex_tasks.testing import mockgen
 
 
 def crash_on_poison(inputs: dict[str, Any], demos: list[Any]) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def _signature_components(name: str, desc: dict[str, Any], components: dict[str,
 def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, list[str]],
                              components: dict[str, Any]) -> None:
     """A run request for one signature: rows typed by its schemas, names from the workers' capabilities."""
-    from ..optimize.data import MAX_ROWS, example_schema
+    from ..optimize.datasets import MAX_ROWS, example_schema
 
     c = f"{name}."
     row = _embed(example_schema(desc), c + "example", components)

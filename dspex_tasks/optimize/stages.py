@@ -25,12 +25,12 @@ from typing import Any
 from celery import chord
 
 from ..errors import DspexError, ProgramNotFound, ValidationError
-from ..metrics import get_metric
-from ..metrics_prom import record_run
-from ..optimizers import get_optimizer, parse_common
-from ..programs import dump_program, load_program
-from ..runtime import DSPY_TASK_SETTINGS
-from .data import split, validate_rows
+from ..observability.prometheus import record_run
+from ..programs.state import dump_program, load_program
+from ..worker.runtime import DSPY_TASK_SETTINGS
+from .datasets import split, validate_rows
+from .metrics import get_metric
+from .optimizers import get_optimizer, parse_common
 from .runs import TERMINAL, RunStore
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class Stages:
             given = self.runs.checkpoint(run_id, "input") or {}
             rows = given.get("trainset")
             if rows is None and rec.get("dataset"):
-                from .data import DatasetStore
+                from .datasets import DatasetStore
 
                 rows = DatasetStore(redis=self.runtime.redis, namespace=self.settings.namespace).get(rec["dataset"])
             desc = sig.describe()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dspex_tasks.signature import SignatureRegistry, signature
+from dspex_tasks.dsl.signature import SignatureRegistry, signature
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ def gw_worker(gw_settings: Any) -> Iterator[Any]:
     from celery.contrib.testing.worker import start_worker
 
     from dspex_tasks.app import create_worker_app
-    from dspex_tasks.signature import SignatureRegistry, signature
+    from dspex_tasks.dsl.signature import SignatureRegistry, signature
 
     reg = SignatureRegistry()
     reg.add(signature("question: str -> answer: str, confidence: confidence_score", name="qa", register=False))
@@ -306,8 +306,8 @@ def test_openapi_has_real_schemas(gw: Served) -> None:
 
 def test_signatures_published_later_appear_without_restart(serve: Callable[..., Served], redis_module: Any,
                                                           gw_settings: Any) -> None:
-    from dspex_tasks.runtime import publish_signatures
-    from dspex_tasks.signature import signature
+    from dspex_tasks.dsl.signature import signature
+    from dspex_tasks.worker.runtime import publish_signatures
 
     ns = f"{gw_settings.namespace}r"  # a namespace of its own: these signatures have no worker
     gw = serve(namespace=ns)
@@ -349,7 +349,7 @@ def test_redis_down_is_503_not_500(serve: Callable[..., Served], api_key: str) -
 
 
 def test_optimization_routes(gw: Served, api_key: str) -> None:
-    from dspex_tasks.mockgen import rule_answer
+    from dspex_tasks.testing.mockgen import rule_answer
 
     rows = [{"question": f"q{i}", "answer": rule_answer({"question": f"q{i}"})} for i in range(4)]
     with gw.client(api_key) as c:

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from dspex_tasks import keys
-from dspex_tasks.cli_usage import collect_usage
-from dspex_tasks.lmcache import LMCache, cache_stats
-from dspex_tasks.ratelimit import Limit, RateLimited, RateLimiter, claim, parse_limits
-from dspex_tasks.signature import SignatureRegistry, signature
-from dspex_tasks.usage import TaskUsage, UsageLedger, usage_report, usage_totals
+from dspex_tasks.cli.usage import collect_usage
+from dspex_tasks.dsl.signature import SignatureRegistry, signature
+from dspex_tasks.lm.cache import LMCache, cache_stats
+from dspex_tasks.lm.ratelimit import Limit, RateLimited, RateLimiter, claim, parse_limits
+from dspex_tasks.lm.usage import TaskUsage, UsageLedger, usage_report, usage_totals
 
 pytestmark = pytest.mark.redis
 

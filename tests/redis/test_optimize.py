@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from dspex_tasks import errors
-from dspex_tasks.mockgen import rule_answer
 from dspex_tasks.optimize.runs import RunStore
+from dspex_tasks.testing.mockgen import rule_answer
 
 pytestmark = pytest.mark.redis
 

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from dspex_tasks.errors import ConfigurationError
-from dspex_tasks.redis_server import RedisServer, ensure_redis, find_redis_server, redis_reachable
+from dspex_tasks.testing.redis_server import RedisServer, ensure_redis, find_redis_server, redis_reachable
 
 pytestmark = pytest.mark.redis
 
@@ -121,7 +121,7 @@ def test_ensure_redis_unreachable_starts_private(monkeypatch: pytest.MonkeyPatch
 def test_cli_prints_url_and_exits_on_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dspex_tasks.redis_server"], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        [sys.executable, "-m", "dspex_tasks.testing.redis_server"], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
     )
     try:
         assert proc.stdout is not None

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from dspex_tasks import keys
-from dspex_tasks.store import ProgramStore
+from dspex_tasks.programs.store import ProgramStore
 from tests._store_contract import StoreContract
 
 pytestmark = pytest.mark.redis

@@ -6,7 +6,7 @@ at its own model name, which ``DSPEX_LM_ENDPOINTS`` routes to its own mock serve
 
 from __future__ import annotations
 
-from dspex_tasks.signature import signature
+from dspex_tasks.dsl.signature import signature
 
 SPEC = "question: str -> answer: str, confidence: confidence_score"
 

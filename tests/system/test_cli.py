@@ -182,7 +182,7 @@ def test_mock_lm_serves_until_interrupted(cli_target: CliTarget) -> None:
 
 def test_worker_processes_shut_down_warm_on_sigterm(cli_target: CliTarget) -> None:
     from dspex_tasks.client import Client
-    from dspex_tasks.worker_procs import ping_names
+    from dspex_tasks.worker.procs import ping_names
 
     marker = f"DSPEX_TEST_MARKER=sup-{uuid.uuid4().hex}"
     node = f"sup{uuid.uuid4().hex[:6]}"

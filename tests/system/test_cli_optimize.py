@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from dspex_tasks.mockgen import rule_answer
+from dspex_tasks.testing.mockgen import rule_answer
 from tests._procs import ROOT, wait_for
 from tests.system._cli import CliTarget, Dspex
 

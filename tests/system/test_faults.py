@@ -20,9 +20,9 @@ import redis as redis_lib
 
 from dspex_tasks import errors
 from dspex_tasks.client import Client
-from dspex_tasks.mock_server import MockLMServer
-from dspex_tasks.mockgen import rule_answer
-from dspex_tasks.redis_server import RedisServer
+from dspex_tasks.testing.mock_server import MockLMServer
+from dspex_tasks.testing.mockgen import rule_answer
+from dspex_tasks.testing.redis_server import RedisServer
 from tests._procs import ROOT, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.system
@@ -60,7 +60,7 @@ def test_killed_pool_child_reruns_and_poison_message_is_dead_lettered(client: Cl
         poison = client.submit("qa", {"question": "POISON pill"}, session="f1")
         with pytest.raises(errors.DeadLettered, match="delivered 4 times"):
             poison.get(timeout=90)
-        from dspex_tasks.tasks_base import dead_letters
+        from dspex_tasks.worker.guard import dead_letters
 
         letters = dead_letters(client.redis, namespace)
         assert [d["task_id"] for d in letters] == [poison.id]
@@ -263,7 +263,7 @@ def test_smoke_path_on_password_protected_redis(tmp_path: Path) -> None:
 # -- row 14: two beat processes ------------------------------------------------------------------------------
 def test_two_beats_enqueue_each_tick_once(client: Client, redis_url: str, namespace: str, tmp_path: Path) -> None:
     from dspex_tasks.app import create_app
-    from dspex_tasks.schedules import add_schedule
+    from dspex_tasks.optimize.schedules import add_schedule
     from dspex_tasks.settings import Settings
 
     w = WorkerProcess(redis_url, namespace, queues="dspex.predict,dspex.optimize", log_dir=tmp_path,

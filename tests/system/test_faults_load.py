@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dspex_tasks.client import Client
-from dspex_tasks.mock_server import MockLMServer
-from dspex_tasks.mockgen import rule_answer
+from dspex_tasks.testing.mock_server import MockLMServer
+from dspex_tasks.testing.mockgen import rule_answer
 from tests._procs import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.system

@@ -190,7 +190,7 @@ def test_unauthenticated_task_submission_is_refused_and_runs_nothing(stack: Stac
     seen = wait_for(lambda: (tasks := stack.tasks("dspex.qa")).get(task_id, {}).get("state") == "SUCCESS" and tasks,
                     timeout_s=15, what="the accepted task in Flower")
     assert not [t for t in seen.values() if refused in (t.get("kwargs") or "")]
-    from dspex_tasks.cli_status import queue_depth
+    from dspex_tasks.observability.status import queue_depth
 
     assert queue_depth(stack.client.redis, stack.client.settings.predict_queue) == 0
 

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from dspex_tasks.mock_server import MockLMServer
-from dspex_tasks.mockgen import rule_answer
+from dspex_tasks.testing.mock_server import MockLMServer
+from dspex_tasks.testing.mockgen import rule_answer
 from tests._procs import ROOT, WorkerProcess, wait_for, worker_env
 
 pytestmark = pytest.mark.system

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dspex_tasks.redis_server import RedisServer
+from dspex_tasks.testing.redis_server import RedisServer
 from tests._procs import ROOT, WorkerProcess, worker_env
 from tests.system._cli import CliTarget, Dspex
 
@@ -53,7 +53,7 @@ def test_healthy_with_a_worker(cli_worker: WorkerProcess, dspex: Dspex) -> None:
 
 def test_local_counts_only_workers_of_this_host(cli_worker: WorkerProcess, cli_target: CliTarget,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from dspex_tasks import cli_ops
+    from dspex_tasks.cli import ops as cli_ops
     from dspex_tasks.settings import Settings
 
     settings = Settings(redis_url=cli_target.redis_url, namespace=cli_target.namespace,

@@ -20,8 +20,8 @@ import pytest
 import signatures  # noqa: F401 - the mock servers answer qa-shaped prompts precisely
 from dspex_tasks import errors
 from dspex_tasks.client import Client
-from dspex_tasks.mock_server import MockLMServer
 from dspex_tasks.settings import Settings
+from dspex_tasks.testing.mock_server import MockLMServer
 from tests._procs import ROOT, WorkerProcess, wait_for, worker_env
 
 pytestmark = pytest.mark.system

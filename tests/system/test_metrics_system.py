@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dspex_tasks import keys
 from dspex_tasks.client import Client
-from dspex_tasks.mock_server import MockLMServer
+from dspex_tasks.testing.mock_server import MockLMServer
 from tests._procs import ROOT, WorkerProcess, wait_for, worker_env
 
 pytestmark = pytest.mark.system

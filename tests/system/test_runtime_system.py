@@ -14,8 +14,8 @@ import pytest
 
 import signatures  # noqa: F401 - the reference signatures, to validate outputs here
 from dspex_tasks.client import Client
-from dspex_tasks.mock_server import MockLMServer
-from dspex_tasks.signature import registry
+from dspex_tasks.dsl.signature import registry
+from dspex_tasks.testing.mock_server import MockLMServer
 from tests._procs import ROOT, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.system

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dspex_tasks.client import Client, Job
-from dspex_tasks.mock_server import MockLMServer
+from dspex_tasks.testing.mock_server import MockLMServer
 from tests._procs import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.system

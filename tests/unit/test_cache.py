@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from dspex_tasks.cache import ProgramCache
-from dspex_tasks.store import MemoryProgramStore, ProgramRecord
+from dspex_tasks.programs.cache import ProgramCache
+from dspex_tasks.programs.store import MemoryProgramStore, ProgramRecord
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dspex_tasks import Signature, errors, signature
-from dspex_tasks.types import parse_type
+from dspex_tasks.dsl.types import parse_type
 
 pytestmark = pytest.mark.unit
 

@@ -15,14 +15,14 @@ from dspy.utils.exceptions import (
     LMTransportError,
 )
 
+from dspex_tasks.dsl.signature import SignatureRegistry, signature
 from dspex_tasks.errors import ConfigurationError, LMContextLengthExceeded, LMError, LMTimeout
-from dspex_tasks.governed_lm import GovernedLM, Route, classify, parse_route, plan_lm, retry_delay
-from dspex_tasks.lmcache import entry_from_response, request_digest
-from dspex_tasks.mock_lm import MockLM
-from dspex_tasks.ratelimit import RateLimited
+from dspex_tasks.lm.cache import entry_from_response, request_digest
+from dspex_tasks.lm.governed import GovernedLM, Route, classify, parse_route, plan_lm, retry_delay
+from dspex_tasks.lm.ratelimit import RateLimited
+from dspex_tasks.lm.usage import UsageLedger, price, task_usage
 from dspex_tasks.settings import Settings
-from dspex_tasks.signature import SignatureRegistry, signature
-from dspex_tasks.usage import UsageLedger, price, task_usage
+from dspex_tasks.testing.mock_lm import MockLM
 
 pytestmark = pytest.mark.unit
 

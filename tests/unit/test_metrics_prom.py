@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from dspex_tasks import metrics_prom as mp
-from dspex_tasks import tracing
-from dspex_tasks.cache import CacheStats
+from dspex_tasks.dsl.signature import SignatureRegistry, signature
 from dspex_tasks.errors import LMError, ValidationError
-from dspex_tasks.runtime import Runtime
+from dspex_tasks.observability import prometheus as mp
+from dspex_tasks.observability import tracing
+from dspex_tasks.programs.cache import CacheStats
+from dspex_tasks.programs.store import MemoryProgramStore
 from dspex_tasks.settings import Settings
-from dspex_tasks.signature import SignatureRegistry, signature
-from dspex_tasks.store import MemoryProgramStore
+from dspex_tasks.worker.runtime import Runtime
 
 pytestmark = pytest.mark.unit
 
@@ -242,7 +242,7 @@ class FakeRedis:
 
 
 def test_status_sums_the_worker_snapshots() -> None:
-    from dspex_tasks.cli_status import _worker_stats
+    from dspex_tasks.observability.status import worker_stats
 
     a = {"tasks": {"qa": {"success": 3, "failure": 1}}, "lm": {"openai/mock": {"calls": 3, "prompt_tokens": 30,
                                                                               "completion_tokens": 6, "cost_usd": 0}},
@@ -257,7 +257,7 @@ def test_status_sums_the_worker_snapshots() -> None:
                              "metrics": json.dumps(b)},
         "ns:workers:h3:12": {"hits": "0", "misses": "0", "size": "0"},  # an older worker: no metrics field
     })
-    cache, metrics = _worker_stats(redis, "ns")
+    cache, metrics = worker_stats(redis, "ns")
     assert cache["processes"] == 3 and cache["hit_rate"] == 0.5
     assert metrics["processes"] == 2
     assert metrics["tasks"] == {"classify": {"retry": 1}, "qa": {"success": 5, "failure": 1}}
@@ -268,7 +268,7 @@ def test_status_sums_the_worker_snapshots() -> None:
 
 
 def test_status_table_renders_metrics(capsys: pytest.CaptureFixture[str]) -> None:
-    from dspex_tasks.cli_status import _print_metrics
+    from dspex_tasks.cli.status import _print_metrics
 
     _print_metrics({"processes": 1, "tasks": {"qa": {"success": 4, "retry": 1}}, "tasks_total": {"success": 4,
                                                                                                   "retry": 1},
@@ -367,10 +367,10 @@ def test_tracing_requested_but_not_installed_warns_with_the_hint(monkeypatch: py
     monkeypatch.setitem(sys.modules, "opentelemetry.instrumentation.celery", None)  # import fails
     monkeypatch.setattr(tracing, "_warned", False)
     monkeypatch.setattr(tracing, "_done_pid", None)
-    with caplog.at_level(logging.WARNING, logger="dspex_tasks.tracing"):
+    with caplog.at_level(logging.WARNING, logger="dspex_tasks.observability.tracing"):
         assert tracing.setup_tracing(sender="w@h") is False
         assert tracing.setup_tracing() is False  # and only one warning
-    warnings = [r for r in caplog.records if r.name == "dspex_tasks.tracing"]
+    warnings = [r for r in caplog.records if r.name == "dspex_tasks.observability.tracing"]
     assert len(warnings) == 1 and "pip install dspex-tasks[otel]" in warnings[0].getMessage()
     # a worker_init with the threads pool takes the same safe path
     tracing._on_worker_init(sender=SimpleNamespace(pool_cls="threads", app=None))

@@ -12,10 +12,10 @@ import jsonschema
 import pydantic
 import pytest
 
-from dspex_tasks import mockgen
+from dspex_tasks.dsl.signature import SignatureRegistry, registry, signature
 from dspex_tasks.errors import LMError
-from dspex_tasks.mock_lm import MockLM
-from dspex_tasks.signature import SignatureRegistry, registry, signature
+from dspex_tasks.testing import mockgen
+from dspex_tasks.testing.mock_lm import MockLM
 
 pytestmark = pytest.mark.unit
 

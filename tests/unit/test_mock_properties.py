@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dspex_tasks.mock_lm import MockLM
-from dspex_tasks.signature import RESERVED, SignatureRegistry, signature
-from dspex_tasks.types import DSPEX_SCALARS, SCALARS
+from dspex_tasks.dsl.signature import RESERVED, SignatureRegistry, signature
+from dspex_tasks.dsl.types import DSPEX_SCALARS, SCALARS
+from dspex_tasks.testing.mock_lm import MockLM
 
 pytestmark = pytest.mark.unit
 
@@ -79,7 +79,7 @@ def _plain(value: Any) -> Any:
 
 
 def _inputs(sig: Any) -> dict[str, Any]:
-    from dspex_tasks import mockgen
+    from dspex_tasks.testing import mockgen
 
     return {name: mockgen.value_for(node, f"input|{name}") for name, node in sig.input_types.items()}
 

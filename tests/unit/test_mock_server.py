@@ -17,9 +17,9 @@ import jsonschema
 import pydantic
 import pytest
 
-from dspex_tasks import mockgen
-from dspex_tasks.mock_server import MockLMServer, import_signature_modules
-from dspex_tasks.signature import SignatureRegistry, signature
+from dspex_tasks.dsl.signature import SignatureRegistry, signature
+from dspex_tasks.testing import mockgen
+from dspex_tasks.testing.mock_server import MockLMServer, import_signature_modules
 
 pytestmark = pytest.mark.unit
 
@@ -90,7 +90,7 @@ def test_dspy_lm_through_the_server(server: MockLMServer, sig: Any, adapter: dsp
 
 
 def test_same_answers_as_in_process_mock(server: MockLMServer, sig: Any) -> None:
-    from dspex_tasks.mock_lm import MockLM
+    from dspex_tasks.testing.mock_lm import MockLM
 
     with dspy.context(lm=_lm(server)):
         remote = dspy.Predict(sig.to_dspy())(**INPUTS)
@@ -196,7 +196,7 @@ def test_bad_control_is_rejected(server: MockLMServer) -> None:
 
 def test_signature_modules_from_env(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("DSPEX_SIGNATURE_MODULES", "json, dspex_tasks_no_such_module")
-    with caplog.at_level(logging.WARNING, logger="dspex_tasks.mock_server"):
+    with caplog.at_level(logging.WARNING, logger="dspex_tasks.testing.mock_server"):
         assert import_signature_modules() == ["json"]
         with MockLMServer(port=0) as srv:
             assert srv.url.startswith("http://127.0.0.1:") and srv.port > 0

@@ -11,7 +11,7 @@ import dspy
 import pytest
 from dspy.utils.exceptions import ContextWindowExceededError
 
-from dspex_tasks.mock_server import MockLMServer
+from dspex_tasks.testing.mock_server import MockLMServer
 
 pytestmark = pytest.mark.unit
 

@@ -14,9 +14,9 @@ import jsonschema
 import pydantic
 import pytest
 
-from dspex_tasks import mockgen
-from dspex_tasks.signature import SignatureRegistry, signature
-from dspex_tasks.types import parse_type
+from dspex_tasks.dsl.signature import SignatureRegistry, signature
+from dspex_tasks.dsl.types import parse_type
+from dspex_tasks.testing import mockgen
 
 pytestmark = pytest.mark.unit
 
@@ -142,7 +142,7 @@ def test_value_for_schema_keywords() -> None:
 
 
 def test_mockgen_does_not_import_dspy() -> None:
-    code = "import sys, dspex_tasks.mockgen; assert 'dspy' not in sys.modules and 'litellm' not in sys.modules"
+    code = "import sys, dspex_tasks.testing.mockgen; assert 'dspy' not in sys.modules and 'litellm' not in sys.modules"
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
 

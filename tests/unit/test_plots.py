@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dspex_tasks.plots import plot_run
+from dspex_tasks.optimize.plots import plot_run
 
 pytestmark = pytest.mark.unit
 

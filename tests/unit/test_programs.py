@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dspex_tasks import errors
-from dspex_tasks.programs import dump_program, load_program
-from dspex_tasks.signature import signature
+from dspex_tasks.dsl.signature import signature
+from dspex_tasks.programs.state import dump_program, load_program
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dspex_tasks.errors import LMError
-from dspex_tasks.ratelimit import (
+from dspex_tasks.lm.ratelimit import (
     REQUEUE_HEADER,
     SLOT_HEADER,
     Limit,

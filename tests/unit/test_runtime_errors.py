@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 
 from dspex_tasks import errors
-from dspex_tasks.mock_lm import MockLM
-from dspex_tasks.runtime import Runtime
+from dspex_tasks.dsl.signature import SignatureRegistry, signature
+from dspex_tasks.programs.store import MemoryProgramStore
 from dspex_tasks.settings import Settings
-from dspex_tasks.signature import SignatureRegistry, signature
-from dspex_tasks.store import MemoryProgramStore
+from dspex_tasks.testing.mock_lm import MockLM
+from dspex_tasks.worker.runtime import Runtime
 
 pytestmark = pytest.mark.unit
 

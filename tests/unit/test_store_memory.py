@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspex_tasks.store import MemoryProgramStore
+from dspex_tasks.programs.store import MemoryProgramStore
 from tests._store_contract import StoreContract
 
 pytestmark = pytest.mark.unit

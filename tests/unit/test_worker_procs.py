@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dspex_tasks.errors import ConfigurationError
-from dspex_tasks.worker_procs import PACKAGE_ROOT, WorkerGroup, celery_worker_argv, supervise, worker_env
+from dspex_tasks.worker.procs import PACKAGE_ROOT, WorkerGroup, celery_worker_argv, supervise, worker_env
 
 pytestmark = pytest.mark.unit
 

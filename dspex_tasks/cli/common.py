@@ -1,0 +1,116 @@
+"""Shared pieces of the ``dspex`` command line: consoles, the client, error reporting, formatting.
+
+Kept free of celery and dspy imports so ``dspex --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import DspexError, InvalidSession, ValidationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..client import Client
+
+__all__ = ["console", "err", "cli_errors", "fail", "open_client", "preview", "redacted_url", "echo_json", "esc"]
+
+#: Results and tables (stdout).
+console = Console(highlight=False)
+#: Errors, notices and progress (stderr), so stdout stays parseable.
+err = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit status for bad input (also click's usage-error status).
+EXIT_INVALID = 2
+
+
+def fail(message: str, *, code: int = 1, fields: list[dict[str, str]] | None = None) -> NoReturn:
+    """Print a red error (and the offending fields) to stderr and exit with ``code``."""
+    err.print(f"[bold red]error:[/] {esc(message)}")
+    for item in fields or []:
+        err.print(f"  [red]•[/] [bold]{esc(item.get('field') or '<root>')}[/]: {esc(item.get('message', ''))}")
+    raise typer.Exit(code)
+
+
+def esc(text: Any) -> str:
+    """``text`` with rich markup escaped (data such as ``list[str]`` must not read as a style tag)."""
+    return escape(str(text))
+
+
+def cli_errors(func: F) -> F:
+    """Turn library and connection errors into one red line and an exit status instead of a traceback.
+
+    ``ValidationError`` and ``InvalidSession`` (bad input) exit 2, anything else 1.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (ValidationError, InvalidSession) as exc:
+            fail(f"{type(exc).__name__}: {exc.message}", code=EXIT_INVALID,
+                 fields=exc.errors if isinstance(exc, ValidationError) else None)
+        except DspexError as exc:
+            fail(f"{type(exc).__name__}: {exc.message}")
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _is_connection_error(exc):
+                url = redacted_url(os.environ.get("DSPEX_REDIS_URL", "redis://127.0.0.1:6379/0"))
+                fail(f"cannot reach Redis at {url} ({exc}); is it running? (set DSPEX_REDIS_URL or --redis-url)")
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    module = type(exc).__module__
+    return bool(names & {"ConnectionError", "OperationalError", "TimeoutError"}) and (
+        module.startswith(("redis", "kombu", "celery")) or isinstance(exc, ConnectionError))
+
+
+@contextmanager
+def open_client() -> Iterator[Client]:
+    """A :class:`~dspex_tasks.client.Client` from ``DSPEX_*`` settings, closed afterwards."""
+    from ..client import Client
+    from ..settings import load_settings
+
+    client = Client(settings=load_settings())
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user + ':' if user else ':'}***@{host}"
+
+
+def preview(value: Any, limit: int = 60) -> str:
+    """A one-line, shortened rendering of an output value."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def echo_json(data: Any) -> None:
+    """Plain, indented JSON on stdout (no rich wrapping, so it always parses)."""
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))

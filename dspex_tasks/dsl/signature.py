@@ -1,0 +1,443 @@
+"""Signatures: the compact DSL, validation models and schemas.
+
+``signature("question: str -> answer: str", name="qa")`` parses the spec once,
+builds the pydantic models for inputs and outputs once, and registers the
+signature by name so workers can turn it into the Celery task ``dspex.qa``.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+from pydantic import ConfigDict, Field, create_model
+
+from ..errors import SignatureError, UnknownSignature, ValidationError
+from . import schemas
+from .types import TypeNode, parse_type
+
+if TYPE_CHECKING:  # pragma: no cover
+    import dspy
+
+__all__ = ["Signature", "signature", "registry", "SignatureRegistry", "MODULES"]
+
+MODULES = ("predict", "chain_of_thought")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+# Names DSPy's modules take as call arguments, or that a module adds itself.
+RESERVED = frozenset({
+    "signature", "demos", "config", "lm", "instructions", "completed", "self", "new_signature",
+    # attributes of dspy.Signature and pydantic.BaseModel that a field would shadow
+    "append", "append_instructions", "construct", "copy", "delete", "dict", "dump_state", "equals", "fields",
+    "from_orm", "input_fields", "insert", "json", "load_state", "output_fields", "parse_file", "parse_obj",
+    "parse_raw", "prepend", "schema", "schema_json", "update_forward_refs", "validate", "with_instructions",
+    "with_updated_fields",
+})
+_RESERVED_COT = frozenset({"reasoning"})
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets, braces and quotes."""
+    parts, depth, quote, start, i = [], 0, "", 0, 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif depth == 0 and text.startswith(sep, i):
+            parts.append(text[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _check_balanced(spec: str) -> None:
+    """Reject unclosed or stray brackets and unterminated strings, naming the field they sit in."""
+    stack: list[tuple[str, int]] = []
+    quote, quote_at, escaped = "", -1, False
+    pairs = {"]": "[", "}": "{"}
+    for i, c in enumerate(spec):
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote, quote_at = c, i
+        elif c in "[{":
+            stack.append((c, i))
+        elif c in "]}" and (not stack or stack.pop()[0] != pairs[c]):
+            where, text = _field_at(spec, i)
+            raise SignatureError(f"malformed type for {where}: unexpected '{c}' in '{text}'")
+    if quote:
+        where, text = _field_at(spec, quote_at)
+        raise SignatureError(f"malformed type for {where}: unterminated string in '{text}'")
+    if stack:
+        bracket, at = stack[0]
+        where, text = _field_at(spec, at)
+        raise SignatureError(f"malformed type for {where}: unclosed '{bracket}' in '{text}'")
+
+
+def _field_at(spec: str, pos: int) -> tuple[str, str]:
+    """(``field 'name'``, its ``name: type`` text) for the field around ``pos``, for error messages."""
+    start, depth, quote, i = 0, 0, "", 0
+    while i < pos:
+        c = spec[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif depth == 0 and c == ",":
+            start = i + 1
+        elif depth == 0 and spec.startswith("->", i):
+            start = i + 2
+        i += 1
+    rest = spec[start:]
+    stop = rest.find("->", pos - start) if "->" in rest[pos - start:] else len(rest)
+    text = rest[:stop].strip()
+    name = text.partition(":")[0].strip()
+    return (f"field '{name}'" if name.isidentifier() else f"'{text}'"), text
+
+
+def _parse_fields(text: str, side: str, spec: str) -> dict[str, TypeNode]:
+    if not text.strip():
+        raise SignatureError(f"signature has no {side} fields: '{spec.strip()}'")
+    fields: dict[str, TypeNode] = {}
+    for raw in _split_top(text, ","):
+        item = raw.strip()
+        if not item:
+            raise SignatureError(f"empty field in {side} (a stray comma?): '{text.strip()}'")
+        if ":" not in item:
+            raise SignatureError(f"field '{item}' has no type: expected 'name: type' in '{item}'")
+        name, _, type_text = item.partition(":")
+        name = name.strip()
+        if not name.isidentifier():
+            raise SignatureError(f"field name '{name}' is not an identifier in '{item}'")
+        if keyword.iskeyword(name) or name.startswith(("_", "model_")) or name in RESERVED:
+            raise SignatureError(f"field name '{name}' is reserved in '{item}'")
+        if name in fields:
+            raise SignatureError(f"duplicate field '{name}' in '{text.strip()}'")
+        fields[name] = parse_type(type_text, field=name)
+    return fields
+
+
+def _model(name: str, fields: dict[str, TypeNode]) -> type[pydantic.BaseModel]:
+    # Fields get positional internal names with the real name as alias, so a
+    # field called ``json`` or ``copy`` never shadows a BaseModel attribute.
+    definitions: dict[str, Any] = {}
+    for i, (fname, node) in enumerate(fields.items()):
+        default = None if node.nullable else ...
+        definitions[f"f{i}"] = (node.python_type(), Field(default, alias=fname))
+    model: type[pydantic.BaseModel] = create_model(
+        name, __config__=ConfigDict(extra="forbid", populate_by_name=False), **definitions
+    )
+    return model
+
+
+def _data_path(data: Any, loc: tuple[Any, ...], missing: bool) -> str:
+    """The error's location as a path into the data, dropping pydantic's union-member tags."""
+    path: list[str] = []
+    node = data
+    for n, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(str(part))
+        elif missing and n == len(loc) - 1:
+            path.append(str(part))  # a required key that is absent is named by itself
+    return ".".join(path)
+
+
+def _errors(exc: pydantic.ValidationError, data: Any) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for e in exc.errors(include_url=False):
+        loc = _data_path(data, e["loc"], e["type"] == "missing")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unexpected field"
+        elif e["type"] == "missing":
+            msg = "field required"
+        item = {"field": loc, "message": msg}
+        if item not in out:
+            out.append(item)
+    return out
+
+
+class Signature:
+    """A typed signature: fields, validation, schemas and its DSPy form.
+
+    Build one with :func:`signature`. Two signatures are equal when their name,
+    normalized fields, instructions and module are equal.
+    """
+
+    __slots__ = (
+        "name",
+        "instructions",
+        "module",
+        "desc",
+        "_inputs",
+        "_outputs",
+        "input_fields",
+        "output_fields",
+        "_in_model",
+        "_out_model",
+        "_dspy",
+        "_schemas",
+        "task",
+        "options",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        inputs: dict[str, TypeNode],
+        outputs: dict[str, TypeNode],
+        *,
+        instructions: str | None,
+        module: str,
+        desc: str | None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.instructions = instructions or ""
+        self.module = module
+        self.desc = desc
+        self._inputs = inputs
+        self._outputs = outputs
+        self.input_fields = {k: v.normalized() for k, v in inputs.items()}
+        self.output_fields = {k: v.normalized() for k, v in outputs.items()}
+        self._in_model = _model(f"{name}_inputs", inputs)
+        self._out_model = _model(f"{name}_outputs", outputs)
+        self._dspy: type[dspy.Signature] | None = None
+        self._schemas: dict[str, Any] = {}
+        self.task: Any = None
+        self.options = dict(options or {})
+
+    # -- identity -----------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """The normalized spec; parsing it again gives an equal signature."""
+        ins = ", ".join(f"{k}: {v}" for k, v in self.input_fields.items())
+        outs = ", ".join(f"{k}: {v}" for k, v in self.output_fields.items())
+        return f"{ins} -> {outs}"
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.name, tuple(self.input_fields.items()), tuple(self.output_fields.items()),
+                self.instructions, self.module)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Signature) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Signature({self.name!r}, {self.spec!r}, module={self.module!r})"
+
+    @property
+    def input_types(self) -> dict[str, TypeNode]:
+        return dict(self._inputs)
+
+    @property
+    def output_types(self) -> dict[str, TypeNode]:
+        return dict(self._outputs)
+
+    # -- validation ---------------------------------------------------------
+    def validate_inputs(self, data: Any) -> dict[str, Any]:
+        """Validate inputs strictly (JSON types must match; an int is accepted for a float).
+
+        Raises:
+            ValidationError: listing every bad field with its path.
+        """
+        return self._validate(self._in_model, data, strict=True, what=f"inputs for '{self.name}'")
+
+    def validate_outputs(self, data: Any) -> dict[str, Any]:
+        """Validate outputs leniently: LM text such as ``"0.9"`` or ``"true"`` is coerced."""
+        return self._validate(self._out_model, data, strict=False, what=f"outputs of '{self.name}'")
+
+    def _validate(self, model: type[pydantic.BaseModel], data: Any, *, strict: bool, what: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ValidationError.from_errors(what, [{"field": "", "message": f"expected an object, got {type(data).__name__}"}])
+        try:
+            obj = model.model_validate(data, strict=strict)
+        except pydantic.ValidationError as exc:
+            raise ValidationError.from_errors(what, _errors(exc, data)) from None
+        return obj.model_dump(mode="json", by_alias=True)
+
+    # -- schemas ------------------------------------------------------------
+    def input_schema(self) -> dict[str, Any]:
+        """JSON Schema 2020-12 of the inputs object."""
+        return self._cached("input", lambda: schemas.object_schema(f"{self.name}_inputs", self._inputs, self.desc))
+
+    def output_schema(self) -> dict[str, Any]:
+        """JSON Schema 2020-12 of the outputs object."""
+        return self._cached("output", lambda: schemas.object_schema(f"{self.name}_outputs", self._outputs, self.desc))
+
+    def json_schema(self, target: str = "generic") -> dict[str, Any]:
+        """The output schema in a provider's form: ``generic``, ``openai`` or ``anthropic``."""
+        if target == "generic":
+            return self.output_schema()
+        if target == "openai":
+            return self._cached("openai", lambda: schemas.openai_response_format(self.name, self.output_schema()))
+        if target == "anthropic":
+            description = self.desc or self.instructions or f"Return the outputs of {self.name}."
+            return self._cached(
+                "anthropic", lambda: schemas.anthropic_tool(self.name, description, self.output_schema())
+            )
+        raise ValueError(f"unknown schema target {target!r}; expected 'generic', 'openai' or 'anthropic'")
+
+    def _cached(self, key: str, build: Any) -> dict[str, Any]:
+        if key not in self._schemas:
+            self._schemas[key] = build()
+        return schemas.copy(self._schemas[key])
+
+    def describe(self) -> dict[str, Any]:
+        """What workers publish for clients: schemas, fields and module (JSON)."""
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "module": self.module,
+            "instructions": self.instructions,
+            "input_fields": self.input_fields,
+            "output_fields": self.output_fields,
+            "input_schema": self.input_schema(),
+            "output_schema": self.output_schema(),
+        }
+
+    # -- DSPy ---------------------------------------------------------------
+    def to_dspy(self) -> type[dspy.Signature]:
+        """A real ``dspy.Signature`` subclass with typed fields and the instructions."""
+        if self._dspy is None:
+            from ..programs.bridge import build_dspy_signature
+
+            self._dspy = build_dspy_signature(self)
+        return self._dspy
+
+    def build_module(self) -> Any:
+        """A fresh DSPy module (``Predict`` or ``ChainOfThought``) for this signature."""
+        from ..programs.bridge import build_module
+
+        return build_module(self)
+
+
+class SignatureRegistry:
+    """Signatures by name. Re-defining a name replaces it (module reloads, tests)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Signature] = {}
+        self._lock = threading.Lock()
+
+    def add(self, sig: Signature) -> None:
+        with self._lock:
+            self._by_name[sig.name] = sig
+
+    def get(self, name: str) -> Signature:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise UnknownSignature(f"unknown signature '{name}' (registered: {known})") from None
+
+    def find(self, name: str) -> Signature | None:
+        return self._by_name.get(name)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._by_name.pop(name, None)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def __iter__(self) -> Iterator[Signature]:
+        return iter(list(self._by_name.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+
+registry = SignatureRegistry()
+
+
+def signature(
+    spec: str,
+    *,
+    name: str,
+    instructions: str | None = None,
+    module: str = "predict",
+    desc: str | None = None,
+    register: bool = True,
+    **options: Any,
+) -> Signature:
+    """Define a typed signature from the compact DSL.
+
+    Args:
+        spec: ``"inputs -> outputs"``, each a comma-separated list of ``field: type``
+            in Python (``list[str]``) or DSPex (``{:list, :string}``) spelling.
+        name: The signature's name; its task is ``dspex.<name>``.
+        instructions: The task description the LM sees.
+        module: ``"predict"`` or ``"chain_of_thought"``.
+        desc: A longer description for schemas and docs.
+        register: Add it to the process-wide registry (default) so workers serve it.
+        **options: Per-signature settings, e.g. ``lm="openai/gpt-4o-mini"``.
+
+    Raises:
+        SignatureError: naming the field and quoting the offending text.
+
+    Example:
+        >>> qa = signature("question: str -> answer: str, confidence: confidence_score", name="qa")
+        >>> qa.output_fields["confidence"]
+        'confidence_score'
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SignatureError(f"signature name {name!r} must be 1-64 chars of [A-Za-z0-9_.-], starting with a letter")
+    if module not in MODULES:
+        raise SignatureError(f"unknown module {module!r} for signature '{name}'; expected one of {', '.join(MODULES)}")
+    _check_balanced(spec)
+    sides = _split_top(spec, "->")
+    if len(sides) < 2:
+        raise SignatureError(f"missing '->' between inputs and outputs in '{spec.strip()}'")
+    if len(sides) > 2:
+        raise SignatureError(f"more than one '->' in '{spec.strip()}'")
+    inputs = _parse_fields(sides[0], "input", spec)
+    outputs = _parse_fields(sides[1], "output", spec)
+    for fname in outputs:
+        if fname in inputs:
+            raise SignatureError(f"duplicate field '{fname}': it is both an input and an output in '{spec.strip()}'")
+        if module == "chain_of_thought" and fname in _RESERVED_COT:
+            raise SignatureError(f"field name '{fname}' is reserved for chain_of_thought in '{spec.strip()}'")
+    if module == "chain_of_thought":
+        for fname in inputs:
+            if fname in _RESERVED_COT:
+                raise SignatureError(f"field name '{fname}' is reserved for chain_of_thought in '{spec.strip()}'")
+    sig = Signature(name, inputs, outputs, instructions=instructions, module=module, desc=desc, options=options)
+    if register:
+        registry.add(sig)
+    return sig

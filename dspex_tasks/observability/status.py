@@ -1,0 +1,153 @@
+"""The status model: workers, queue depths, program cache counters, task metrics and sessions, as JSON-ready data.
+
+``dspex status`` renders it (:mod:`dspex_tasks.cli.status`); ``dspex health`` and the gateway read it too.
+
+Cache counters and task metrics come from the hash each worker process refreshes in Redis every few
+seconds (``keys.worker_stats``; its ``metrics`` field is :func:`dspex_tasks.observability.prometheus.snapshot_json`),
+summed over the processes alive now (since each one started).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from .. import keys
+
+__all__ = ["collect_status", "queue_depth", "worker_stats"]
+
+_CACHE_FIELDS = ("hits", "misses", "evictions", "invalidations", "size")
+
+
+def queue_depth(redis: Any, queue: str) -> int:
+    """Messages waiting in a kombu Redis queue: the list named ``queue`` plus its priority lists."""
+    from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+    pipe = redis.pipeline(transaction=False)
+    for pri in PRIORITY_STEPS:
+        pipe.llen(f"{queue}{Channel.sep}{pri}" if pri else queue)
+    return int(sum(pipe.execute()))
+
+
+def _queue_depths(client: Any) -> dict[str, int | None]:
+    """Depths from the broker (which may be another Redis than DSPEX_REDIS_URL); None if not Redis."""
+    s = client.settings
+    names = list(dict.fromkeys([s.predict_queue, s.optimize_queue]))
+    if not s.broker.startswith(("redis://", "rediss://", "unix://")):
+        return dict.fromkeys(names)
+    import redis as redis_lib
+
+    broker = client.redis if s.broker == s.redis_url else redis_lib.Redis.from_url(s.broker, socket_timeout=5)
+    return {q: queue_depth(broker, q) for q in names}
+
+
+def _workers(app: Any, timeout_s: float) -> list[dict[str, Any]]:
+    pings = app.control.inspect(timeout=timeout_s).ping() or {}
+    stats: dict[str, Any] = {}
+    if pings:  # ask only those that answered, and stop waiting once they all did
+        stats = app.control.inspect(timeout=timeout_s, destination=list(pings), limit=len(pings)).stats() or {}
+    workers = []
+    for name in sorted(pings):
+        info = stats.get(name) or {}
+        pool = info.get("pool") or {}
+        workers.append({
+            "name": name,
+            "ok": pings[name] == {"ok": "pong"},
+            "pid": info.get("pid"),
+            # "celery.concurrency.thread:TaskPool" -> "thread"
+            "pool": str(pool.get("implementation", "")).split(":", 1)[0].rsplit(".", 1)[-1] or None,
+            "concurrency": pool.get("max-concurrency"),
+            "processed": sum((info.get("total") or {}).values()),
+            "uptime_s": info.get("uptime"),
+        })
+    return workers
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def worker_stats(redis: Any, namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(program cache counters, task metrics), each summed over the worker processes reporting now."""
+    totals = dict.fromkeys(_CACHE_FIELDS, 0)
+    metrics = _MetricsSum()
+    processes = 0
+    prefix = keys.worker_stats(namespace, "")
+    for key in redis.scan_iter(match=keys.worker_stats_pattern(namespace), count=500):
+        raw = redis.hgetall(key)
+        if not raw:
+            continue
+        processes += 1
+        values = {_text(k): v for k, v in raw.items()}
+        for name in _CACHE_FIELDS:
+            with contextlib.suppress(TypeError, ValueError):
+                totals[name] += int(values.get(name, 0))
+        if "metrics" in values:
+            metrics.add(_text(key)[len(prefix):], values["metrics"])
+    lookups = totals["hits"] + totals["misses"]
+    hit_rate = round(totals["hits"] / lookups, 4) if lookups else None
+    cache = {**totals, "processes": processes, "hit_rate": hit_rate}
+    return cache, {**metrics.result(), "cache_hit_rate": hit_rate}
+
+
+class _MetricsSum:
+    """Adds up the ``metrics`` snapshots of several worker processes."""
+
+    def __init__(self) -> None:
+        self.processes = 0
+        self.tasks: dict[str, dict[str, int]] = {}
+        self.lm: dict[str, dict[str, float]] = {}
+        self.runs: dict[str, dict[str, int]] = {}
+        self.promotions: dict[str, int] = {}
+        self.endpoints: set[str] = set()
+
+    def add(self, worker_id: str, raw: Any) -> None:
+        try:
+            snap = json.loads(raw)
+        except (TypeError, ValueError):
+            return
+        if not isinstance(snap, dict):
+            return
+        self.processes += 1
+        for table, into in (("tasks", self.tasks), ("runs", self.runs)):
+            for name, counts in (snap.get(table) or {}).items():
+                row = into.setdefault(name, {})
+                for outcome, n in (counts or {}).items():
+                    row[outcome] = row.get(outcome, 0) + int(n)
+        for model, usage in (snap.get("lm") or {}).items():
+            row_lm = self.lm.setdefault(model, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                "cost_usd": 0.0})
+            for field in row_lm:
+                row_lm[field] += usage.get(field, 0) or 0
+        for sig, n in (snap.get("promotions") or {}).items():
+            self.promotions[sig] = self.promotions.get(sig, 0) + int(n)
+        if snap.get("port") is not None:  # worker ids are "host:pid"
+            self.endpoints.add(f"{worker_id.rsplit(':', 1)[0]}:{snap['port']}")
+
+    def result(self) -> dict[str, Any]:
+        by_outcome: dict[str, int] = {}
+        for counts in self.tasks.values():
+            for outcome, n in counts.items():
+                by_outcome[outcome] = by_outcome.get(outcome, 0) + n
+        lm = {m: {**u, "cost_usd": round(u["cost_usd"], 6)} for m, u in sorted(self.lm.items())}
+        return {"processes": self.processes, "tasks": dict(sorted(self.tasks.items())), "tasks_total": by_outcome,
+                "lm": lm, "optimization_runs": dict(sorted(self.runs.items())),
+                "promotions": dict(sorted(self.promotions.items())), "endpoints": sorted(self.endpoints)}
+
+
+def collect_status(client: Any, *, timeout_s: float = 1.0) -> dict[str, Any]:
+    """Everything ``dspex status`` shows, as JSON-ready data."""
+    s = client.settings
+    redis = client.redis
+    cache, metrics = worker_stats(redis, s.namespace)
+    return {
+        "redis_url": s.redis_url,
+        "namespace": s.namespace,
+        "workers": _workers(client.app, timeout_s),
+        "queues": _queue_depths(client),
+        "cache": cache,
+        "metrics": metrics,
+        "sessions": int(redis.zcard(keys.sessions(s.namespace))),
+        "signatures": sorted(client.signatures(refresh=True)),
+    }

@@ -1,0 +1,68 @@
+"""Build DSPy modules from signatures and load stored JSON state into them safely.
+
+Only demos and the signature's instructions/field texts are taken from stored
+state; ``lm`` (endpoints, keys, custom classes) and any other key is ignored,
+so a stored program can never redirect calls or set arbitrary attributes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ValidationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..dsl.signature import Signature
+
+
+def _predictor_state(state: dict[str, Any], name: str, single: bool) -> dict[str, Any] | None:
+    if single and name in ("self", "") and ("demos" in state or "signature" in state or "instructions" in state):
+        return state
+    sub = state.get(name)
+    if isinstance(sub, dict):
+        return sub
+    if "demos" in state or "instructions" in state:  # the short form applies to every predictor
+        return state
+    return None
+
+
+def load_program(sig: Signature, state: dict[str, Any] | None) -> Any:
+    """A fresh module for ``sig`` with ``state`` (DSPy ``dump_state()`` JSON or ``{demos, instructions}``).
+
+    Raises:
+        ValidationError: when the state does not fit the module.
+    """
+    module = sig.build_module()
+    if not state:
+        return module
+    predictors = list(module.named_predictors())
+    for name, predictor in predictors:
+        pstate = _predictor_state(state, name, len(predictors) == 1)
+        if pstate is None:
+            continue
+        demos = pstate.get("demos", [])
+        if not isinstance(demos, list) or not all(isinstance(d, dict) for d in demos):
+            raise ValidationError.from_errors(
+                "program state", [{"field": f"{name}.demos", "message": "expected a list of objects"}]
+            )
+        safe: dict[str, Any] = {"demos": demos, "traces": [], "train": [], "lm": None,
+                                "signature": predictor.signature.dump_state()}
+        sig_state = pstate.get("signature")
+        if isinstance(sig_state, dict) and isinstance(sig_state.get("instructions"), str):
+            safe["signature"]["instructions"] = sig_state["instructions"]
+        if isinstance(pstate.get("instructions"), str):
+            safe["signature"]["instructions"] = pstate["instructions"]
+        predictor.load_state(safe)
+    return module
+
+
+def dump_program(module: Any) -> dict[str, Any]:
+    """JSON state of a module (what optimizers produce), without LM settings."""
+    state: dict[str, Any] = module.dump_state()
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k != "lm"}
+        return obj
+
+    return strip(state)  # type: ignore[no-any-return]

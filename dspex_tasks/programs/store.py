@@ -1,0 +1,327 @@
+"""The session program store: versioned JSON program state per (session, program).
+
+``ProgramStore`` keeps it in Redis, each write one atomic Lua script that bumps
+the version, stores the record, indexes the session and publishes an
+invalidation for worker caches. ``MemoryProgramStore`` is its in-memory twin
+for unit tests. State is JSON only, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .. import keys
+from ..errors import ProgramNotFound, ValidationError
+
+__all__ = ["ProgramRecord", "ProgramStoreProtocol", "ProgramStore", "MemoryProgramStore", "check_state"]
+
+DEFAULT_MAX_STATE_BYTES = 2_000_000
+# The stores have a ``list`` method, which shadows the builtin inside their class bodies.
+Names = list[str]
+Versions = list[int]
+
+
+@dataclass(frozen=True)
+class ProgramRecord:
+    """One stored program version."""
+
+    state: dict[str, Any]
+    version: int
+    signature: str | None
+    updated_at: float
+    session: str = ""
+    program: str = ""
+
+
+def check_state(state: Any, max_bytes: int = DEFAULT_MAX_STATE_BYTES) -> str:
+    """Validate program state and return its JSON text.
+
+    Raises:
+        ValidationError: when the state is not a JSON object or is too large.
+    """
+    if not isinstance(state, dict):
+        raise ValidationError.from_errors(
+            "program state", [{"field": "state", "message": f"expected a JSON object, got {type(state).__name__}"}]
+        )
+    try:
+        text = json.dumps(state, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError.from_errors("program state", [{"field": "state", "message": f"not JSON: {exc}"}]) from None
+    if len(text) > max_bytes:
+        raise ValidationError.from_errors(
+            "program state", [{"field": "state", "message": f"{len(text)} bytes exceeds the {max_bytes}-byte limit"}]
+        )
+    return text
+
+
+class ProgramStoreProtocol(Protocol):
+    def put(self, session: str, program: str, state: dict[str, Any], *, signature: str | None = None,
+            token: str | None = None) -> int: ...
+    def get(self, session: str, program: str, version: int | None = None) -> ProgramRecord: ...
+    def current_version(self, session: str, program: str) -> int: ...
+    def list(self, session: str) -> Names: ...
+    def delete(self, session: str, program: str) -> None: ...
+    def history(self, session: str, program: str) -> Versions: ...
+    def rollback(self, session: str, program: str, version: int) -> int: ...
+    def sessions(self) -> Names: ...
+    def delete_session(self, session: str) -> None: ...
+
+
+# KEYS: meta, versions, session programs, sessions zset, token key ("" = none)
+# ARGV: record json, signature, now, program, session, channel, ttl_s (0 = none), message prefix
+_PUT = """
+if KEYS[5] ~= '' then
+  local done = redis.call('GET', KEYS[5])
+  if done then return tonumber(done) end
+end
+local v = redis.call('HINCRBY', KEYS[1], 'latest', 1)
+redis.call('HSET', KEYS[2], v, ARGV[1])
+redis.call('HSET', KEYS[1], 'current', v, 'signature', ARGV[2], 'updated_at', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
+local ttl = tonumber(ARGV[7])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], v, 'EX', 86400) end
+redis.call('PUBLISH', ARGV[6], ARGV[8] .. v .. '}')
+return v
+"""
+
+# KEYS: meta, versions; ARGV: version, now, channel, message prefix
+_ROLLBACK = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'current', ARGV[1], 'updated_at', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ARGV[1] .. '}')
+return tonumber(ARGV[1])
+"""
+
+# KEYS: meta, versions; ARGV: version (0 = current) -> record json or false, version
+_GET = """
+local v = ARGV[1]
+if v == '0' then
+  v = redis.call('HGET', KEYS[1], 'current')
+  if not v then return {false, 0} end
+end
+return {redis.call('HGET', KEYS[2], v), tonumber(v)}
+"""
+
+
+def _message_prefix(session: str, program: str) -> str:
+    # ids are restricted to [A-Za-z0-9._:-], so no JSON escaping is needed.
+    return f'{{"session":"{session}","program":"{program}","version":'
+
+
+class ProgramStore:
+    """Versioned program state in Redis.
+
+    Args:
+        redis: a ``redis.Redis`` client (``decode_responses`` either way).
+        namespace: key prefix (``DSPEX_NAMESPACE``).
+        session_ttl_s: expire a session's program keys this long after their last write.
+        max_state_bytes: reject larger states.
+
+    Example:
+        >>> store = ProgramStore(redis=redis.Redis.from_url(url))  # doctest: +SKIP
+        >>> v = store.put("t42", "qa", {"demos": []}, signature="qa")  # doctest: +SKIP
+    """
+
+    def __init__(self, *, redis: Any, namespace: str = "dspex", session_ttl_s: int | None = None,
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> None:
+        self.redis = redis
+        self.ns = namespace
+        self.session_ttl_s = session_ttl_s
+        self.max_state_bytes = max_state_bytes
+        self._put = redis.register_script(_PUT)
+        self._rollback = redis.register_script(_ROLLBACK)
+        self._get = redis.register_script(_GET)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> ProgramStore:
+        import redis as redis_lib
+
+        return cls(redis=redis_lib.Redis.from_url(url), **kwargs)
+
+    def _keys(self, session: str, program: str) -> tuple[str, str]:
+        keys.check_id(session, "session")
+        keys.check_id(program, "program")
+        return keys.program_meta(self.ns, session, program), keys.program_versions(self.ns, session, program)
+
+    def put(self, session: str, program: str, state: dict[str, Any], *, signature: str | None = None,
+            token: str | None = None) -> int:
+        """Store ``state`` as the next version and make it current.
+
+        ``token`` makes the write idempotent: a second put with the same token
+        returns the first one's version and writes nothing.
+        """
+        meta, versions = self._keys(session, program)
+        text = check_state(state, self.max_state_bytes)
+        if token is not None:
+            keys.check_id(token, "token")
+        now = time.time()
+        record = f'{{"state":{text},"signature":{json.dumps(signature)},"updated_at":{now!r}}}'
+        token_key = keys.program_token(self.ns, session, program, token) if token else ""
+        return int(self._put(
+            keys=[meta, versions, keys.session_programs(self.ns, session), keys.sessions(self.ns), token_key],
+            args=[record, signature or "", repr(now), program, session, keys.program_events(self.ns),
+                  self.session_ttl_s or 0, _message_prefix(session, program)],
+        ))
+
+    def get(self, session: str, program: str, version: int | None = None) -> ProgramRecord:
+        """The current (or a given) version. Raises ProgramNotFound."""
+        meta, versions = self._keys(session, program)
+        raw, v = self._get(keys=[meta, versions], args=[int(version or 0)])
+        if not raw:
+            what = f"version {version} of " if version else ""
+            raise ProgramNotFound(f"no {what}program '{program}' in session '{session}'")
+        data = json.loads(raw)
+        return ProgramRecord(state=data["state"], version=int(v), signature=data.get("signature"),
+                             updated_at=float(data["updated_at"]), session=session, program=program)
+
+    def current_version(self, session: str, program: str) -> int:
+        """The current version, 0 when nothing is stored (one HGET)."""
+        meta, _ = self._keys(session, program)
+        v = self.redis.hget(meta, "current")
+        return int(v) if v else 0
+
+    def list(self, session: str) -> Names:
+        keys.check_id(session, "session")
+        return sorted(_s(m) for m in self.redis.smembers(keys.session_programs(self.ns, session)))
+
+    def history(self, session: str, program: str) -> Versions:
+        _, versions = self._keys(session, program)
+        return sorted(int(v) for v in self.redis.hkeys(versions))
+
+    def rollback(self, session: str, program: str, version: int) -> int:
+        """Make an earlier version current again (history is kept). Raises ProgramNotFound."""
+        meta, versions = self._keys(session, program)
+        v = int(self._rollback(keys=[meta, versions], args=[int(version), repr(time.time()),
+                                                             keys.program_events(self.ns),
+                                                             _message_prefix(session, program)]))
+        if v == 0:
+            raise ProgramNotFound(f"no version {version} of program '{program}' in session '{session}'")
+        return v
+
+    def delete(self, session: str, program: str) -> None:
+        meta, versions = self._keys(session, program)
+        pipe = self.redis.pipeline()
+        pipe.delete(meta, versions)
+        pipe.srem(keys.session_programs(self.ns, session), program)
+        pipe.publish(keys.program_events(self.ns), _message_prefix(session, program) + "0}")
+        pipe.execute()
+
+    def sessions(self) -> Names:
+        """Sessions, most recently written or used first."""
+        return [_s(s) for s in self.redis.zrevrange(keys.sessions(self.ns), 0, -1)]
+
+    def recent_sessions(self, limit: int) -> Names:
+        return [_s(s) for s in self.redis.zrevrange(keys.sessions(self.ns), 0, max(limit, 1) - 1)] if limit else []
+
+    def touch(self, sessions: dict[str, float]) -> None:
+        """Record use times (batched by worker caches, never per task)."""
+        if sessions:
+            self.redis.zadd(keys.sessions(self.ns), sessions, gt=True)
+
+    def delete_session(self, session: str) -> None:
+        for program in self.list(session):
+            self.delete(session, program)
+        pipe = self.redis.pipeline()
+        pipe.delete(keys.session_programs(self.ns, session))
+        pipe.zrem(keys.sessions(self.ns), session)
+        pipe.execute()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class MemoryProgramStore:
+    """The in-memory twin of :class:`ProgramStore` (same API and errors), for tests."""
+
+    def __init__(self, *, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> None:
+        self.max_state_bytes = max_state_bytes
+        self._programs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._sessions: dict[str, float] = {}
+        self._tokens: dict[tuple[str, str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def _entry(self, session: str, program: str) -> dict[str, Any] | None:
+        keys.check_id(session, "session")
+        keys.check_id(program, "program")
+        return self._programs.get((session, program))
+
+    def put(self, session: str, program: str, state: dict[str, Any], *, signature: str | None = None,
+            token: str | None = None) -> int:
+        with self._lock:
+            entry = self._entry(session, program)
+            text = check_state(state, self.max_state_bytes)
+            if token is not None and (session, program, keys.check_id(token, "token")) in self._tokens:
+                return self._tokens[(session, program, token)]
+            if entry is None:
+                entry = self._programs[(session, program)] = {"latest": 0, "current": 0, "versions": {}}
+            entry["latest"] += 1
+            v = entry["current"] = entry["latest"]
+            now = time.time()
+            entry["versions"][v] = ProgramRecord(json.loads(text), v, signature, now, session, program)
+            self._sessions[session] = now
+            if token is not None:
+                self._tokens[(session, program, token)] = v
+            return int(v)
+
+    def get(self, session: str, program: str, version: int | None = None) -> ProgramRecord:
+        entry = self._entry(session, program)
+        v = version or (entry["current"] if entry else 0)
+        if entry is None or v not in entry["versions"]:
+            what = f"version {version} of " if version else ""
+            raise ProgramNotFound(f"no {what}program '{program}' in session '{session}'")
+        rec: ProgramRecord = entry["versions"][v]
+        return ProgramRecord(json.loads(json.dumps(rec.state)), rec.version, rec.signature, rec.updated_at,
+                             session, program)
+
+    def current_version(self, session: str, program: str) -> int:
+        entry = self._entry(session, program)
+        return int(entry["current"]) if entry else 0
+
+    def list(self, session: str) -> Names:
+        keys.check_id(session, "session")
+        return sorted(p for (s, p) in self._programs if s == session)
+
+    def history(self, session: str, program: str) -> Versions:
+        entry = self._entry(session, program)
+        return sorted(entry["versions"]) if entry else []
+
+    def rollback(self, session: str, program: str, version: int) -> int:
+        with self._lock:
+            entry = self._entry(session, program)
+            if entry is None or version not in entry["versions"]:
+                raise ProgramNotFound(f"no version {version} of program '{program}' in session '{session}'")
+            entry["current"] = version
+            return version
+
+    def delete(self, session: str, program: str) -> None:
+        with self._lock:
+            self._entry(session, program)
+            self._programs.pop((session, program), None)
+
+    def sessions(self) -> Names:
+        return [s for s, _ in sorted(self._sessions.items(), key=lambda kv: -kv[1])]
+
+    def recent_sessions(self, limit: int) -> Names:
+        return self.sessions()[:limit]
+
+    def touch(self, sessions: dict[str, float]) -> None:
+        for s, t in sessions.items():
+            self._sessions[s] = max(t, self._sessions.get(s, 0.0))
+
+    def delete_session(self, session: str) -> None:
+        with self._lock:
+            keys.check_id(session, "session")
+            for key in [k for k in self._programs if k[0] == session]:
+                del self._programs[key]
+            self._sessions.pop(session, None)

@@ -1,0 +1,60 @@
+"""The base class of every dspex task: a guard against messages that kill their worker.
+
+With late acks and ``reject_on_worker_lost``, a message whose processing kills the
+worker (a native crash, the OOM killer) goes back to the queue and would kill the
+next worker too, forever. Kombu marks such a message ``redelivered``; only then do we
+count its deliveries in Redis (the first delivery costs nothing), and past
+``DSPEX_MAX_DELIVERIES`` the message is set aside in a dead-letter list and fails as
+``errors.DeadLettered`` without running.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from celery import Task
+
+from .. import keys
+from ..errors import DeadLettered
+
+__all__ = ["DspexTask", "dead_letters"]
+
+
+def _redelivered(request: Any) -> bool:
+    info = getattr(request, "delivery_info", None) or {}
+    return bool(info.get("redelivered") or (getattr(request, "headers", None) or {}).get("redelivered"))
+
+
+class DspexTask(Task):  # type: ignore[misc]
+    """Counts redeliveries and dead-letters a message that keeps killing its worker."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _redelivered(self.request):
+            self._count_delivery(kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _count_delivery(self, kwargs: dict[str, Any]) -> None:
+        settings = self.app.dspex_settings
+        redis = self.app.runtime.redis
+        if redis is None:
+            return
+        key = keys.deliveries(settings.namespace, self.request.id)
+        pipe = redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 86_400)
+        count = int(pipe.execute()[0]) + 1  # the first delivery was not counted
+        if count > settings.max_deliveries:
+            record = {"task_id": self.request.id, "task": self.name, "deliveries": count, "at": time.time(),
+                      "kwargs": {k: kwargs[k] for k in ("session", "program", "run_id", "stage", "signature")
+                                 if k in kwargs}}
+            redis.lpush(keys.dead_letters(settings.namespace), json.dumps(record))
+            redis.ltrim(keys.dead_letters(settings.namespace), 0, 9999)
+            raise DeadLettered(f"task {self.name}[{self.request.id}] was delivered {count} times (its worker died "
+                               f"each time); set aside after DSPEX_MAX_DELIVERIES={settings.max_deliveries}")
+
+
+def dead_letters(redis: Any, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
+    """The most recent dead-lettered messages."""
+    return [json.loads(r) for r in redis.lrange(keys.dead_letters(namespace), 0, limit - 1)]

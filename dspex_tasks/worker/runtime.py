@@ -1,0 +1,326 @@
+"""The worker-side runtime: one per worker process, pre-warmed at process start.
+
+It owns the process's LM clients, the program store and cache, and runs one
+prediction: cache lookup, ``dspy.context(lm=...)``, output validation, result
+JSON. Celery tasks are thin wrappers around :meth:`Runtime.predict`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .. import keys  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
+from ..dsl.signature import Signature, SignatureRegistry, registry
+from ..errors import ConfigurationError, DspexError, LMError, LMParseError, ValidationError
+from ..lm.factory import lm_name
+from ..lm.governed import build_signature_lm, plan_lm
+from ..lm.ratelimit import RateLimited, claim
+from ..lm.usage import UsageLedger, task_usage
+from ..programs.cache import ProgramCache
+from ..programs.state import load_program
+from ..programs.store import ProgramRecord, ProgramStore, ProgramStoreProtocol
+from ..settings import Settings
+from .dspy_patches import apply_dspy_speedups
+
+__all__ = ["Runtime", "import_signature_modules", "publish_signatures", "RETRYABLE_LM_ERRORS"]
+
+log = logging.getLogger(__name__)
+
+# Connections one DSPy LM object keeps (DSPy 3.4's lm15 transport default).
+LM_CONNECTIONS = 100
+
+# Provider errors worth another attempt (by class name, so this module needs no litellm import).
+RETRYABLE_LM_ERRORS = (
+    "RateLimitError",
+    "ServiceUnavailableError",
+    "InternalServerError",
+    "APIConnectionError",
+    "Timeout",
+    "APITimeoutError",
+    "BadGatewayError",
+    "LMRateLimitError",  # DSPy 3.4's classes (what GovernedLM reports once its own retries are spent)
+    "LMServerError",
+    "LMTransportError",
+)
+
+
+def import_signature_modules(modules: list[str]) -> list[str]:
+    """Import the modules that define signatures; returns the ones imported."""
+    imported = []
+    for name in modules:
+        importlib.import_module(name)
+        imported.append(name)
+    return imported
+
+
+def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> None:
+    """Publish schemas so clients validate without dspy or the signature code."""
+    if not sigs:
+        return
+    from ..optimize.metrics import metric_names
+    from ..optimize.optimizers import optimizer_names
+
+    mapping = {s.name: json.dumps(s.describe(), separators=(",", ":")) for s in sigs}
+    pipe = redis.pipeline()
+    pipe.hset(keys.signatures(namespace), mapping=mapping)
+    pipe.hset(keys.capabilities(namespace), mapping={"metrics": json.dumps(metric_names()),
+                                                     "optimizers": json.dumps(optimizer_names())})
+    pipe.publish(keys.signature_events(namespace), json.dumps(sorted(mapping)))
+    pipe.execute()
+
+
+SAFE_EVICTION = frozenset({"noeviction"})
+
+# Per-task DSPy settings. DSPy otherwise keeps every call's prompt and answer in a process-wide
+# history (10,000 entries): tens of MB in a long-lived worker, and nothing here reads it. Set per
+# task (not with dspy.configure) so an in-process worker never changes its host's DSPy.
+DSPY_TASK_SETTINGS: dict[str, Any] = {"disable_history": True}
+
+
+def check_eviction_policy(redis: Any, allow_unsafe: bool) -> str | None:
+    """Refuse a Redis that may evict keys: queued messages, results and programs would vanish silently."""
+    try:
+        policy = redis.config_get("maxmemory-policy").get("maxmemory-policy")
+    except Exception as exc:  # managed Redis often forbids CONFIG: say so, do not guess
+        log.warning("could not read Redis maxmemory-policy (%s); make sure it is 'noeviction'", exc)
+        return None
+    policy = policy.decode() if isinstance(policy, bytes) else policy
+    if policy not in SAFE_EVICTION:
+        message = (f"Redis maxmemory-policy is '{policy}': it may evict queued tasks, results and programs. "
+                   "Set it to 'noeviction' (CONFIG SET maxmemory-policy noeviction), or set "
+                   "DSPEX_ALLOW_UNSAFE_EVICTION=1 to run anyway")
+        if not allow_unsafe:
+            raise ConfigurationError(message)
+        log.warning(message)
+    return str(policy)
+
+
+def classify_lm_error(sig: Signature, exc: BaseException) -> DspexError:
+    """Map a failure inside the DSPy call to the matching typed error."""
+    name = type(exc).__name__
+    if name == "AdapterParseError":
+        return LMParseError(f"LM output for signature '{sig.name}' did not parse: {_short(exc)}")
+    if isinstance(exc, DspexError):
+        return exc
+    return LMError(f"LM call for signature '{sig.name}' failed ({name}): {_short(exc)}")
+
+
+def _short(exc: BaseException, limit: int = 500) -> str:
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Runtime:
+    """Per-process state of a worker: LMs, store, program cache.
+
+    Args:
+        settings: the process settings.
+        redis: a ``redis.Redis`` client (built from ``settings.redis_url`` when omitted).
+        store: a program store (a :class:`ProgramStore` on ``redis`` when omitted).
+        signatures: the registry to serve (the process-wide one by default).
+    """
+
+    def __init__(self, settings: Settings, *, redis: Any = None, store: ProgramStoreProtocol | None = None,
+                 signatures: SignatureRegistry | None = None) -> None:
+        self.settings = settings
+        self.signatures = signatures or registry
+        if redis is None and store is None:
+            import redis as redis_lib
+
+            redis = redis_lib.Redis.from_url(settings.redis_url, health_check_interval=30,
+                                             socket_keepalive=True)
+        self.redis = redis
+        self.store: ProgramStoreProtocol = store or ProgramStore(
+            redis=redis, namespace=settings.namespace, session_ttl_s=settings.session_ttl_s,
+            max_state_bytes=settings.max_state_bytes)
+        self.cache = ProgramCache(self.store, self._build, max_size=settings.program_cache_size,
+                                  verify_s=settings.cache_verify_s)
+        self._lms: dict[str, list[Any]] = {}
+        self._rr = itertools.count()
+        self._base: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.warmed_at: float | None = None
+        self._plans: dict[str, Any] = {}
+        self.ledger = UsageLedger(redis, settings.namespace, session_ttl_s=settings.session_ttl_s)
+
+    # -- warm-up ------------------------------------------------------------
+    def warm(self, *, publish: bool = True, listen: bool = True) -> dict[str, Any]:
+        """Configure LMs, build every signature's module, load the hottest sessions.
+
+        Raises:
+            ConfigurationError: Redis may evict keys (anything but ``noeviction``) and
+                ``DSPEX_ALLOW_UNSAFE_EVICTION`` is not set.
+        """
+        t0 = time.perf_counter()
+        if self.redis is not None:
+            check_eviction_policy(self.redis, self.settings.allow_unsafe_eviction)
+        _private_dspy_cache()
+        apply_dspy_speedups()
+        for sig in self.signatures:
+            self.lm_for(sig)
+            self._base[sig.name] = sig.build_module()
+            self._base[sig.name]._dspex_signature = sig.name
+        loaded = 0
+        if self.settings.prewarm_sessions and self.redis is not None:
+            sessions = self.store.sessions()[: self.settings.prewarm_sessions]
+            loaded = self.cache.prewarm(sessions, self.store.list)
+        if publish and self.redis is not None:
+            publish_signatures(self.redis, self.settings.namespace, list(self.signatures))
+        if listen and self.redis is not None:
+            self.cache.start_listener(self.redis, keys.program_events(self.settings.namespace),
+                                      on_tick=self.flush)
+        self.warmed_at = time.time()
+        info = {"signatures": len(self.signatures), "programs": loaded,
+                "ms": round((time.perf_counter() - t0) * 1000, 1)}
+        log.info("worker %s warm: %s", self.worker_id, info)
+        return info
+
+    def flush(self) -> None:
+        """Write batched session use times and cache counters (from the listener thread)."""
+        used = self.cache.take_used()
+        if self.redis is None:
+            return
+        try:
+            if used:
+                self.store.touch(used)  # type: ignore[attr-defined]
+            from ..observability.prometheus import snapshot_json
+            self.redis.hset(keys.worker_stats(self.settings.namespace, self.worker_id),
+                            mapping={**self.cache.stats.as_dict(), "metrics": snapshot_json(self.cache.stats)})
+            self.redis.expire(keys.worker_stats(self.settings.namespace, self.worker_id), 60)
+        except Exception as exc:
+            log.warning("could not record session use: %s", exc)
+
+    def close(self) -> None:
+        self.cache.stop()
+        self.ledger.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    # -- building -----------------------------------------------------------
+    def lm_for(self, sig: Signature) -> Any:
+        """The LM for a signature; several instances round-robin when one cannot carry the concurrency.
+
+        DSPy 3.4's native HTTP engine caps each LM object at 100 connections, so with more
+        threads than that one LM would queue calls behind its own pool.
+        """
+        plan = self._plans.get(sig.name) or self._plans.setdefault(sig.name, plan_lm(self.settings, sig.name,
+                                                                                      sig.options))
+        pool = self._lms.get(plan.key)
+        if pool is None:
+            with self._lock:
+                pool = self._lms.get(plan.key)
+                if pool is None:
+                    first = build_signature_lm(self.settings, plan, self.redis)
+                    size = 1 if plan.in_process else max(1, -(-self.settings.worker_concurrency // LM_CONNECTIONS))
+                    pool = self._lms[plan.key] = [first] + [build_signature_lm(self.settings, plan, self.redis)
+                                                            for _ in range(size - 1)]
+        if len(pool) == 1:
+            return pool[0]
+        return pool[next(self._rr) % len(pool)]
+
+    def _build(self, program: str, record: ProgramRecord | None) -> Any:
+        name = (record.signature if record else None) or program
+        sig = self.signatures.find(name)
+        if sig is None:
+            # A stored program named differently from its signature, with no signature recorded.
+            return None
+        if record is None:
+            module = self._base.get(sig.name)
+            if module is None:
+                module = self._base[sig.name] = sig.build_module()
+                module._dspex_signature = sig.name  # so a task of another signature refuses it
+            return module
+        module = load_program(sig, record.state)
+        module._dspex_signature = sig.name
+        return module
+
+    # -- serving ------------------------------------------------------------
+    def predict(self, sig: Signature, inputs: Any, session: str | None = None,
+                program: str | None = None) -> dict[str, Any]:
+        """Validate, run and validate again; returns the result JSON of ARCHITECTURE section 2."""
+        import dspy
+
+        t0 = time.perf_counter()
+        clean = sig.validate_inputs(inputs)
+        program = keys.check_id(program, "program") if program is not None else sig.name
+        if session is not None:
+            keys.check_id(session, "session")
+            module, version = self.cache.get(session, program)
+        else:
+            module, version = self._base.get(sig.name) or self._build(sig.name, None), 0
+        if module is None or getattr(module, "_dspex_signature", sig.name) != sig.name:
+            raise ValidationError.from_errors(
+                f"program for '{sig.name}'",
+                [{"field": "program", "message": f"program '{program}' does not serve signature '{sig.name}'"}])
+        lm = self.lm_for(sig)
+        with task_usage(sig.name, session) as spent:
+            try:
+                with dspy.context(lm=lm, track_usage=True, **DSPY_TASK_SETTINGS):
+                    prediction = module(**clean)
+            except Exception as exc:
+                raise classify_lm_error(sig, exc) from None
+        usage = self.ledger.finish(spent, prediction, sig.name, session)
+        raw = {name: prediction.get(name) for name in sig.output_fields}
+        try:
+            outputs = sig.validate_outputs(raw)
+        except ValidationError as exc:
+            raise LMParseError(f"LM output for signature '{sig.name}' does not fit it: {exc.message}",
+                               exc.errors) from None
+        return {
+            "outputs": outputs,
+            "session": session,
+            "program": program,
+            "program_version": version,
+            "usage": usage,
+            "lm": spent.served or lm_name(lm),
+            "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "worker": self.worker_id,
+        }
+
+    def predict_many(self, sig: Signature, items: list[Any], session: str | None = None,
+                     program: str | None = None) -> list[dict[str, Any]]:
+        """Run many predictions concurrently; each item is a result or ``{"error": ...}``."""
+
+        def one(inputs: Any) -> dict[str, Any]:
+            for _ in range(self.settings.rate_limit_max_requeues + 1):
+                try:
+                    return self.predict(sig, inputs, session, program)
+                except RateLimited as exc:  # a map item has no message of its own to re-queue: it waits
+                    time.sleep(exc.countdown_s)
+                    claim(exc.slot)
+                except DspexError as exc:
+                    return {"error": {"type": type(exc).__name__, "args": list(exc.args)}}
+            return {"error": {"type": "LMError", "args": ["fleet rate limit still full (DSPEX_RATE_LIMIT_MAX_REQUEUES)"]}}
+
+        if len(items) <= 1:
+            return [one(i) for i in items]
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dspex-map")
+        return list(self._pool.map(one, items))
+
+
+_cache_configured = False
+def _private_dspy_cache() -> None:
+    """DSPy's on-disk cache pickles; keep it off. The in-memory cache stays (per process)."""
+    global _cache_configured
+    if _cache_configured:
+        return
+    import dspy
+
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True,
+                         disk_cache_dir=tempfile.mkdtemp(prefix="dspex-dspy-cache-"), restrict_pickle=True)
+    _cache_configured = True
