@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
 def default_flower_conf() -> Path:
     """``flower_config.py`` of this checkout, else of the current directory."""
-    here = Path(__file__).resolve().parent.parent / "flower_config.py"
+    here = Path(__file__).resolve().parents[2] / "flower_config.py"
     return here if here.is_file() else Path.cwd() / "flower_config.py"
 
 

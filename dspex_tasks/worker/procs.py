@@ -26,7 +26,7 @@ from ..errors import ConfigurationError
 __all__ = ["PACKAGE_ROOT", "WorkerGroup", "celery_worker_argv", "ping_names", "supervise", "worker_env"]
 
 #: The directory holding ``dspex_tasks``, ``workers`` and ``signatures`` (repo root or site-packages).
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -505,11 +505,11 @@ def test_flower_in_the_image_finds_its_config_and_starts_with_auth(dockerfile: l
     workdir = _only(dockerfile, "WORKDIR", runtime)[-1].args
     copies = [ins.args.split() for ins in _only(dockerfile, "COPY", runtime) if "flower_config.py" in ins.args]
     assert copies == [["flower_config.py", "./"]] and (ROOT / "flower_config.py").is_file()
-    # Installed, cli_ops.py sits in site-packages with no flower_config.py beside it: `dspex flower` falls back
+    # Installed, cli/ops.py sits in site-packages with no flower_config.py above it: `dspex flower` falls back
     # to the working directory, where the image put it.
-    site = tmp_path / "site-packages" / "dspex_tasks"
+    site = tmp_path / "lib" / "site-packages" / "dspex_tasks" / "cli"
     site.mkdir(parents=True)
-    monkeypatch.setattr(cli_ops, "__file__", str(site / "cli_ops.py"))
+    monkeypatch.setattr(cli_ops, "__file__", str(site / "ops.py"))
     monkeypatch.chdir(tmp_path)
     assert cli_ops.default_flower_conf() == tmp_path / "flower_config.py"
     assert Path(workdir).is_absolute()
