@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .main import app, main
+from .core import app, main
 
 __all__ = ["app", "main"]

@@ -27,7 +27,7 @@ import typer.main
 import yaml
 from typer.testing import CliRunner
 
-from dspex_tasks.cli import main as cli
+from dspex_tasks import cli
 from dspex_tasks.cli import ops as cli_ops
 from dspex_tasks.settings import Settings
 

@@ -222,7 +222,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 def test_importing_and_defining_signatures_does_not_import_dspy() -> None:
     code = (
         "import sys, dspex_tasks, jsonschema\n"
-        "s = dspex_tasks.dsl.signature('a: str -> b: list[entity], c: confidence_score', name='z')\n"
+        "s = dspex_tasks.signature('a: str -> b: list[entity], c: confidence_score', name='z')\n"
         "s.validate_inputs({'a': 'x'}); s.validate_outputs({'b': [], 'c': '0.5'})\n"
         "for schema in (s.input_schema(), s.json_schema('openai')['json_schema']['schema'],\n"
         "               s.json_schema('anthropic')['input_schema'], s.describe()['output_schema']):\n"
