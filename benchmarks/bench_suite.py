@@ -115,11 +115,12 @@ def scenario_coldstart(ctx: Context) -> Outcome:
     """``dspex worker --processes 8`` with 100 stored session programs: launch -> first served task."""
     import signatures
     from dspex_tasks.client import Client
+    from dspex_tasks.programs.bridge import build_module
     from dspex_tasks.programs.state import dump_program
 
     procs, sessions = 8, 100
     client = Client(settings=client_settings(ctx))
-    state = dump_program(signatures.qa.build_module())
+    state = dump_program(build_module(signatures.qa))
     for i in range(sessions):
         client.programs.put(f"cold{i:03d}", SIGNATURE, state, signature=SIGNATURE)
     env = child_env(ctx.url, **dspex_worker_env(ctx, 2, DSPEX_PREWARM_SESSIONS=str(sessions)))
@@ -163,6 +164,7 @@ def scenario_progcache(ctx: Context) -> Outcome:
     import redis as redis_lib
 
     import signatures
+    from dspex_tasks.programs.bridge import build_module
     from dspex_tasks.programs.cache import ProgramCache
     from dspex_tasks.programs.state import dump_program, load_program
     from dspex_tasks.programs.store import ProgramStore
@@ -170,7 +172,7 @@ def scenario_progcache(ctx: Context) -> Outcome:
     n = 300 if ctx.quick else 2000
     r = redis_lib.Redis.from_url(ctx.url)
     store = ProgramStore(redis=r, namespace=ctx.namespace)
-    module = signatures.qa.build_module()
+    module = build_module(signatures.qa)
     state = dump_program(module)
     demos = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(4)]  # a realistic optimized program
     for part in [state, *[v for v in state.values() if isinstance(v, dict)]]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
 
-from . import keys
+from . import keys, wire
+from .connections import redis_client
 from .errors import (
     BackendUnavailable,
     DspexError,
@@ -151,10 +152,7 @@ class Client:
     @property
     def redis(self) -> Any:
         if self._redis is None:
-            import redis as redis_lib
-
-            self._redis = redis_lib.Redis.from_url(self.settings.redis_url, socket_timeout=10,
-                                                   socket_connect_timeout=5, health_check_interval=30)
+            self._redis = redis_client(self.settings)
         return self._redis
 
     @property
@@ -314,9 +312,9 @@ class Client:
         if program is not None:
             keys.check_id(program, "program")
         self.validate(name, inputs)
-        r = self.app.send_task(f"dspex.{name}", kwargs={"inputs": inputs, "session": session, "program": program},
+        r = self.app.send_task(wire.task_name(name), kwargs=wire.predict_kwargs(inputs, session, program),
                                queue=queue or self.settings.predict_queue, countdown=countdown,
-                               headers={"dspex_sent_at": time.time()})  # queue age for `dspex health`
+                               headers=wire.sent_headers())  # queue age for `dspex health`
         return Job(r)
 
     def job(self, job_id: str) -> Job:
@@ -343,10 +341,8 @@ class Client:
                 raise ValidationError.from_errors(f"inputs for '{name}' (item {i})", errors) from None
         size = chunk_size or self.settings.map_chunk_size
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
-        from .app import MAP_TASK
-
-        pending = [self.app.send_task(MAP_TASK, kwargs={"signature": name, "items": chunk, "session": session,
-                                                        "program": program}, queue=self.settings.predict_queue)
+        pending = [self.app.send_task(wire.MAP_TASK, kwargs=wire.map_kwargs(name, chunk, session, program),
+                                      queue=self.settings.predict_queue, headers=wire.sent_headers())
                    for chunk in chunks]
         return self._collect(pending, [len(c) for c in chunks], timeout, return_exceptions, on_progress)
 

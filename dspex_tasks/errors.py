@@ -15,13 +15,26 @@ __all__ = [
     "SignatureError",
     "ValidationError",
     "UnknownSignature",
+    "InvalidId",
     "InvalidSession",
+    "NotFound",
     "ProgramNotFound",
+    "SessionNotFound",
+    "RunNotFound",
+    "DatasetNotFound",
+    "JobNotFound",
+    "ApiKeyNotFound",
     "ConfigurationError",
+    "Cancelled",
     "LMError",
     "LMParseError",
     "LMTimeout",
     "LMContextLengthExceeded",
+    "LMRetryableError",
+    "LMRateLimitError",
+    "LMServerError",
+    "LMConnectionError",
+    "RateLimited",
     "TaskTimeout",
     "ResultLost",
     "DeadLettered",
@@ -78,16 +91,58 @@ class UnknownSignature(DspexError):
     code = "unknown_signature"
 
 
-class InvalidSession(DspexError):
+class InvalidId(DspexError):
+    """Raised when an id (run, dataset, schedule, API key, token) is not 1-128 chars of ``[A-Za-z0-9._:-]``."""
+
+    code = "invalid_id"
+
+
+class InvalidSession(InvalidId):
     """Raised when a session or program id is not 1-128 chars of ``[A-Za-z0-9._:-]``."""
 
     code = "invalid_session"
 
 
-class ProgramNotFound(DspexError):
+class NotFound(DspexError):
+    """Raised when a stored thing (program, session, run, dataset, job, API key) does not exist."""
+
+    code = "not_found"
+
+
+class ProgramNotFound(NotFound):
     """Raised when a stored program (or one of its versions) does not exist."""
 
     code = "program_not_found"
+
+
+class SessionNotFound(NotFound):
+    """Raised when a session holds no programs."""
+
+    code = "session_not_found"
+
+
+class RunNotFound(NotFound):
+    """Raised when an optimization run does not exist (or its record expired)."""
+
+    code = "run_not_found"
+
+
+class DatasetNotFound(NotFound):
+    """Raised when a named dataset does not exist."""
+
+    code = "dataset_not_found"
+
+
+class JobNotFound(NotFound):
+    """Raised when a job id is unknown (or its result expired)."""
+
+    code = "job_not_found"
+
+
+class ApiKeyNotFound(NotFound):
+    """Raised when no gateway API key has the given id or name."""
+
+    code = "api_key_not_found"
 
 
 class ConfigurationError(DspexError):
@@ -96,10 +151,26 @@ class ConfigurationError(DspexError):
     code = "configuration_error"
 
 
+class Cancelled(DspexError):
+    """Raised when a job or an optimization run was cancelled before it finished."""
+
+    code = "cancelled"
+
+
+# -- the LM subtree: each class says whether the task may retry it (``retryable``) and after how long ----------
 class LMError(DspexError):
-    """Raised when the language model call fails after its retry budget."""
+    """Raised when the language model call fails after its retry budget.
+
+    ``retryable`` says whether the task may run again (the class decides, never the message text);
+    ``retry_after`` is the provider's requested wait in seconds, when it gave one.
+    """
 
     code = "lm_error"
+    retryable = False
+
+    @property
+    def retry_after(self) -> float | None:
+        return None
 
 
 class LMParseError(LMError):
@@ -116,7 +187,7 @@ class LMParseError(LMError):
 
 
 class LMTimeout(LMError):
-    """Raised when the LM did not answer within ``DSPEX_LM_TIMEOUT_S`` (not retried on the same model)."""
+    """Raised when the LM did not answer within ``DSPEX_LM_TIMEOUT_S`` (not retried: it already took that long)."""
 
     code = "lm_timeout"
 
@@ -125,6 +196,88 @@ class LMContextLengthExceeded(LMError):
     """Raised when the prompt exceeds the model's context window (never retried)."""
 
     code = "lm_context_length_exceeded"
+
+
+class LMRetryableError(LMError):
+    """Raised when the provider failed in a way worth another attempt, after the in-call retries were spent.
+
+    Args:
+        message: What failed.
+        retry_after: The provider's ``Retry-After`` in seconds, when it gave one.
+    """
+
+    code = "lm_retryable"
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.args[1] if len(self.args) > 1 else None
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+class LMRateLimitError(LMRetryableError):
+    """Raised when the provider rate-limited the call (HTTP 429) on every model of the route."""
+
+    code = "lm_rate_limit"
+
+
+class LMServerError(LMRetryableError):
+    """Raised when the provider failed on its side (5xx) on every model of the route."""
+
+    code = "lm_server_error"
+
+
+class LMConnectionError(LMRetryableError):
+    """Raised when the provider could not be reached (connection, DNS, TLS) on every model of the route."""
+
+    code = "lm_connection_error"
+
+
+class RateLimited(LMError):
+    """Raised when a fleet-wide limit (or the provider's ``Retry-After``) needs a longer wait than a thread
+    should hold.
+
+    The task re-queues itself with ``countdown_s`` on a budget of its own; it never reaches a client as a
+    failure.
+
+    Args:
+        countdown_s: Seconds until the task should run again.
+        message: What is saturated.
+        provider: True when the provider asked for the wait (counts against the task's LM retry budget).
+        slot: A slot reserved for the task, ``{"key": buckets, "at": Redis time in ms}``, to redeem then.
+    """
+
+    code = "rate_limited"
+    retryable = True
+
+    def __init__(self, countdown_s: float, message: str = "", provider: bool = False,
+                 slot: dict[str, Any] | None = None) -> None:
+        super().__init__(float(countdown_s), message or f"rate limited; retry in {float(countdown_s):.2f}s",
+                         bool(provider), slot)
+
+    @property
+    def countdown_s(self) -> float:
+        return float(self.args[0])
+
+    @property
+    def retry_after(self) -> float | None:
+        return self.countdown_s
+
+    @property
+    def message(self) -> str:
+        return str(self.args[1])
+
+    @property
+    def provider(self) -> bool:
+        return bool(self.args[2])
+
+    @property
+    def slot(self) -> dict[str, Any] | None:
+        slot = self.args[3] if len(self.args) > 3 else None
+        return slot if isinstance(slot, dict) else None
 
 
 class BackendUnavailable(DspexError):
@@ -152,24 +305,7 @@ class ResultLost(DspexError):
 
 
 _BY_NAME: dict[str, type[DspexError]] = {
-    cls.__name__: cls
-    for cls in (
-        DspexError,
-        SignatureError,
-        ValidationError,
-        UnknownSignature,
-        InvalidSession,
-        ProgramNotFound,
-        ConfigurationError,
-        LMError,
-        LMParseError,
-        LMTimeout,
-        LMContextLengthExceeded,
-        TaskTimeout,
-        ResultLost,
-        DeadLettered,
-        BackendUnavailable,
-    )
+    cls.__name__: cls for cls in (globals()[name] for name in __all__ if name != "from_remote")
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidSession
+from .errors import InvalidId, InvalidSession
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -20,10 +20,12 @@ def namespace_pattern(ns: str) -> str:
 
 
 def check_id(value: object, what: str = "session") -> str:
-    """Return ``value`` if it is a valid session/program id, else raise InvalidSession."""
+    """Return ``value`` if it is a valid id, else raise :class:`~dspex_tasks.errors.InvalidSession` (for a
+    session or program id) or :class:`~dspex_tasks.errors.InvalidId` (a run, dataset, schedule, ... id)."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
         shown = repr(value)[:80]
-        raise InvalidSession(f"invalid {what} id {shown}: expected 1-128 characters of [A-Za-z0-9._:-]")
+        cls = InvalidSession if what in ("session", "program") else InvalidId
+        raise cls(f"invalid {what} id {shown}: expected 1-128 characters of [A-Za-z0-9._:-]")
     return value
 
 

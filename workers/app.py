@@ -6,7 +6,7 @@ Everything comes from ``DSPEX_*`` settings: broker, signature modules
 
 from __future__ import annotations
 
-from dspex_tasks.app import create_worker_app
+from dspex_tasks.worker.app import create_worker_app
 
 app = create_worker_app()
 celery = app  # ``celery -A workers.app`` finds either name

@@ -92,7 +92,7 @@ def worker(
                     for i in range(processes)}
         env = worker_env({"DSPEX_WORKER_POOL": pool_name, "DSPEX_WORKER_CONCURRENCY": str(threads)})
         raise typer.Exit(supervise(WorkerGroup(commands, env=env), report=err.print))
-    from ..app import create_worker_app
+    from ..worker.app import create_worker_app
 
     celery_app = create_worker_app(settings)
     celery_app.worker_main(["worker", "--loglevel", loglevel, "-Q", ",".join(queue_list), "-n", node,

@@ -60,13 +60,12 @@ def gateway(
 
 @contextmanager
 def _key_store() -> Iterator[Any]:
-    import redis as redis_lib
-
+    from ..connections import redis_client
     from ..gateway.auth import KeyStore
     from ..settings import load_settings
 
     settings = load_settings()
-    r = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    r = redis_client(settings)
     try:
         yield KeyStore(redis=r, namespace=settings.namespace)
     finally:

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..wire import SENT_AT_HEADER
 from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, redacted_url
 
 __all__ = ["register", "flower", "health", "collect_health", "flower_argv", "default_flower_conf",
@@ -30,7 +31,7 @@ DEFAULT_APP = "workers.app"
 
 #: Message headers a producer may stamp with its send time (unix seconds or ISO 8601), first match wins.
 #: Celery's protocol 2 carries none by default; ``dspex_sent_at`` is the one dspex producers can add.
-SENT_AT_HEADERS = ("dspex_sent_at", "sent_at", "timestamp")
+SENT_AT_HEADERS = (SENT_AT_HEADER, "sent_at", "timestamp")
 
 
 def register(app: typer.Typer) -> None:
@@ -183,9 +184,9 @@ def _check_broker(url: str, timeout_s: float) -> tuple[dict[str, Any], Any]:
     check: dict[str, Any] = {"ok": False, "url": redacted_url(url), "latency_ms": None, "error": None}
     try:
         if _is_redis_url(url):
-            import redis as redis_lib
+            from ..connections import probe_client
 
-            conn = redis_lib.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            conn = probe_client(url, timeout_s)
             try:
                 check["ok"] = bool(conn.ping())
             except Exception:

@@ -444,6 +444,6 @@ def schedule_rm(name: Annotated[str, typer.Argument(help="Schedule name.")]) -> 
 @cli_errors
 def beat(loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO") -> None:
     """Run celery beat with RedBeat: starts scheduled runs when due (one active beat however many run)."""
-    from ..app import create_worker_app
+    from ..worker.app import create_worker_app
 
     create_worker_app().start(["beat", "--loglevel", loglevel])  # settings from DSPEX_* (load_settings())

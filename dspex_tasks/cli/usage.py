@@ -70,15 +70,14 @@ def usage(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """LM tokens and estimated cost per signature and model (fleet-wide, or one session)."""
-    import redis as redis_lib
-
     from .. import keys
+    from ..connections import redis_client
     from ..settings import load_settings
 
     settings = load_settings()
     if session is not None:
         keys.check_id(session, "session")
-    client = redis_lib.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     try:
         data = collect_usage(client, settings.namespace, session)
     finally:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 from pydantic import ConfigDict, Field, create_model
 
+from .. import wire
 from ..errors import SignatureError, UnknownSignature, ValidationError
 from . import schemas
 from .types import TypeNode, parse_type
@@ -208,7 +209,6 @@ class Signature:
         "_out_model",
         "_dspy",
         "_schemas",
-        "task",
         "options",
     )
 
@@ -235,7 +235,6 @@ class Signature:
         self._out_model = _model(f"{name}_outputs", outputs)
         self._dspy: type[dspy.Signature] | None = None
         self._schemas: dict[str, Any] = {}
-        self.task: Any = None
         self.options = dict(options or {})
 
     # -- identity -----------------------------------------------------------
@@ -333,16 +332,17 @@ class Signature:
     def to_dspy(self) -> type[dspy.Signature]:
         """A real ``dspy.Signature`` subclass with typed fields and the instructions."""
         if self._dspy is None:
-            from ..programs.bridge import build_dspy_signature
+            from .dspy_signature import build_dspy_signature
 
-            self._dspy = build_dspy_signature(self)
+            self._dspy = build_dspy_signature(self.name, self._inputs, self._outputs, self.instructions)
         return self._dspy
 
-    def build_module(self) -> Any:
-        """A fresh DSPy module (``Predict`` or ``ChainOfThought``) for this signature."""
-        from ..programs.bridge import build_module
+    @property
+    def task(self) -> Any:
+        """The Celery task ``dspex.<name>`` once a worker app in this process registered it, else None."""
+        from celery import current_app
 
-        return build_module(self)
+        return current_app.tasks.get(wire.task_name(self.name))
 
 
 class SignatureRegistry:
@@ -418,6 +418,7 @@ def signature(
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise SignatureError(f"signature name {name!r} must be 1-64 chars of [A-Za-z0-9_.-], starting with a letter")
+    wire.check_program_name(name)
     if module not in MODULES:
         raise SignatureError(f"unknown module {module!r} for signature '{name}'; expected one of {', '.join(MODULES)}")
     _check_balanced(spec)

@@ -12,7 +12,7 @@ its route, each built with ``num_retries=0``. One ``forward()``:
 4. stores the answer in the cache and records the call (model, usage) in the task's usage scope
    (:mod:`~dspex_tasks.lm.usage`), which is also how the result's ``lm`` names the model that answered.
 
-Error policy (data: :data:`RETRY_SAME_MODEL`, :data:`CONTEXT_ERRORS`):
+Error policy (data: the class table of :mod:`.errors`):
 
 - rate limited (429), server errors (5xx), transport failures: retried on the same model up to
   ``DSPEX_LM_NUM_RETRIES`` times, after ``Retry-After`` when the provider gives one, else after an
@@ -40,56 +40,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import dspy
-from dspy.utils.exceptions import (
-    ContextWindowExceededError,
-    LMLockTimeoutError,
-    LMRateLimitError,
-    LMServerError,
-    LMTimeoutError,
-    LMTransportError,
-)
 
-from ..errors import ConfigurationError, DspexError, LMContextLengthExceeded, LMError, LMTimeout
-from ..testing.mock_lm import _Response, _wrap  # noqa: F401 - the OpenAI-shaped response both LMs return
+from ..errors import ConfigurationError, DspexError, LMContextLengthExceeded, LMError, LMTimeout, RateLimited
 from .cache import IGNORED_PARAMS, LMCache, entry_from_response, request_digest
+from .errors import classify, retry_after_of, to_lm_error
 from .factory import build_lm, lm_name
-from .ratelimit import Limit, RateLimited, RateLimiter, estimate_tokens, parse_limits
+from .ratelimit import Limit, RateLimiter, estimate_tokens, parse_limits
+from .response import as_response
 from .usage import prime, record_call
 
-__all__ = ["GovernedLM", "Route", "LMPlan", "plan_lm", "build_signature_lm", "parse_route", "classify",
-           "retry_delay", "RETRY_SAME_MODEL", "CONTEXT_ERRORS"]
+__all__ = ["GovernedLM", "Route", "LMPlan", "plan_lm", "build_signature_lm", "parse_route", "retry_delay"]
 
 log = logging.getLogger(__name__)
 
-# Worth another attempt on the same model (DSPy's own retryable set, less timeouts: a call that
-# timed out already spent the whole timeout, and retrying it multiplies the tail).
-RETRY_SAME_MODEL: tuple[type[Exception], ...] = (LMRateLimitError, LMServerError, LMTransportError,
-                                                 LMLockTimeoutError)
-CONTEXT_ERRORS: tuple[type[Exception], ...] = (ContextWindowExceededError,)
 _ENDPOINT_KEYS = frozenset({"api_base", "api_key_env", "timeout", "max_tokens"})
 _MISSING = object()
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None or isinstance(seen, LMLockTimeoutError):
-            return False
-        if isinstance(seen, LMTimeoutError | TimeoutError) or "Timeout" in type(seen).__name__:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def classify(exc: BaseException) -> str:
-    """``"context"``, ``"timeout"``, ``"retry"`` or ``"fatal"`` for a provider failure."""
-    if isinstance(exc, CONTEXT_ERRORS):
-        return "context"
-    if _is_timeout(exc):
-        return "timeout"
-    if isinstance(exc, RETRY_SAME_MODEL):
-        return "retry"
-    return "fatal"
 
 
 MAX_BACKOFF_S = 4.0  # in-thread backoff never holds a thread longer (the task's own retries wait longer)
@@ -98,9 +63,9 @@ MAX_BACKOFF_S = 4.0  # in-thread backoff never holds a thread longer (the task's
 def retry_delay(exc: BaseException, attempt: int, backoff_s: float, rng: random.Random | None = None) -> float:
     """Seconds before retry number ``attempt + 1``: the provider's ``Retry-After`` when given, else
     ``backoff_s * 2**attempt`` with +-20% jitter, at most :data:`MAX_BACKOFF_S`."""
-    hint = getattr(exc, "retry_after", None)
-    if isinstance(hint, int | float) and not isinstance(hint, bool) and math.isfinite(hint) and hint >= 0:
-        return float(hint)
+    hint = retry_after_of(exc)
+    if hint is not None and math.isfinite(hint):
+        return hint
     return float(min(backoff_s * (2 ** min(attempt, 8)), MAX_BACKOFF_S) * (rng or random).uniform(0.8, 1.2))
 
 
@@ -253,7 +218,7 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
             hit = self._cache_get(digest)
             if hit is not None:
                 record_call(str(hit.get("model") or self.model), {}, cached=True)
-                return _wrap({"model": hit.get("model") or self.model, "choices": hit["choices"], "usage": {},
+                return as_response({"model": hit.get("model") or self.model, "choices": hit["choices"], "usage": {},
                               "cache_hit": True})
         failures: list[_Exhausted] = []
         for model in self.route.order(digest):
@@ -320,8 +285,10 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
         if last.timeout:
             return LMTimeout(f"LM call to {models} timed out (DSPEX_LM_TIMEOUT_S) after {attempts} attempt(s): "
                              f"{_short(last.error)}")
-        return LMError(f"LM call failed ({type(last.error).__name__}) on {models} after {attempts} attempts: "
-                       f"{_short(last.error)}")
+        # Typed by the last provider error: a rate limit, a server error or a transport failure stays
+        # retryable (the task tries again), carrying the provider's Retry-After when it gave one.
+        return to_lm_error(last.error, f"LM call failed ({type(last.error).__name__}) on {models} after {attempts} "
+                                       f"attempts: {_short(last.error)}")
 
     def _cache_get(self, digest: str) -> dict[str, Any] | None:
         assert self.shared_cache is not None

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .. import keys
-from ..errors import DspexError, LMError
+from ..errors import LMError, LMRateLimitError, RateLimited
+from ..wire import REQUEUE_HEADER, SLOT_HEADER
 
 __all__ = ["Limit", "RateLimited", "RateLimiter", "parse_limits", "gcra_reserve", "requeue", "lm_retries", "requeues",
            "claim", "claim_from", "estimate_tokens", "requeue_countdown", "REQUEUE_HEADER", "SLOT_HEADER"]
@@ -48,8 +49,6 @@ Unit = Literal["requests", "tokens"]
 _RATES: dict[str, tuple[Unit, float]] = {"rpm": ("requests", 60.0), "rps": ("requests", 1.0),
                                           "tpm": ("tokens", 60.0), "tps": ("tokens", 1.0)}
 _BURSTS: dict[str, Unit] = {"burst": "requests", "token_burst": "tokens"}
-REQUEUE_HEADER = "dspex_rate_limited"
-SLOT_HEADER = "dspex_rl_slot"
 log = logging.getLogger(__name__)
 
 # KEYS: buckets. ARGV[1]: reserve within (ms); ARGV[2]: the Redis time a slot to redeem is for (ms, or
@@ -95,43 +94,6 @@ if new < now then new = now end
 redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now + tonumber(ARGV[2])) + 1000)
 return 1
 """
-
-
-class RateLimited(DspexError):
-    """A fleet-wide limit (or the provider's ``Retry-After``) needs a longer wait than a thread should hold.
-
-    The task re-queues itself with ``countdown_s``; it never reaches a client as a failure.
-
-    Args:
-        countdown_s: Seconds until the task should run again.
-        message: What is saturated.
-        provider: True when the provider asked for the wait (counts against the task's LM retry budget).
-        slot: A slot reserved for the task, ``{"key": buckets, "at": Redis time in ms}``, to redeem then.
-    """
-
-    code = "rate_limited"
-
-    def __init__(self, countdown_s: float, message: str = "", provider: bool = False,
-                 slot: dict[str, Any] | None = None) -> None:
-        super().__init__(float(countdown_s), message or f"rate limited; retry in {float(countdown_s):.2f}s",
-                         bool(provider), slot)
-
-    @property
-    def countdown_s(self) -> float:
-        return float(self.args[0])
-
-    @property
-    def message(self) -> str:
-        return str(self.args[1])
-
-    @property
-    def provider(self) -> bool:
-        return bool(self.args[2])
-
-    @property
-    def slot(self) -> dict[str, Any] | None:
-        slot = self.args[3] if len(self.args) > 3 else None
-        return slot if isinstance(slot, dict) else None
 
 
 @dataclass(frozen=True)
@@ -396,7 +358,7 @@ def requeue(task: Any, exc: RateLimited, *, max_requeues: int, max_retries: int)
     done = requeues(request)
     if exc.provider:
         if lm_retries(request) >= max_retries:
-            return LMError(f"LM call failed (LMRateLimitError): provider still rate limiting after "
+            return LMRateLimitError(f"LM call failed (LMRateLimitError): provider still rate limiting after "
                            f"{lm_retries(request)} task retries: {exc.message}")
         count = done
     else:

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -48,6 +49,7 @@ class TaskUsage:
     signature: str
     session: str | None
     calls: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)  # (model, usage, cached)
+    default_lm: str = ""  # the name of the LM the scope runs with (the result's ``lm`` when no call named one)
 
     @property
     def served(self) -> str | None:
@@ -69,9 +71,24 @@ def task_usage(signature: str, session: str | None) -> Iterator[TaskUsage]:
         _current.reset(token)
 
 
+#: The key under which a scope also travels in ``dspy.context``: DSPy copies its context into the threads of
+#: ``dspy.Parallel`` and the optimizers (a ContextVar does not reach them), so calls made there are counted too.
+DSPY_KEY = "dspex_usage"
+
+
+def current_scope() -> TaskUsage | None:
+    """The scope of the running task: this context's, else the one DSPy carried into this thread."""
+    scope = _current.get()
+    if scope is None:
+        dspy = sys.modules.get("dspy")  # never imported from here: no dspy, no DSPy threads to look into
+        found = dspy.settings.get(DSPY_KEY) if dspy is not None else None
+        scope = found if isinstance(found, TaskUsage) else None
+    return scope
+
+
 def record_call(model: str, usage: Mapping[str, Any] | None, cached: bool = False) -> None:
     """Record one LM call in the current task's scope (a no-op outside a task)."""
-    scope = _current.get()
+    scope = current_scope()
     if scope is not None:
         scope.calls.append((model, dict(usage or {}), cached))
 
@@ -178,8 +195,12 @@ class UsageLedger:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
-    def finish(self, scope: TaskUsage | None, prediction: Any, signature: str, session: str | None) -> dict[str, Any]:
-        """The task's usage for its result (tokens, cost, calls), added to the aggregates."""
+    def finish(self, scope: TaskUsage | None, prediction: Any, signature: str, session: str | None, *,
+               count_task: bool = True) -> dict[str, Any]:
+        """The task's usage for its result (tokens, cost, calls), added to the aggregates.
+
+        ``count_task=False`` adds the spend without counting a task (an optimization stage's LM calls).
+        """
         rows = _per_model(scope, prediction)
         total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0, "cost_known": True,
                  "lm_calls": 0, "cache_hits": 0}
@@ -196,7 +217,7 @@ class UsageLedger:
                        (model, "prompt_tokens", row["prompt_tokens"]),
                        (model, "completion_tokens", row["completion_tokens"]), (model, "total_tokens", tokens),
                        (model, COST, cost), (model, "unpriced_calls", 0 if known else billed)]
-        if rows:  # the task counts once, for the model that answered it last
+        if rows and count_task:  # the task counts once, for the model that answered it last
             deltas.append((scope.served if scope is not None and scope.served else next(iter(rows)), "tasks", 1))
         total["total_tokens"] = int(total["prompt_tokens"]) + int(total["completion_tokens"])
         total["cost_usd"] = round(float(total["cost_usd"]), 8)

@@ -33,6 +33,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..lm.usage import price
+from ..wire import MAP_TASK, program_of
+
 __all__ = [
     "DURATION_BUCKETS", "REGISTRY", "estimate_cost", "install", "multiprocess_mode", "on_task_postrun",
     "on_task_prerun", "record_promotion", "record_result", "record_run", "record_task", "reset_snapshot",
@@ -44,7 +47,6 @@ log = logging.getLogger(__name__)
 #: LLM calls take from milliseconds (a cache or the mock) to minutes (long generations).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
-MAP_TASK = "dspex.map"
 _OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "retry"}
 PORT_SCAN = 64
 
@@ -184,35 +186,10 @@ def _int(value: Any) -> int:
 
 
 # -- cost --------------------------------------------------------------------------------------------------
-_unknown_models: set[str] = set()
-_litellm: Any = None
-
-
-def _load_litellm() -> Any:
-    global _litellm
-    if _litellm is None:
-        # Otherwise LiteLLM fetches its price map from the internet at import (a stall without a route).
-        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        import litellm
-
-        litellm.suppress_debug_info = True
-        _litellm = litellm
-    return _litellm
-
-
 def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float:
-    """USD for the tokens by LiteLLM's price table; 0.0 for a model it does not know (or the mock)."""
-    if (not prompt_tokens and not completion_tokens) or model in _unknown_models:
-        return 0.0
-    if model in ("mock", "unknown") or model.startswith("mock/"):
-        return 0.0
-    try:
-        prompt_usd, completion_usd = _load_litellm().cost_per_token(
-            model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-        return float(prompt_usd) + float(completion_usd)
-    except Exception:  # not in the table (a self-hosted or mock endpoint), or LiteLLM missing
-        _unknown_models.add(model)
-        return 0.0
+    """USD for the tokens by LiteLLM's price table (the one price table: :func:`dspex_tasks.lm.usage.price`);
+    0.0 for a model it does not know (or the mock)."""
+    return price(model, prompt_tokens, completion_tokens)[0]
 
 
 # -- Celery signals --------------------------------------------------------------------------------------
@@ -221,12 +198,10 @@ _started: dict[str, float] = {}
 
 def signature_of(task_name: str, kwargs: Mapping[str, Any] | None = None) -> str | None:
     """The signature a task serves (``dspex.<name>``, or ``dspex.map``'s ``signature`` kwarg); None otherwise."""
-    if not task_name.startswith("dspex.") or task_name.startswith("dspex.optimize."):
-        return None
     if task_name == MAP_TASK:
         sig = (kwargs or {}).get("signature")
         return sig if isinstance(sig, str) and sig else "unknown"
-    return task_name[len("dspex."):] or None
+    return program_of(task_name)
 
 
 def on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
@@ -383,14 +358,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
                     "port from %d; set PROMETHEUS_MULTIPROC_DIR for one endpoint per worker", port)
         _pending_child_port = int(port)
         return
-    if settings is not None and settings.lm not in ("mock",):  # load the price table off the task path
-        threading.Thread(target=_quiet_load_litellm, name="dspex-metrics-litellm", daemon=True).start()
     _serve(int(port), f"worker pid {os.getpid()}")
-
-
-def _quiet_load_litellm() -> None:
-    with contextlib.suppress(Exception):
-        _load_litellm()
 
 
 def on_worker_process_init(**_: Any) -> None:
@@ -415,4 +383,4 @@ def install(app: Any = None) -> None:
                             (signals.worker_init, on_worker_init), (signals.worker_ready, on_worker_ready),
                             (signals.worker_process_init, on_worker_process_init),
                             (signals.worker_process_shutdown, on_worker_process_shutdown)):
-        signal.connect(handler, weak=False, dispatch_uid=f"dspex.metrics_prom.{handler.__name__}")
+        signal.connect(handler, weak=False, dispatch_uid=f"dspex.prometheus.{handler.__name__}")

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from .. import keys
+from ..connections import redis_client
 
 __all__ = ["collect_status", "queue_depth", "worker_stats"]
 
@@ -36,9 +37,7 @@ def _queue_depths(client: Any) -> dict[str, int | None]:
     names = list(dict.fromkeys([s.predict_queue, s.optimize_queue]))
     if not s.broker.startswith(("redis://", "rediss://", "unix://")):
         return dict.fromkeys(names)
-    import redis as redis_lib
-
-    broker = client.redis if s.broker == s.redis_url else redis_lib.Redis.from_url(s.broker, socket_timeout=5)
+    broker = client.redis if s.broker == s.redis_url else redis_client(s, s.broker)
     return {q: queue_depth(broker, q) for q in names}
 
 

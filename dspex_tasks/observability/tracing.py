@@ -1,6 +1,6 @@
 """Optional OpenTelemetry tracing of worker tasks (``pip install dspex-tasks[otel]``).
 
-With ``DSPEX_OTEL=1`` each process that runs tasks calls ``CeleryInstrumentor().instrument()``: the
+With ``DSPEX_OTEL=1`` (``Settings.otel``) each process that runs tasks calls ``CeleryInstrumentor().instrument()``: the
 worker's main process for the threads and solo pools (``worker_init``), each child for prefork
 (``worker_process_init``, after the fork, as OpenTelemetry requires). Producers that instrument their
 own Celery client (the same call) propagate the trace context through the message headers.
@@ -15,31 +15,27 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["INSTALL_HINT", "install", "otel_requested", "setup_tracing"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..settings import Settings
+
+__all__ = ["INSTALL_HINT", "install", "setup_tracing"]
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install dspex-tasks[otel]"
-_TRUE = {"1", "true", "yes", "on"}
 _done_pid: int | None = None
 _warned = False
 
 
-def otel_requested(env: dict[str, str] | None = None) -> bool:
-    """Whether ``DSPEX_OTEL`` asks for tracing (1, true, yes, on)."""
-    return (env if env is not None else os.environ).get("DSPEX_OTEL", "").strip().lower() in _TRUE
-
-
 def setup_tracing(**_: Any) -> bool:
-    """Instrument Celery in this process when requested and installed; True once instrumented.
+    """Instrument Celery in this process (when installed); True once instrumented.
 
-    Safe to call repeatedly and from signal handlers (extra keyword arguments are ignored).
+    Safe to call repeatedly and from signal handlers (extra keyword arguments are ignored). Connected
+    by :func:`install` only when ``Settings.otel`` asks for tracing.
     """
     global _done_pid, _warned
-    if not otel_requested():
-        return False
     if _done_pid == os.getpid():
         return True
     try:
@@ -103,9 +99,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         setup_tracing()
 
 
-def install() -> None:
-    """Connect :func:`setup_tracing` to ``worker_init`` and ``worker_process_init`` (once per process)."""
+def install(settings: Settings) -> bool:
+    """Connect :func:`setup_tracing` to ``worker_init`` and ``worker_process_init`` (once per process) when
+    ``DSPEX_OTEL`` asks for tracing; returns whether it did."""
     from celery import signals
 
+    if not settings.otel:
+        return False
     signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="dspex.tracing.worker_init")
     signals.worker_process_init.connect(setup_tracing, weak=False, dispatch_uid="dspex.tracing.process_init")
+    return True

@@ -8,24 +8,107 @@ number of followers); the last event of a run has ``stage`` ``done``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from .. import keys
-from ..errors import DspexError, ProgramNotFound, TaskTimeout, from_remote
+from .. import keys, wire
+from ..errors import Cancelled, RunNotFound, TaskTimeout, from_remote
 
-__all__ = ["RunStore", "OptimizationRun", "TERMINAL", "END_STAGES"]
+__all__ = ["RunStore", "RunRecord", "RunStatus", "Stage", "OptimizationRun", "TERMINAL", "END_STAGES", "start_run"]
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-END_STAGES = frozenset({"done", "failed", "cancelled"})
+
+class RunStatus(StrEnum):
+    """Where a run is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+class Stage(StrEnum):
+    """A run's stages in order (``load`` ... ``decide``), and the stages its events end with."""
+
+    QUEUED = "queued"
+    LOAD = "load"
+    BASELINE = "baseline"
+    COMPILE = "compile"
+    CANDIDATE = "candidate"
+    DECIDE = "decide"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+END_STAGES = frozenset({Stage.DONE, Stage.FAILED, Stage.CANCELLED})
 _STREAM_MAXLEN = 20_000
 
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@dataclass
+class RunRecord:
+    """One run's record (a Redis hash of JSON values; :meth:`to_json` is what clients and the API see)."""
+
+    run_id: str
+    status: RunStatus
+    stage: str
+    created_at: float
+    signature: str
+    session: str
+    program: str
+    optimizer: str
+    metric: str
+    params: dict[str, Any] = field(default_factory=dict)
+    dataset: str = ""
+    scheduled: bool = False
+    schedule: str = ""
+    lm_calls: int = 0
+    best_score: float | None = None
+    baseline_score: float | None = None
+    candidate_score: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False
+    trials: list[float] | None = None
+    summary: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields this version does not know (kept, shown)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        known["status"] = RunStatus(known.get("status", RunStatus.QUEUED))
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON (unset optional fields left out, as stored)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if value is None and f.name not in ("best_score",):
+                continue
+            if f.name == "cancel_requested" and not value:
+                continue
+            out[f.name] = str(value) if isinstance(value, StrEnum) else value
+        return {**out, **self.extra}
 
 
 class RunStore:
@@ -41,14 +124,12 @@ class RunStore:
         run_id = spec.get("run_id") or uuid.uuid4().hex
         keys.check_id(run_id, "run")
         now = time.time()
-        record = {
-            "run_id": run_id, "status": "queued", "stage": "queued", "created_at": now,
-            "signature": spec["signature"], "session": spec.get("session") or "", "program": spec["program"],
-            "optimizer": spec["optimizer"], "metric": spec["metric"], "params": spec.get("params") or {},
-            "dataset": spec.get("dataset") or "", "scheduled": bool(spec.get("scheduled")),
-            "schedule": spec.get("schedule") or "",
-            "lm_calls": 0, "best_score": None,
-        }
+        record = RunRecord(
+            run_id=run_id, status=RunStatus.QUEUED, stage=Stage.QUEUED, created_at=now,
+            signature=spec["signature"], session=spec.get("session") or "", program=spec["program"],
+            optimizer=spec["optimizer"], metric=spec["metric"], params=spec.get("params") or {},
+            dataset=spec.get("dataset") or "", scheduled=bool(spec.get("scheduled")),
+            schedule=spec.get("schedule") or "").to_json()
         pipe = self.redis.pipeline()
         pipe.hset(keys.run(self.ns, run_id), mapping={k: json.dumps(v) for k, v in record.items()})
         pipe.expire(keys.run(self.ns, run_id), self.retention_s)
@@ -58,15 +139,18 @@ class RunStore:
         pipe.execute()
         return str(run_id)
 
-    def get(self, run_id: str) -> dict[str, Any]:
+    def get(self, run_id: str) -> RunRecord:
+        """The run's record. Raises RunNotFound."""
         keys.check_id(run_id, "run")
         raw = self.redis.hgetall(keys.run(self.ns, run_id))
         if not raw:
-            raise ProgramNotFound(f"no optimization run '{run_id}'")
-        return {_s(k): json.loads(v) for k, v in raw.items()}
+            raise RunNotFound(f"no optimization run '{run_id}'")
+        return RunRecord.from_json({_s(k): json.loads(v) for k, v in raw.items()})
 
     def update(self, run_id: str, **fields: Any) -> None:
-        self.redis.hset(keys.run(self.ns, run_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+        """Set fields of the record (names of :class:`RunRecord`; enums are stored as their values)."""
+        self.redis.hset(keys.run(self.ns, run_id), mapping={
+            k: json.dumps(str(v) if isinstance(v, StrEnum) else v) for k, v in fields.items()})
 
     def add_lm_calls(self, run_id: str, n: int) -> int:
         # a JSON number is also a valid integer for HINCRBY
@@ -139,7 +223,7 @@ class RunStore:
             if not reply:
                 if not follow:
                     return
-                if self.get(run_id)["status"] in TERMINAL and not self.redis.xlen(key):
+                if self.get(run_id).status.terminal and not self.redis.xlen(key):
                     return
                 continue
             for _, entries in reply:
@@ -151,7 +235,7 @@ class RunStore:
                         return
 
     def delete(self, run_id: str) -> None:
-        session = self.get(run_id).get("session")
+        session = self.get(run_id).session
         names = list(self.redis.scan_iter(keys.run_pattern(self.ns, run_id)))
         self.redis.delete(keys.run(self.ns, run_id), *names)
         self.redis.zrem(keys.runs(self.ns), run_id)
@@ -160,13 +244,14 @@ class RunStore:
 
 
 def start_run(app: Any, runs: RunStore, spec: dict[str, Any], *, trainset: Any = None, valset: Any = None,
-              queue: str = "dspex.optimize") -> str:
+              queue: str = wire.OPTIMIZE_QUEUE) -> str:
     """Record a run, store its data, and enqueue its first stage. Manual and scheduled runs both start here."""
     run_id = runs.create(spec)
     runs.save_checkpoint(run_id, "input", {"trainset": trainset, "valset": valset})
-    runs.emit(run_id, {"stage": "queued", "done": 0, "total": None,
+    runs.emit(run_id, {"stage": Stage.QUEUED.value, "done": 0, "total": None,
                        "message": f"{spec['optimizer']} on {spec['signature']}" + (" (scheduled)" if spec.get("scheduled") else "")})
-    app.send_task("dspex.optimize.stage", kwargs={"run_id": run_id, "stage": "load"}, queue=queue)
+    app.send_task(wire.STAGE_TASK, kwargs={"run_id": run_id, "stage": Stage.LOAD.value}, queue=queue,
+                  headers=wire.sent_headers())
     return run_id
 
 
@@ -178,8 +263,8 @@ class OptimizationRun:
         self._store = store
 
     def status(self) -> dict[str, Any]:
-        """The run record: status, stage, scores so far, LM calls, and the summary once done."""
-        return self._store.get(self.id)
+        """The run record as JSON: status, stage, scores so far, LM calls, and the summary once done."""
+        return self._store.get(self.id).to_json()
 
     def events(self, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """``{"stage", "done", "total", "score"?, "message"?, "ts"}`` dicts; returns once the run ended."""
@@ -187,7 +272,7 @@ class OptimizationRun:
 
     def cancel(self) -> None:
         """Stop at the next stage boundary; the session's program stays untouched."""
-        if self._store.get(self.id)["status"] not in TERMINAL:
+        if not self._store.get(self.id).status.terminal:
             self._store.update(self.id, cancel_requested=True)
 
     def get(self, timeout: float | None = 600.0) -> dict[str, Any]:
@@ -195,21 +280,20 @@ class OptimizationRun:
 
         Raises:
             TaskTimeout: the run did not end in time.
-            errors.*: the run failed (as its error class) or was cancelled (``DspexError``).
+            errors.*: the run failed (as its error class) or was cancelled (``errors.Cancelled``).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             rec = self._store.get(self.id)
-            if rec["status"] == "succeeded":
-                summary: dict[str, Any] = rec["summary"]
-                return summary
-            if rec["status"] == "failed":
-                err = rec.get("error") or {}
+            if rec.status is RunStatus.SUCCEEDED:
+                return dict(rec.summary or {})
+            if rec.status is RunStatus.FAILED:
+                err = rec.error or {}
                 raise from_remote(err.get("type", "DspexError"), err.get("args", ["run failed"]))
-            if rec["status"] == "cancelled":
-                raise DspexError(f"optimization run {self.id} was cancelled")
+            if rec.status is RunStatus.CANCELLED:
+                raise Cancelled(f"optimization run {self.id} was cancelled")
             if deadline is not None and time.monotonic() > deadline:
-                raise TaskTimeout(f"optimization run {self.id} did not end within {timeout} s ({rec['stage']})")
+                raise TaskTimeout(f"optimization run {self.id} did not end within {timeout} s ({rec.stage})")
             time.sleep(0.1)
 
     def __repr__(self) -> str:

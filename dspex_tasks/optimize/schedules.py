@@ -13,10 +13,10 @@ from typing import Any
 
 from .. import keys
 from ..errors import ValidationError
+from ..wire import SCHEDULED_TASK
 
 __all__ = ["beat_config", "add_schedule", "list_schedules", "remove_schedule", "SCHEDULED_TASK"]
 
-SCHEDULED_TASK = "dspex.optimize.scheduled"
 
 
 def beat_config(settings: Any) -> dict[str, Any]:

@@ -18,27 +18,30 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import chord
 
+from .. import wire
 from ..errors import DspexError, ProgramNotFound, ValidationError
 from ..observability.prometheus import record_run
 from ..programs.state import dump_program, load_program
-from ..worker.runtime import DSPY_TASK_SETTINGS
-from .datasets import split, validate_rows
+from .datasets import DatasetStore, split, validate_rows
 from .metrics import get_metric
 from .optimizers import get_optimizer, parse_common
-from .runs import TERMINAL, RunStore
+from .runs import RunRecord, RunStatus, RunStore, Stage
+
+__all__ = ["PLAN", "Stages", "register_optimize_tasks"]
 
 log = logging.getLogger(__name__)
 
-PLAN = ("load", "baseline", "compile", "candidate", "decide")
-EVALS = {"baseline": "baseline_state", "candidate": "candidate"}
+#: The stages a run's ``dspex.optimize.stage`` task goes through, in order.
+PLAN = (Stage.LOAD, Stage.BASELINE, Stage.COMPILE, Stage.CANDIDATE, Stage.DECIDE)
+#: The program state each evaluation scores (a checkpoint name).
+EVALS = {Stage.BASELINE: "baseline_state", Stage.CANDIDATE: "candidate"}
 LEASE_RETRY_S = 2.0
-STAGE_TASK = "dspex.optimize.stage"
 
 
 class _Progress:
@@ -72,6 +75,14 @@ class Stages:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.settings = app.dspex_settings
+        # Stage dispatch: each returns True when the run should advance to the next stage now.
+        self.table: dict[Stage, Callable[[Any, str, RunRecord], bool]] = {
+            Stage.LOAD: self.stage_load,
+            Stage.BASELINE: lambda task, run_id, rec: self._launch_eval(task, run_id, Stage.BASELINE),
+            Stage.COMPILE: self.stage_compile,
+            Stage.CANDIDATE: lambda task, run_id, rec: self._launch_eval(task, run_id, Stage.CANDIDATE),
+            Stage.DECIDE: self.stage_decide,
+        }
 
     @property
     def runtime(self) -> Any:
@@ -84,7 +95,7 @@ class Stages:
     # -- plumbing -------------------------------------------------------------
     def emit(self, run_id: str, stage: str, task: Any = None, **fields: Any) -> None:
         rec_score = fields.pop("score", None)
-        event = {"stage": stage, "done": fields.pop("done", 0), "total": fields.pop("total", None), **fields}
+        event = {"stage": str(stage), "done": fields.pop("done", 0), "total": fields.pop("total", None), **fields}
         if rec_score is not None:
             event["score"] = rec_score
         event = self.runs.emit(run_id, event)
@@ -118,70 +129,74 @@ class Stages:
             with contextlib.suppress(Exception):
                 runs.release_lease(run_id, token)
 
-    def advance(self, run_id: str, stage: str) -> None:
+    def advance(self, run_id: str, stage: Stage) -> None:
         """Enqueue the stage after ``stage`` exactly once."""
         i = PLAN.index(stage)
         if i + 1 < len(PLAN) and self.runs.once(run_id, f"advance:{stage}"):
-            self.app.send_task(STAGE_TASK, kwargs={"run_id": run_id, "stage": PLAN[i + 1]},
-                               queue=self.settings.optimize_queue)
+            self.app.send_task(wire.STAGE_TASK, kwargs={"run_id": run_id, "stage": PLAN[i + 1].value},
+                               queue=self.settings.optimize_queue, headers=wire.sent_headers())
 
     def fail(self, run_id: str, exc: BaseException) -> None:
         rec = self.runs.get(run_id)
-        if rec["status"] in TERMINAL:
+        if rec.status.terminal:
             return
         args = list(exc.args) if isinstance(exc, DspexError) else [f"{type(exc).__name__}: {exc}"]
         err_type = type(exc).__name__ if isinstance(exc, DspexError) else "DspexError"
-        self.runs.update(run_id, status="failed", stage="failed", finished_at=time.time(),
+        self.runs.update(run_id, status=RunStatus.FAILED, stage=Stage.FAILED, finished_at=time.time(),
                          error={"type": err_type, "args": args})
-        record_run(rec.get("optimizer", ""), "failed")
-        self.emit(run_id, "failed", message=str(args[0]) if args else err_type)
+        record_run(rec.optimizer, "failed")
+        self.emit(run_id, Stage.FAILED, message=str(args[0]) if args else err_type)
 
-    def _cancelled(self, run_id: str, rec: dict[str, Any]) -> bool:
-        if rec.get("cancel_requested") and rec["status"] not in TERMINAL:
-            self.runs.update(run_id, status="cancelled", stage="cancelled", finished_at=time.time())
-            record_run(rec.get("optimizer", ""), "cancelled")
-            self.emit(run_id, "cancelled", message="cancelled at a stage boundary; program untouched")
+    def _cancelled(self, run_id: str, rec: RunRecord) -> bool:
+        if rec.cancel_requested and not rec.status.terminal:
+            self.runs.update(run_id, status=RunStatus.CANCELLED, stage=Stage.CANCELLED, finished_at=time.time())
+            record_run(rec.optimizer, "cancelled")
+            self.emit(run_id, Stage.CANCELLED, message="cancelled at a stage boundary; program untouched")
             return True
-        return rec["status"] in TERMINAL
+        return rec.status.terminal
 
-    def _sig(self, rec: dict[str, Any]) -> Any:
-        return self.app.dspex_signatures.get(rec["signature"])
+    def _sig(self, rec: RunRecord) -> Any:
+        return self.app.dspex_signatures.get(rec.signature)
 
     # -- the stage task ---------------------------------------------------------
     def run_stage(self, task: Any, run_id: str, stage: str) -> dict[str, Any]:
+        try:
+            step = Stage(stage)
+            run = self.table[step]
+        except (ValueError, KeyError):
+            raise ValidationError.from_errors(wire.STAGE_TASK, [{
+                "field": "stage", "message": f"unknown stage {stage!r}; expected one of {', '.join(PLAN)}"}]) from None
         rec = self.runs.get(run_id)
         if self._cancelled(run_id, rec):
-            return {"run_id": run_id, "stage": stage, "skipped": rec["status"]}
+            return {"run_id": run_id, "stage": stage, "skipped": str(rec.status)}
         with self.lease(run_id) as held:
             if not held:  # the same run is busy elsewhere: look again shortly (it may finish or lapse)
                 raise task.retry(countdown=LEASE_RETRY_S,
                                  max_retries=int(4 * self.settings.lease_ttl_s / LEASE_RETRY_S) + 100)
-            if rec["status"] == "queued":
-                self.runs.update(run_id, status="running", started_at=time.time())
-            self.runs.update(run_id, stage=stage)
+            if rec.status is RunStatus.QUEUED:
+                self.runs.update(run_id, status=RunStatus.RUNNING, started_at=time.time())
+            self.runs.update(run_id, stage=step)
             try:
-                advance = getattr(self, f"stage_{stage}")(task, run_id, rec)
+                advance = run(task, run_id, rec)
             except Exception as exc:
                 self.fail(run_id, exc)
                 raise
         # Advance only once the lease is released, so the next stage never finds it held.
         if advance:
-            self.advance(run_id, stage)
+            self.advance(run_id, step)
         return {"run_id": run_id, "stage": stage}
 
-    def stage_load(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
+    def stage_load(self, task: Any, run_id: str, rec: RunRecord) -> bool:
         if self.runs.checkpoint(run_id, "data") is None:
             sig = self._sig(rec)
-            get_metric(rec["metric"])
-            opt = get_optimizer(rec["optimizer"])
-            common = parse_common(rec["params"])
-            opt.parse_params(rec["params"])
+            get_metric(rec.metric)
+            opt = get_optimizer(rec.optimizer)
+            common = parse_common(rec.params)
+            opt.parse_params(rec.params)
             given = self.runs.checkpoint(run_id, "input") or {}
             rows = given.get("trainset")
-            if rows is None and rec.get("dataset"):
-                from .datasets import DatasetStore
-
-                rows = DatasetStore(redis=self.runtime.redis, namespace=self.settings.namespace).get(rec["dataset"])
+            if rows is None and rec.dataset:
+                rows = DatasetStore(redis=self.runtime.redis, namespace=self.settings.namespace).get(rec.dataset)
             desc = sig.describe()
             train = validate_rows(rows, desc, what="trainset")
             val = given.get("valset")
@@ -200,39 +215,33 @@ class Stages:
                             {"field": f"{what}.{i}.{e['field']}", "message": e["message"]} for e in exc.errors
                         ]) from None
             try:
-                current = self.runtime.store.get(rec["session"], rec["program"]) if rec["session"] else None
+                current = self.runtime.store.get(rec.session, rec.program) if rec.session else None
             except ProgramNotFound:
                 current = None
             self.runs.save_checkpoint(run_id, "baseline_state", {
                 "version": current.version if current else 0, "state": current.state if current else None})
             self.runs.save_checkpoint(run_id, "data", {"train": train, "val": val})
         data = self.runs.checkpoint(run_id, "data")
-        self.emit(run_id, "load", task, done=1, total=1,
+        self.emit(run_id, Stage.LOAD, task, done=1, total=1,
                   message=f"{len(data['train'])} train, {len(data['val'])} validation examples")
         return True
 
-    def stage_baseline(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
-        return self._launch_eval(task, run_id, "baseline")
-
-    def stage_candidate(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
-        return self._launch_eval(task, run_id, "candidate")
-
-    def _launch_eval(self, task: Any, run_id: str, which: str) -> bool:
+    def _launch_eval(self, task: Any, run_id: str, which: Stage) -> bool:
         """Fan out a chord of chunks; its callback advances. True if the evaluation was already done."""
         if self.runs.checkpoint(run_id, f"eval:{which}") is not None:
             return True
         data = self.runs.checkpoint(run_id, "data")
-        size = parse_common(self.runs.get(run_id)["params"]).eval_chunk_size
+        size = parse_common(self.runs.get(run_id).params).eval_chunk_size
         n = max(1, math.ceil(len(data["val"]) / size))
         self.emit(run_id, which, task, done=0, total=len(data["val"]), message=f"evaluating in {n} chunks")
         if self.runs.checkpoint(run_id, f"launched:{which}") is None:
             q = self.settings.optimize_queue
-            header = [self.app.signature("dspex.optimize.eval_chunk", kwargs={"run_id": run_id, "which": which,
-                                                                              "index": i}, queue=q, immutable=True)
+            header = [self.app.signature(wire.EVAL_CHUNK_TASK, kwargs={"run_id": run_id, "which": which.value,
+                                                                       "index": i}, queue=q, immutable=True)
                       for i in range(n)]
-            body = self.app.signature("dspex.optimize.eval_merge", kwargs={"run_id": run_id, "which": which,
-                                                                           "chunks": n}, queue=q, immutable=True)
-            body.link_error(self.app.signature("dspex.optimize.fail", kwargs={"run_id": run_id}, queue=q))
+            body = self.app.signature(wire.EVAL_MERGE_TASK, kwargs={"run_id": run_id, "which": which.value,
+                                                                    "chunks": n}, queue=q, immutable=True)
+            body.link_error(self.app.signature(wire.FAIL_TASK, kwargs={"run_id": run_id}, queue=q))
             chord(header)(body)
             self.runs.save_checkpoint(run_id, f"launched:{which}", {"chunks": n})
         return False
@@ -243,31 +252,32 @@ class Stages:
         if done is not None:
             return {"index": index, "cached": True}
         rec = self.runs.get(run_id)
-        if rec["status"] in TERMINAL or rec.get("cancel_requested"):  # a cancel stops the LM calls now
-            return {"index": index, "skipped": rec["status"]}
+        if rec.status.terminal or rec.cancel_requested:  # a cancel stops the LM calls now
+            return {"index": index, "skipped": str(rec.status)}
         sig = self._sig(rec)
-        common = parse_common(rec["params"])
+        common = parse_common(rec.params)
         rows = self.runs.checkpoint(run_id, "data")["val"]
         chunk = rows[index * common.eval_chunk_size:(index + 1) * common.eval_chunk_size]
-        state = (self.runs.checkpoint(run_id, EVALS[which]) or {}).get("state")
-        scores, calls = self._evaluate(sig, state, chunk, get_metric(rec["metric"]), common.num_threads)
+        state = (self.runs.checkpoint(run_id, EVALS[Stage(which)]) or {}).get("state")
+        scores, calls = self._evaluate(sig, rec.session or None, state, chunk, get_metric(rec.metric),
+                                       common.num_threads)
         self.runs.add_lm_calls(run_id, calls)
         self.runs.save_checkpoint(run_id, name, {"scores": scores})
         return {"index": index, "n": len(scores)}
 
-    def _evaluate(self, sig: Any, state: Any, rows: list[dict[str, Any]], metric: Any,
+    def _evaluate(self, sig: Any, session: str | None, state: Any, rows: list[dict[str, Any]], metric: Any,
                   threads: int) -> tuple[list[float], int]:
         import dspy
 
         module = load_program(sig, state)
-        lm = self.runtime.lm_for(sig)
         progress = _Progress(lambda *a, **k: None, "eval", None)
+        runner = self.runtime.runner
 
         def one(row: dict[str, Any]) -> float:
             example = dspy.Example(**row).with_inputs(*sig.input_fields)
-            try:
-                with dspy.context(lm=lm, callbacks=[progress.callback], **DSPY_TASK_SETTINGS):
-                    pred = module(**example.inputs())
+            try:  # through the worker's one runner: the LM spend is billed to the session's program
+                pred = runner.run(sig, module, dict(example.inputs()), session, callbacks=[progress.callback],
+                                  count_task=False).prediction
             except Exception as exc:  # an example the program cannot answer scores 0, as in dspy.Evaluate
                 log.info("evaluation example failed: %s", exc)
                 return 0.0
@@ -291,65 +301,69 @@ class Stages:
             self.runs.save_checkpoint(run_id, f"eval:{which}", {"score": score, "n": len(scores)})
         result = self.runs.checkpoint(run_id, f"eval:{which}")
         rec = self.runs.get(run_id)
-        best = max(s for s in (rec.get("best_score"), result["score"]) if s is not None)
+        best = max(s for s in (rec.best_score, result["score"]) if s is not None)
         self.runs.update(run_id, best_score=best, **{f"{which}_score": result["score"]})
         self.emit(run_id, which, task, done=result["n"], total=result["n"], score=result["score"],
-                  lm_calls=self.runs.get(run_id)["lm_calls"])
-        self.advance(run_id, which)
+                  lm_calls=self.runs.get(run_id).lm_calls)
+        self.advance(run_id, Stage(which))
         return {"which": which, **result}
 
-    def stage_compile(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
+    def stage_compile(self, task: Any, run_id: str, rec: RunRecord) -> bool:
         if self.runs.checkpoint(run_id, "candidate") is None:
             import dspy
 
             sig = self._sig(rec)
-            opt = get_optimizer(rec["optimizer"])
-            params, common = opt.parse_params(rec["params"]), parse_common(rec["params"])
+            opt = get_optimizer(rec.optimizer)
+            params, common = opt.parse_params(rec.params), parse_common(rec.params)
             data = self.runs.checkpoint(run_id, "data")
             student = load_program(sig, self.runs.checkpoint(run_id, "baseline_state")["state"])
             to_ex = [dspy.Example(**r).with_inputs(*sig.input_fields) for r in data["train"]]
             val_ex = [dspy.Example(**r).with_inputs(*sig.input_fields) for r in data["val"]]
             total = opt.estimate(len(to_ex), len(val_ex), params)
             progress = _Progress(lambda stage, **k: self.emit(run_id, stage, task, **k), "compile", total)
-            metric = get_metric(rec["metric"])
-            self.emit(run_id, "compile", task, done=0, total=total, message=f"running {opt.name}")
-            with dspy.context(lm=self.runtime.lm_for(sig), callbacks=[progress.callback], **DSPY_TASK_SETTINGS):
+            metric = get_metric(rec.metric)
+            self.emit(run_id, Stage.COMPILE, task, done=0, total=total, message=f"running {opt.name}")
+            runner, session = self.runtime.runner, rec.session or None
+            # recorded: the optimizer's own threads report every LM call, billed to the session's program
+            with runner.context(sig, session, callbacks=[progress.callback], recorded=True) as spent:
                 compiled, trials = opt.compile(student, to_ex, val_ex, metric, params, common)
+            runner.spend(spent, sig, session)
             self.runs.add_lm_calls(run_id, progress.calls)
             self.runs.save_checkpoint(run_id, "candidate", {"state": dump_program(compiled), "trials": trials})
         cand = self.runs.checkpoint(run_id, "candidate")
         self.runs.update(run_id, trials=cand["trials"])
-        self.emit(run_id, "compile", task, done=1, total=1, lm_calls=self.runs.get(run_id)["lm_calls"],
+        self.emit(run_id, Stage.COMPILE, task, done=1, total=1, lm_calls=self.runs.get(run_id).lm_calls,
                   message=f"{len(cand['trials'])} trials" if cand["trials"] else "candidate ready")
         return True
 
-    def stage_decide(self, task: Any, run_id: str, rec: dict[str, Any]) -> bool:
-        common = parse_common(rec["params"])
+    def stage_decide(self, task: Any, run_id: str, rec: RunRecord) -> bool:
+        common = parse_common(rec.params)
         base = self.runs.checkpoint(run_id, "eval:baseline")["score"]
         cand = self.runs.checkpoint(run_id, "eval:candidate")["score"]
         gain = cand - base
-        promote = bool(rec["session"]) and gain >= common.min_gain
+        promote = bool(rec.session) and gain >= common.min_gain
         version = self.runs.checkpoint(run_id, "baseline_state")["version"]
         if promote:
             state = self.runs.checkpoint(run_id, "candidate")["state"]
             # The run id makes this write idempotent: a redelivered decide adds no second version.
-            version = self.runtime.store.put(rec["session"], rec["program"], state, signature=rec["signature"],
+            version = self.runtime.store.put(rec.session, rec.program, state, signature=rec.signature,
                                              token=f"run-{run_id}")
             reason = f"candidate {cand:.4f} beat baseline {base:.4f} by {gain:.4f} >= min_gain {common.min_gain:g}"
-        elif not rec["session"]:
+        elif not rec.session:
             reason = "no session given: nothing to promote"
         else:
             reason = f"candidate {cand:.4f} vs baseline {base:.4f}: gain {gain:.4f} < min_gain {common.min_gain:g}"
         rec = self.runs.get(run_id)
         summary = {
             "run_id": run_id, "baseline_score": base, "score": cand, "promoted": promote,
-            "program_version": version, "optimizer": rec["optimizer"], "lm_calls": rec["lm_calls"],
-            "reason": reason, "trials": rec.get("trials") or [],
-            "duration_s": round(time.time() - float(rec.get("started_at") or rec["created_at"]), 3),
+            "program_version": version, "optimizer": rec.optimizer, "lm_calls": rec.lm_calls,
+            "reason": reason, "trials": rec.trials or [],
+            "duration_s": round(time.time() - float(rec.started_at or rec.created_at), 3),
         }
-        self.runs.update(run_id, status="succeeded", stage="done", finished_at=time.time(), summary=summary)
-        record_run(rec["optimizer"], "succeeded", promoted=rec["signature"] if promote else None)
-        self.emit(run_id, "done", task, done=1, total=1, score=cand, lm_calls=rec["lm_calls"], message=reason,
+        self.runs.update(run_id, status=RunStatus.SUCCEEDED, stage=Stage.DONE, finished_at=time.time(),
+                         summary=summary)
+        record_run(rec.optimizer, "succeeded", promoted=rec.signature if promote else None)
+        self.emit(run_id, Stage.DONE, task, done=1, total=1, score=cand, lm_calls=rec.lm_calls, message=reason,
                   promoted=promote, program_version=version)
         return False
 
@@ -361,11 +375,11 @@ def register_optimize_tasks(app: Any) -> None:
     common = {"bind": True, "shared": False, "typing": False, "acks_late": True, "reject_on_worker_lost": True,
               "queue": q, "throws": (ValidationError,)}
 
-    @app.task(name=STAGE_TASK, **common)  # type: ignore[untyped-decorator]
+    @app.task(name=wire.STAGE_TASK, **common)  # type: ignore[untyped-decorator]
     def stage(self: Any, run_id: str, stage: str) -> dict[str, Any]:
         return stages.run_stage(self, run_id, stage)
 
-    @app.task(name="dspex.optimize.eval_chunk", **common)  # type: ignore[untyped-decorator]
+    @app.task(name=wire.EVAL_CHUNK_TASK, **common)  # type: ignore[untyped-decorator]
     def eval_chunk(self: Any, run_id: str, which: str, index: int) -> dict[str, Any]:
         try:
             return stages.eval_chunk(self, run_id, which, index)
@@ -373,7 +387,7 @@ def register_optimize_tasks(app: Any) -> None:
             stages.fail(run_id, exc)
             raise
 
-    @app.task(name="dspex.optimize.eval_merge", **common)  # type: ignore[untyped-decorator]
+    @app.task(name=wire.EVAL_MERGE_TASK, **common)  # type: ignore[untyped-decorator]
     def eval_merge(self: Any, run_id: str, which: str, chunks: int) -> dict[str, Any]:
         try:
             return stages.eval_merge(self, run_id, which, chunks)
@@ -381,7 +395,7 @@ def register_optimize_tasks(app: Any) -> None:
             stages.fail(run_id, exc)
             raise
 
-    @app.task(name="dspex.optimize.fail", **common)  # type: ignore[untyped-decorator]
+    @app.task(name=wire.FAIL_TASK, **common)  # type: ignore[untyped-decorator]
     def fail(self: Any, *args: Any, run_id: str, **kwargs: Any) -> None:
         exc = next((a for a in args if isinstance(a, BaseException)), None)
         stages.fail(run_id, exc or DspexError("an evaluation chunk failed"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ValidationError
+from .bridge import build_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dsl.signature import Signature
@@ -32,7 +33,7 @@ def load_program(sig: Signature, state: dict[str, Any] | None) -> Any:
     Raises:
         ValidationError: when the state does not fit the module.
     """
-    module = sig.build_module()
+    module = build_module(sig)
     if not state:
         return module
     predictors = list(module.named_predictors())

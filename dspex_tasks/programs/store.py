@@ -144,9 +144,10 @@ class ProgramStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> ProgramStore:
-        import redis as redis_lib
+        from ..connections import redis_client
+        from ..settings import Settings
 
-        return cls(redis=redis_lib.Redis.from_url(url), **kwargs)
+        return cls(redis=redis_client(Settings(redis_url=url)), **kwargs)
 
     def _keys(self, session: str, program: str) -> tuple[str, str]:
         keys.check_id(session, "session")

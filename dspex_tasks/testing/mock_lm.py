@@ -28,31 +28,10 @@ import dspy
 
 from ..dsl.signature import SignatureRegistry
 from ..errors import LMError
+from ..lm.response import Response, as_response
 from . import mockgen
 
 __all__ = ["MockLM"]
-
-
-class _Response(dict[str, Any]):
-    """An OpenAI ChatCompletion-shaped dict whose keys also read as attributes."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _wrap(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return _Response({k: _wrap(v) for k, v in obj.items()})
-    if isinstance(obj, list):
-        return [_wrap(v) for v in obj]
-    return obj
-
-
-def _response(payload: dict[str, Any]) -> _Response:
-    return _Response({k: _wrap(v) for k, v in payload.items()})
 
 
 class _Counter:
@@ -127,7 +106,7 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
             return [dict(m) for m in messages]
         return [{"role": "user", "content": "" if prompt is None else str(prompt)}]
 
-    def _respond(self, messages: list[dict[str, Any]], kwargs: Mapping[str, Any]) -> _Response:
+    def _respond(self, messages: list[dict[str, Any]], kwargs: Mapping[str, Any]) -> Response:
         n = kwargs.get("n") or 1
         texts = [
             mockgen.answer(messages, seed=self.seed + i, scripted=self.scripted, registry=self.registry)
@@ -135,7 +114,7 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
         ]
         prompt_tokens = mockgen.prompt_tokens(messages)
         completion_tokens = sum(mockgen.count_tokens(t) for t in texts)
-        return _response(
+        return as_response(
             {
                 "id": f"chatcmpl-mock-{uuid.uuid4().hex[:12]}",
                 "object": "chat.completion",
@@ -153,7 +132,7 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
             }
         )
 
-    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> _Response:
+    def forward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Response:
         """Answer one request with an OpenAI ChatCompletion-shaped response.
 
         Raises:
@@ -166,7 +145,7 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
         self._fail_now(msgs, attempt)
         return self._respond(msgs, kwargs)
 
-    async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> _Response:
+    async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Response:
         """Async :meth:`forward` (sleeps with ``asyncio.sleep``)."""
         msgs = self._messages(prompt, messages)
         attempt = self._start()

@@ -24,11 +24,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from dspex_tasks.errors import ConfigurationError
+from ..connections import probe_client
+from ..errors import ConfigurationError
 
 __all__ = ["RedisServer", "ensure_redis", "find_redis_server", "redis_reachable"]
 
@@ -72,16 +69,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _quick_client(url: str, timeout_s: float) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-    )
-
-
 def redis_reachable(url: str, timeout_s: float = 0.5) -> bool:
     """Return whether the Redis at ``url`` answers PING within ``timeout_s`` (False on any error)."""
     try:
-        with _quick_client(url, timeout_s) as client:
+        with probe_client(url, timeout_s) as client:
             return bool(client.ping())
     except Exception:
         return False
@@ -144,7 +135,7 @@ class RedisServer:
     def _answers_as(self, pid: int) -> bool:
         """True when the server on our port answers and is our process (not another one on a busy port)."""
         try:
-            with _quick_client(self.url, 0.2) as client:
+            with probe_client(self.url, 0.2) as client:
                 return int(client.info("server")["process_id"]) == pid
         except Exception:
             return False

@@ -7,6 +7,7 @@ JSON. Celery tasks are thin wrappers around :meth:`Runtime.predict`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -20,39 +21,26 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import keys  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
+from ..connections import redis_client
 from ..dsl.signature import Signature, SignatureRegistry, registry
-from ..errors import ConfigurationError, DspexError, LMError, LMParseError, ValidationError
-from ..lm.factory import lm_name
+from ..errors import ConfigurationError, DspexError, LMParseError, ValidationError
 from ..lm.governed import build_signature_lm, plan_lm
 from ..lm.ratelimit import RateLimited, claim
-from ..lm.usage import UsageLedger, task_usage
+from ..lm.usage import UsageLedger
+from ..programs.bridge import build_module
 from ..programs.cache import ProgramCache
 from ..programs.state import load_program
 from ..programs.store import ProgramRecord, ProgramStore, ProgramStoreProtocol
 from ..settings import Settings
 from .dspy_patches import apply_dspy_speedups
+from .runner import ModuleRunner
 
-__all__ = ["Runtime", "import_signature_modules", "publish_signatures", "RETRYABLE_LM_ERRORS"]
+__all__ = ["Runtime", "import_signature_modules", "publish_signatures", "check_eviction_policy"]
 
 log = logging.getLogger(__name__)
 
 # Connections one DSPy LM object keeps (DSPy 3.4's lm15 transport default).
 LM_CONNECTIONS = 100
-
-# Provider errors worth another attempt (by class name, so this module needs no litellm import).
-RETRYABLE_LM_ERRORS = (
-    "RateLimitError",
-    "ServiceUnavailableError",
-    "InternalServerError",
-    "APIConnectionError",
-    "Timeout",
-    "APITimeoutError",
-    "BadGatewayError",
-    "LMRateLimitError",  # DSPy 3.4's classes (what GovernedLM reports once its own retries are spent)
-    "LMServerError",
-    "LMTransportError",
-)
-
 
 def import_signature_modules(modules: list[str]) -> list[str]:
     """Import the modules that define signatures; returns the ones imported."""
@@ -81,12 +69,6 @@ def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> Non
 
 SAFE_EVICTION = frozenset({"noeviction"})
 
-# Per-task DSPy settings. DSPy otherwise keeps every call's prompt and answer in a process-wide
-# history (10,000 entries): tens of MB in a long-lived worker, and nothing here reads it. Set per
-# task (not with dspy.configure) so an in-process worker never changes its host's DSPy.
-DSPY_TASK_SETTINGS: dict[str, Any] = {"disable_history": True}
-
-
 def check_eviction_policy(redis: Any, allow_unsafe: bool) -> str | None:
     """Refuse a Redis that may evict keys: queued messages, results and programs would vanish silently."""
     try:
@@ -105,21 +87,6 @@ def check_eviction_policy(redis: Any, allow_unsafe: bool) -> str | None:
     return str(policy)
 
 
-def classify_lm_error(sig: Signature, exc: BaseException) -> DspexError:
-    """Map a failure inside the DSPy call to the matching typed error."""
-    name = type(exc).__name__
-    if name == "AdapterParseError":
-        return LMParseError(f"LM output for signature '{sig.name}' did not parse: {_short(exc)}")
-    if isinstance(exc, DspexError):
-        return exc
-    return LMError(f"LM call for signature '{sig.name}' failed ({name}): {_short(exc)}")
-
-
-def _short(exc: BaseException, limit: int = 500) -> str:
-    text = str(exc).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 class Runtime:
     """Per-process state of a worker: LMs, store, program cache.
 
@@ -135,10 +102,7 @@ class Runtime:
         self.settings = settings
         self.signatures = signatures or registry
         if redis is None and store is None:
-            import redis as redis_lib
-
-            redis = redis_lib.Redis.from_url(settings.redis_url, health_check_interval=30,
-                                             socket_keepalive=True)
+            redis = redis_client(settings)
         self.redis = redis
         self.store: ProgramStoreProtocol = store or ProgramStore(
             redis=redis, namespace=settings.namespace, session_ttl_s=settings.session_ttl_s,
@@ -154,6 +118,7 @@ class Runtime:
         self.warmed_at: float | None = None
         self._plans: dict[str, Any] = {}
         self.ledger = UsageLedger(redis, settings.namespace, session_ttl_s=settings.session_ttl_s)
+        self.runner = ModuleRunner(self.ledger, self.lm_for)
 
     # -- warm-up ------------------------------------------------------------
     def warm(self, *, publish: bool = True, listen: bool = True) -> dict[str, Any]:
@@ -170,7 +135,7 @@ class Runtime:
         apply_dspy_speedups()
         for sig in self.signatures:
             self.lm_for(sig)
-            self._base[sig.name] = sig.build_module()
+            self._base[sig.name] = build_module(sig)
             self._base[sig.name]._dspex_signature = sig.name
         loaded = 0
         if self.settings.prewarm_sessions and self.redis is not None:
@@ -209,14 +174,18 @@ class Runtime:
             self._pool.shutdown(wait=False)
 
     # -- building -----------------------------------------------------------
-    def lm_for(self, sig: Signature) -> Any:
+    def lm_for(self, sig: Signature, *, recorded: bool = False) -> Any:
         """The LM for a signature; several instances round-robin when one cannot carry the concurrency.
 
         DSPy 3.4's native HTTP engine caps each LM object at 100 connections, so with more
-        threads than that one LM would queue calls behind its own pool.
+        threads than that one LM would queue calls behind its own pool. ``recorded=True`` wraps even the
+        in-process mock in the governed LM, which reports every call to the usage scope: an optimizer's
+        own threads have no prediction to read usage from.
         """
         plan = self._plans.get(sig.name) or self._plans.setdefault(sig.name, plan_lm(self.settings, sig.name,
                                                                                       sig.options))
+        if recorded and not plan.governed:
+            plan = dataclasses.replace(plan, governed=True, key=f"governed:{plan.route.key}")
         pool = self._lms.get(plan.key)
         if pool is None:
             with self._lock:
@@ -239,7 +208,7 @@ class Runtime:
         if record is None:
             module = self._base.get(sig.name)
             if module is None:
-                module = self._base[sig.name] = sig.build_module()
+                module = self._base[sig.name] = build_module(sig)
                 module._dspex_signature = sig.name  # so a task of another signature refuses it
             return module
         module = load_program(sig, record.state)
@@ -250,7 +219,6 @@ class Runtime:
     def predict(self, sig: Signature, inputs: Any, session: str | None = None,
                 program: str | None = None) -> dict[str, Any]:
         """Validate, run and validate again; returns the result JSON of ARCHITECTURE section 2."""
-        import dspy
 
         t0 = time.perf_counter()
         clean = sig.validate_inputs(inputs)
@@ -264,15 +232,8 @@ class Runtime:
             raise ValidationError.from_errors(
                 f"program for '{sig.name}'",
                 [{"field": "program", "message": f"program '{program}' does not serve signature '{sig.name}'"}])
-        lm = self.lm_for(sig)
-        with task_usage(sig.name, session) as spent:
-            try:
-                with dspy.context(lm=lm, track_usage=True, **DSPY_TASK_SETTINGS):
-                    prediction = module(**clean)
-            except Exception as exc:
-                raise classify_lm_error(sig, exc) from None
-        usage = self.ledger.finish(spent, prediction, sig.name, session)
-        raw = {name: prediction.get(name) for name in sig.output_fields}
+        run = self.runner.run(sig, module, clean, session)
+        raw = {name: run.prediction.get(name) for name in sig.output_fields}
         try:
             outputs = sig.validate_outputs(raw)
         except ValidationError as exc:
@@ -283,8 +244,8 @@ class Runtime:
             "session": session,
             "program": program,
             "program_version": version,
-            "usage": usage,
-            "lm": spent.served or lm_name(lm),
+            "usage": run.usage,
+            "lm": run.lm,
             "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
             "worker": self.worker_id,
         }

@@ -24,7 +24,7 @@ def signatures() -> SignatureRegistry:
 def worker_app(settings: Any, signatures: SignatureRegistry) -> Iterator[Any]:
     from celery.contrib.testing.worker import start_worker
 
-    from dspex_tasks.app import create_worker_app
+    from dspex_tasks.worker.app import create_worker_app
 
     app = create_worker_app(settings, signatures=signatures, import_modules=False)
     with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING",

@@ -83,8 +83,8 @@ def gw_worker(gw_settings: Any) -> Iterator[Any]:
     """One in-process worker for the module, serving qa and complex_analysis on both queues."""
     from celery.contrib.testing.worker import start_worker
 
-    from dspex_tasks.app import create_worker_app
     from dspex_tasks.dsl.signature import SignatureRegistry, signature
+    from dspex_tasks.worker.app import create_worker_app
 
     reg = SignatureRegistry()
     reg.add(signature("question: str -> answer: str, confidence: confidence_score", name="qa", register=False))

@@ -217,7 +217,7 @@ def test_usage_flushes_in_the_background(redis_client: Any, namespace: str) -> N
 def limited_app(settings: Any) -> Iterator[Any]:
     from celery.contrib.testing.worker import start_worker
 
-    from dspex_tasks.app import create_worker_app
+    from dspex_tasks.worker.app import create_worker_app
 
     reg = SignatureRegistry()
     reg.add(signature("question: str -> answer: str", name="slowqa", register=False,

@@ -24,7 +24,7 @@ def labelled(n: int, prefix: str = "question") -> list[dict[str, Any]]:
 def opt_app(settings: Any, signatures: Any) -> Iterator[Any]:
     from celery.contrib.testing.worker import start_worker
 
-    from dspex_tasks.app import create_worker_app
+    from dspex_tasks.worker.app import create_worker_app
 
     s = settings.model_copy(update={"mock_scenario": "learns_from_demos"})
     app = create_worker_app(s, signatures=signatures, import_modules=False)

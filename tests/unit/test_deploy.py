@@ -95,7 +95,7 @@ class _FakeCeleryApp:
 
 def _run_cli(monkeypatch: pytest.MonkeyPatch, argv: list[str], env: Mapping[str, str | None]) -> list[tuple[str, list[str]]]:
     """Run ``dspex <argv>`` for real, up to the Celery app it would start."""
-    from dspex_tasks import app as app_module
+    from dspex_tasks.worker import app as app_module
 
     fake = _FakeCeleryApp()
     monkeypatch.setattr(app_module, "create_worker_app", lambda *args, **kwargs: fake)

@@ -15,6 +15,7 @@ from dspy.utils import DummyLM
 
 from dspex_tasks import Signature, errors, signature
 from dspex_tasks.dsl.types import Entity
+from dspex_tasks.programs.bridge import build_module
 
 pytestmark = pytest.mark.unit
 
@@ -101,8 +102,8 @@ def test_class_name_comes_from_the_signature_name() -> None:
 
 
 def test_build_module_follows_the_module_kind() -> None:
-    assert type(sig("a: str -> b: str").build_module()) is dspy.Predict
-    cot = sig("a: str -> b: str", module="chain_of_thought").build_module()
+    assert type(build_module(sig("a: str -> b: str"))) is dspy.Predict
+    cot = build_module(sig("a: str -> b: str", module="chain_of_thought"))
     assert isinstance(cot, dspy.ChainOfThought)
     assert "reasoning" in cot.predict.signature.output_fields
 
@@ -187,7 +188,7 @@ def test_a_label_outside_the_literal_fails_to_parse() -> None:
 
 def test_build_module_runs_under_dspy_context() -> None:
     s = sig("text: str, context: list[str] -> analysis: reasoning_chain", module="chain_of_thought")
-    pred, _ = run(s.build_module(), [{"reasoning": "r", "analysis": '["a", "b"]'}], dspy.ChatAdapter, text="t", context=[])
+    pred, _ = run(build_module(s), [{"reasoning": "r", "analysis": '["a", "b"]'}], dspy.ChatAdapter, text="t", context=[])
     assert pred.analysis == ["a", "b"]
 
 

@@ -16,10 +16,11 @@ from dspy.utils.exceptions import (
 )
 
 from dspex_tasks.dsl.signature import SignatureRegistry, signature
-from dspex_tasks.errors import ConfigurationError, LMContextLengthExceeded, LMError, LMTimeout
+from dspex_tasks import errors
+from dspex_tasks.errors import ConfigurationError, LMContextLengthExceeded, LMError, LMTimeout, RateLimited
 from dspex_tasks.lm.cache import entry_from_response, request_digest
-from dspex_tasks.lm.governed import GovernedLM, Route, classify, parse_route, plan_lm, retry_delay
-from dspex_tasks.lm.ratelimit import RateLimited
+from dspex_tasks.lm.errors import classify, error_class, to_lm_error
+from dspex_tasks.lm.governed import GovernedLM, Route, parse_route, plan_lm, retry_delay
 from dspex_tasks.lm.usage import UsageLedger, price, task_usage
 from dspex_tasks.settings import Settings
 from dspex_tasks.testing.mock_lm import MockLM
@@ -90,7 +91,16 @@ def test_persistent_errors_end_as_a_typed_retryable_lm_error() -> None:
     lm, _ = governed(inner)
     with pytest.raises(LMError) as info:
         lm.forward(messages=MSGS)
-    assert type(info.value) is LMError and "(LMServerError)" in info.value.message and len(inner.calls) == 3
+    assert type(info.value) is errors.LMServerError and "(LMServerError)" in info.value.message
+    assert info.value.retryable and len(inner.calls) == 3
+
+
+def test_a_provider_rate_limit_ends_as_a_retryable_error_carrying_retry_after() -> None:
+    inner = FakeLM("openai/a", forever=LMRateLimitError("429", retry_after=0.5))
+    lm, _ = governed(inner)
+    with pytest.raises(errors.LMRateLimitError) as info:
+        lm.forward(messages=MSGS)
+    assert info.value.retryable and info.value.retry_after == 0.5
 
 
 def test_fallback_serves_and_is_named() -> None:
@@ -132,6 +142,35 @@ def test_classify_is_data_driven() -> None:
     assert classify(LMRateLimitError("x")) == "retry" and classify(LMServerError("x")) == "retry"
     assert classify(ContextWindowExceededError()) == "context" and classify(ValueError("x")) == "fatal"
     assert retry_delay(LMRateLimitError("x", retry_after=2.5), 0, 0.5) == 2.5
+
+
+class RateLimitError(Exception):  # named like LiteLLM's/OpenAI's, which are never imported by the table
+    pass
+
+
+class APIConnectionError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc, cls, retryable", [
+    (LMRateLimitError("x", retry_after=3.0), errors.LMRateLimitError, True),
+    (LMServerError("x", status=502), errors.LMServerError, True),
+    (LMTransportError("reset"), errors.LMConnectionError, True),
+    (RateLimitError("429"), errors.LMRateLimitError, True),
+    (APIConnectionError("refused"), errors.LMConnectionError, True),
+    (TimeoutError("slow"), errors.LMTimeout, False),
+    (ContextWindowExceededError(model="m"), errors.LMContextLengthExceeded, False),
+    (LMAuthError("bad key", status=401), errors.LMError, False),
+    (ValueError("odd"), errors.LMError, False),
+])
+def test_error_classes_decide_retries_not_message_text(exc: Exception, cls: type[LMError], retryable: bool) -> None:
+    assert error_class(exc) is cls
+    typed = to_lm_error(exc, "a message that names no class at all")
+    assert type(typed) is cls and typed.retryable is retryable
+    assert typed.retry_after == (3.0 if isinstance(exc, LMRateLimitError) else None)
+    # the decision survives the wire: rebuilt from its JSON args, the class and the wait are the same
+    back = errors.from_remote(type(typed).__name__, list(typed.args))
+    assert type(back) is cls and back.retryable is retryable and back.retry_after == typed.retry_after
 
 
 def test_weighted_routing_is_deterministic_and_follows_the_weights() -> None:

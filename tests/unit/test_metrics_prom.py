@@ -339,10 +339,10 @@ def test_install_connects_each_handler_once() -> None:
     watched = (signals.task_prerun, signals.task_postrun, signals.worker_init, signals.worker_process_init,
                signals.worker_process_shutdown)
     mp.install()
-    tracing.install()
+    tracing.install(Settings(otel=True))
     before = [len(sig.receivers) for sig in watched]
     mp.install(object())
-    tracing.install()
+    tracing.install(Settings(otel=True))
     assert [len(sig.receivers) for sig in watched] == before
 
 
@@ -355,10 +355,17 @@ def test_settings_read_the_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None
     assert Settings().metrics_port is None
 
 
-def test_tracing_off_unless_requested(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DSPEX_OTEL", raising=False)
-    assert tracing.otel_requested() is False and tracing.setup_tracing() is False
-    assert tracing.otel_requested({"DSPEX_OTEL": "true"}) is True
+def test_tracing_off_unless_the_setting_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery import signals
+
+    monkeypatch.setattr(tracing, "_done_pid", None)
+    signals.worker_init.disconnect(dispatch_uid="dspex.tracing.worker_init")
+    signals.worker_process_init.disconnect(dispatch_uid="dspex.tracing.process_init")
+    monkeypatch.setenv("DSPEX_OTEL", "1")  # the environment alone does nothing: Settings.otel decides
+    assert tracing.install(Settings(otel=False)) is False
+    uids = {key[0] for key, _ in signals.worker_process_init.receivers}
+    assert "dspex.tracing.process_init" not in uids
+    assert tracing.install(Settings(otel=True)) is True
 
 
 def test_tracing_requested_but_not_installed_warns_with_the_hint(monkeypatch: pytest.MonkeyPatch,

@@ -14,6 +14,7 @@ import pytest
 
 from dspex_tasks.dsl.signature import SignatureRegistry, registry, signature
 from dspex_tasks.errors import LMError
+from dspex_tasks.programs.bridge import build_module
 from dspex_tasks.testing import mockgen
 from dspex_tasks.testing.mock_lm import MockLM
 
@@ -82,7 +83,7 @@ def test_build_module_with_default_registry() -> None:
                     name="mock_lm_registered", module="chain_of_thought")
     try:
         with dspy.context(lm=MockLM()):
-            pred = sig.build_module()(question="Why is the sky blue?")
+            pred = build_module(sig)(question="Why is the sky blue?")
     finally:
         registry.remove(sig.name)
     assert 2 <= len(sig.validate_outputs(_outputs(pred, sig))["answer"]) <= 3  # typed from the registered signature

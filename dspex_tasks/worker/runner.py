@@ -1,0 +1,97 @@
+"""The one way a worker runs a DSPy module, for predictions and optimization stages alike.
+
+Every run happens under ``dspy.context(lm=..., track_usage=True, disable_history=True)`` (never
+``dspy.configure``: concurrent tasks never see each other's LM) inside a usage scope, so each LM call is
+billed to the program and session it served, whoever made it: a prediction, an evaluation example, or an
+optimizer compiling a candidate in threads of its own. Failures inside the module come out as typed
+errors (:mod:`dspex_tasks.lm.errors`); the usage goes to the process's :class:`~dspex_tasks.lm.usage.UsageLedger`
+and so to ``dspex usage``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DspexError, LMParseError
+from ..lm.errors import to_lm_error
+from ..lm.factory import lm_name
+from ..lm.usage import DSPY_KEY, TaskUsage, UsageLedger, task_usage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..dsl.signature import Signature
+
+__all__ = ["DSPY_TASK_SETTINGS", "ModuleRunner", "Run", "classify_lm_error"]
+
+# Per-task DSPy settings. DSPy otherwise keeps every call's prompt and answer in a process-wide
+# history (10,000 entries): tens of MB in a long-lived worker, and nothing here reads it. Set per
+# task (not with dspy.configure) so an in-process worker never changes its host's DSPy.
+DSPY_TASK_SETTINGS: dict[str, Any] = {"disable_history": True}
+
+
+def classify_lm_error(sig: Signature, exc: BaseException) -> DspexError:
+    """Map a failure inside the DSPy call to the matching typed error."""
+    if isinstance(exc, DspexError):
+        return exc
+    name = type(exc).__name__
+    if name == "AdapterParseError":
+        return LMParseError(f"LM output for signature '{sig.name}' did not parse: {_short(exc)}")
+    return to_lm_error(exc, f"LM call for signature '{sig.name}' failed ({name}): {_short(exc)}")
+
+
+def _short(exc: BaseException, limit: int = 500) -> str:
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclass(frozen=True)
+class Run:
+    """One module call: DSPy's prediction, its usage (as a result reports it) and the model that answered."""
+
+    prediction: Any
+    usage: dict[str, Any]
+    lm: str
+
+
+class ModuleRunner:
+    """Runs modules for one worker process.
+
+    Args:
+        ledger: Where usage is aggregated (flushed to Redis in the background).
+        lm_for: The LM for a signature; ``recorded=True`` asks for one that reports every call to the usage
+            scope itself (what an optimizer's own threads need; see :meth:`spend`).
+    """
+
+    def __init__(self, ledger: UsageLedger, lm_for: Callable[..., Any]) -> None:
+        self.ledger = ledger
+        self.lm_for = lm_for
+
+    @contextlib.contextmanager
+    def context(self, sig: Signature, session: str | None, *, callbacks: Sequence[Any] = (),
+                recorded: bool = False) -> Iterator[TaskUsage]:
+        """DSPy's context for running ``sig``'s modules, and the usage scope that counts their LM calls."""
+        import dspy
+
+        lm = self.lm_for(sig, recorded=recorded)
+        extra: dict[str, Any] = {"callbacks": list(callbacks)} if callbacks else {}
+        with task_usage(sig.name, session) as spent:
+            spent.default_lm = lm_name(lm)
+            with dspy.context(lm=lm, track_usage=True, **{DSPY_KEY: spent}, **extra, **DSPY_TASK_SETTINGS):
+                yield spent
+
+    def run(self, sig: Signature, module: Any, inputs: dict[str, Any], session: str | None, *,
+            callbacks: Sequence[Any] = (), count_task: bool = True) -> Run:
+        """Call ``module(**inputs)``; a failure raises as its typed error (and records no usage, as before)."""
+        with self.context(sig, session, callbacks=callbacks) as spent:
+            try:
+                prediction = module(**inputs)
+            except Exception as exc:
+                raise classify_lm_error(sig, exc) from None
+        usage = self.ledger.finish(spent, prediction, sig.name, session, count_task=count_task)
+        return Run(prediction, usage, spent.served or spent.default_lm)
+
+    def spend(self, spent: TaskUsage, sig: Signature, session: str | None) -> dict[str, Any]:
+        """Record what a :meth:`context` block spent outside :meth:`run` (an optimizer's compile step)."""
+        return self.ledger.finish(spent, None, sig.name, session, count_task=False)

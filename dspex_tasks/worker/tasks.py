@@ -1,0 +1,90 @@
+"""Programs as typed Celery tasks: ``dspex.<name>`` per registered signature, and ``dspex.map``.
+
+A task is a thin wrapper: check the wire arguments, run :meth:`Runtime.predict`, and decide what a
+failure means from its class (:mod:`dspex_tasks.lm.errors`): a full rate-limit bucket re-queues the task
+on a budget of its own; a retryable LM error retries it with a backoff (or the provider's
+``Retry-After``); anything else fails it, expected client errors without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .. import wire
+from ..errors import InvalidId, LMError, RateLimited, UnknownSignature, ValidationError
+from ..lm.ratelimit import claim_from, lm_retries, requeue
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import DspexCelery
+    from ..dsl.signature import Signature
+
+__all__ = ["EXPECTED_ERRORS", "register_signature", "register_map_task", "retry_countdown"]
+
+#: Expected failures: recorded as FAILURE and logged without a traceback.
+EXPECTED_ERRORS = (ValidationError, UnknownSignature, InvalidId)
+#: The longest a task waits before its next LM attempt (a provider's Retry-After included): past the
+#: countdown a worker holds the message, and it must come back well within the visibility timeout.
+MAX_RETRY_COUNTDOWN_S = 300.0
+_PREDICT_ARGS = "inputs, session, program"
+
+
+def retry_countdown(exc: LMError, retries: int) -> float:
+    """Seconds before retry ``retries + 1`` of a retryable LM error: exponential (1, 2, 4 ... 30 s), or the
+    provider's ``Retry-After`` when that is longer (at most :data:`MAX_RETRY_COUNTDOWN_S`)."""
+    backoff = float(min(2 ** retries, 30))
+    return min(max(backoff, exc.retry_after or 0.0), MAX_RETRY_COUNTDOWN_S)
+
+
+def _check_size(app: DspexCelery, value: Any, field: str) -> None:
+    limit = app.dspex_settings.max_payload_bytes
+    size = len(json.dumps(value, separators=(",", ":"), default=str))
+    if size > limit:
+        raise ValidationError.from_errors(
+            "payload", [{"field": field, "message": f"{size} bytes exceeds the {limit}-byte payload limit"}])
+
+
+def register_signature(app: DspexCelery, sig: Signature) -> Any:
+    """Register ``dspex.<name>`` for ``sig`` on ``app`` and return the task."""
+    name = wire.task_name(sig.name)
+
+    def run(self: Any, *args: Any, inputs: Any = None, session: str | None = None, program: str | None = None,
+            **extra: Any) -> dict[str, Any]:
+        wire.check_task_args(name, args, extra, _PREDICT_ARGS)
+        _check_size(self.app, inputs, "inputs")
+        settings = self.app.dspex_settings
+        claim_from(self.request)  # a rate-limit slot reserved for this task when it was re-queued
+        try:
+            result: dict[str, Any] = self.app.runtime.predict(sig, inputs, session, program)
+        except RateLimited as exc:  # re-queued with a countdown, on a budget of its own
+            raise requeue(self, exc, max_requeues=settings.rate_limit_max_requeues,
+                          max_retries=settings.task_max_retries) from None
+        except LMError as exc:
+            spent = lm_retries(self.request)
+            if exc.retryable and spent < settings.task_max_retries:
+                raise self.retry(exc=exc, countdown=retry_countdown(exc, spent)) from None
+            raise
+        result["task_id"] = self.request.id
+        return result
+
+    # max_retries=None: the budgets are ours (DSPEX_TASK_MAX_RETRIES, DSPEX_RATE_LIMIT_MAX_REQUEUES).
+    return app.task(name=name, bind=True, shared=False, typing=False, acks_late=True, throws=EXPECTED_ERRORS,
+                    reject_on_worker_lost=True, queue=app.dspex_settings.predict_queue, max_retries=None)(run)
+
+
+def register_map_task(app: DspexCelery) -> Any:
+    """``dspex.map``: many inputs of one signature in one message (``Client.map``)."""
+
+    def run_map(self: Any, *args: Any, signature: str = "", items: Any = None, session: str | None = None,
+                program: str | None = None, **extra: Any) -> wire.MapResult:
+        wire.check_task_args(wire.MAP_TASK, args, extra, "signature, items, session, program")
+        sig = self.app.dspex_signatures.find(signature)
+        if sig is None:
+            raise UnknownSignature(f"unknown signature '{signature}' on worker")
+        if not isinstance(items, list):
+            raise ValidationError.from_errors("map items", [{"field": "items", "message": "expected a list"}])
+        _check_size(self.app, items, "items")
+        return {"results": self.app.runtime.predict_many(sig, items, session, program)}
+
+    return app.task(name=wire.MAP_TASK, bind=True, shared=False, typing=False, acks_late=True,
+                    reject_on_worker_lost=True, throws=EXPECTED_ERRORS, queue=app.dspex_settings.predict_queue)(run_map)
