@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,7 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .settings import Settings
 
-__all__ = ["HEALTH_CHECK_INTERVAL_S", "redis_client", "async_redis_client", "probe_client", "client_options"]
+__all__ = ["HEALTH_CHECK_INTERVAL_S", "redis_client", "async_redis_client", "probe_client", "client_options",
+           "lua", "register_lua"]
 
 #: Idle pooled connections older than this are PINGed before reuse.
 HEALTH_CHECK_INTERVAL_S = 25
@@ -65,3 +68,15 @@ def probe_client(url: str, timeout_s: float) -> redis.Redis:
 
     return redis_lib.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                     retry=Retry(NoBackoff(), 0))
+
+
+@functools.cache
+def lua(module: str, name: str) -> str:
+    """The text of ``lua/<name>.lua`` in the folder of ``module`` (a ``__name__``), read once per process."""
+    return (resources.files(module.rpartition(".")[0]) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def register_lua(redis: Any, module: str, name: str) -> Any:
+    """``redis.register_script`` for the script ``lua/<name>.lua`` next to ``module`` (pass ``__name__``):
+    run by EVALSHA, loaded into Redis on first use."""
+    return redis.register_script(lua(module, name))

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import keys
+from ..connections import register_lua
 
 __all__ = ["LMCache", "cache_stats", "request_digest", "entry_from_response", "IGNORED_PARAMS"]
 
@@ -28,29 +29,7 @@ IGNORED_PARAMS = frozenset({
     "timeout", "num_retries", "cache", "azure_ad_token_provider", "user",
 })
 
-_GET = """
-local v = redis.call('GET', KEYS[1])
-if v then redis.call('HINCRBY', KEYS[2], 'hits', 1) else redis.call('HINCRBY', KEYS[2], 'misses', 1) end
-return v
-"""
 
-# KEYS: entry, index, stats. ARGV: value, ttl (ms), max entries.
-_PUT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
-redis.call('ZADD', KEYS[2], now, KEYS[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
-if excess > 0 then
-  local old = redis.call('ZPOPMIN', KEYS[2], excess)
-  for i = 1, #old, 2 do redis.call('DEL', old[i]) end
-  redis.call('HINCRBY', KEYS[3], 'evictions', excess)
-end
-redis.call('HINCRBY', KEYS[3], 'stores', 1)
-return excess
-"""
 
 
 def _json_default(value: Any) -> Any:
@@ -130,8 +109,8 @@ class LMCache:
         self.namespace = namespace
         self.ttl_ms = max(int(ttl_s * 1000), 1)
         self.max_entries = max(int(max_entries), 1)
-        self._get = redis.register_script(_GET)
-        self._put = redis.register_script(_PUT)
+        self._get = register_lua(redis, __name__, "cache_get")
+        self._put = register_lua(redis, __name__, "cache_put")
         self._index = keys.lm_cache_index(namespace)
         self._stats = keys.lm_cache_stats(namespace)
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .. import keys
+from ..connections import register_lua
 from ..errors import LMError, LMRateLimitError, RateLimited
 from ..wire import REQUEUE_HEADER, SLOT_HEADER
 
@@ -51,49 +52,7 @@ _RATES: dict[str, tuple[Unit, float]] = {"rpm": ("requests", 60.0), "rps": ("req
 _BURSTS: dict[str, Unit] = {"burst": "requests", "token_burst": "tokens"}
 log = logging.getLogger(__name__)
 
-# KEYS: buckets. ARGV[1]: reserve within (ms); ARGV[2]: the Redis time a slot to redeem is for (ms, or
-# 0); then per bucket: emission interval (ms/unit), tolerance (ms), cost.
-# Returns {reserved 1|0, wait_ms, now_ms}; a slot being redeemed answers {2, its wait, now} instead.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local max_wait = tonumber(ARGV[1])
-local slot = tonumber(ARGV[2])
-if slot > 0 then return {2, tostring(slot - now), tostring(now)} end
-local send = now
-local tats = {}
-for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 3
-  local interval, tol, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  tats[i] = tat
-  local allowed = tat + cost * interval - tol
-  if allowed > send then send = allowed end
-end
-local wait = send - now
-if wait > max_wait then return {0, tostring(wait), tostring(now)} end
-for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 3
-  local interval, tol, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local tat = tats[i]
-  if send > tat then tat = send end
-  local new = tat + cost * interval
-  redis.call('SET', KEYS[i], string.format('%.3f', new), 'PX', math.ceil(new - now + tol) + 1000)
-end
-return {1, tostring(wait), tostring(now)}
-"""
 
-# KEYS[1]: a bucket. ARGV: delta (ms, may be negative: a refund), tolerance (ms).
-_ADJUST = """
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local new = tat + tonumber(ARGV[1])
-if new < now then new = now end
-redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now + tonumber(ARGV[2])) + 1000)
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -229,8 +188,8 @@ class RateLimiter:
         self.reserve_ahead_s = max(reserve_ahead_s, max_wait_s)
         self.jitter_ms = 1000.0 * jitter_s
         self._sleep = sleep
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._adjust = redis.register_script(_ADJUST)
+        self._acquire = register_lua(redis, __name__, "ratelimit_acquire")
+        self._adjust = register_lua(redis, __name__, "ratelimit_adjust")
 
     def _key(self, limit: Limit) -> str:
         return keys.ratelimit_bucket(self.namespace, limit.scope, limit.unit)

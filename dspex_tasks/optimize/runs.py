@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from .. import keys, wire
+from ..connections import register_lua
 from ..errors import Cancelled, RunNotFound, TaskTimeout, from_remote
 
 __all__ = ["RunStore", "RunRecord", "RunStatus", "Stage", "OptimizationRun", "TERMINAL", "END_STAGES", "start_run"]
@@ -118,6 +119,8 @@ class RunStore:
         self.redis = redis
         self.ns = namespace
         self.retention_s = retention_s
+        self._renew = register_lua(redis, __name__, "lease_renew")
+        self._release = register_lua(redis, __name__, "lease_release")
 
     # -- record ---------------------------------------------------------------
     def create(self, spec: dict[str, Any]) -> str:
@@ -188,13 +191,10 @@ class RunStore:
         return bool(self.redis.set(keys.run_lease(self.ns, run_id), token, nx=True, px=int(ttl_s * 1000)))
 
     def renew_lease(self, run_id: str, token: str, ttl_s: float) -> bool:
-        script = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
-                  "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
-        return bool(self.redis.eval(script, 1, keys.run_lease(self.ns, run_id), token, int(ttl_s * 1000)))
+        return bool(self._renew(keys=[keys.run_lease(self.ns, run_id)], args=[token, int(ttl_s * 1000)]))
 
     def release_lease(self, run_id: str, token: str) -> None:
-        script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
-        self.redis.eval(script, 1, keys.run_lease(self.ns, run_id), token)
+        self._release(keys=[keys.run_lease(self.ns, run_id)], args=[token])
 
     # -- events -----------------------------------------------------------------------
     def emit(self, run_id: str, event: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import keys
+from ..connections import register_lua
 from ..errors import ProgramNotFound, ValidationError
 
 __all__ = ["ProgramRecord", "ProgramStoreProtocol", "ProgramStore", "MemoryProgramStore", "check_state"]
@@ -71,46 +72,8 @@ class ProgramStoreProtocol(Protocol):
     def delete_session(self, session: str) -> None: ...
 
 
-# KEYS: meta, versions, session programs, sessions zset, token key ("" = none)
-# ARGV: record json, signature, now, program, session, channel, ttl_s (0 = none), message prefix
-_PUT = """
-if KEYS[5] ~= '' then
-  local done = redis.call('GET', KEYS[5])
-  if done then return tonumber(done) end
-end
-local v = redis.call('HINCRBY', KEYS[1], 'latest', 1)
-redis.call('HSET', KEYS[2], v, ARGV[1])
-redis.call('HSET', KEYS[1], 'current', v, 'signature', ARGV[2], 'updated_at', ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[4])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
-local ttl = tonumber(ARGV[7])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[3], ttl)
-end
-if KEYS[5] ~= '' then redis.call('SET', KEYS[5], v, 'EX', 86400) end
-redis.call('PUBLISH', ARGV[6], ARGV[8] .. v .. '}')
-return v
-"""
 
-# KEYS: meta, versions; ARGV: version, now, channel, message prefix
-_ROLLBACK = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'current', ARGV[1], 'updated_at', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ARGV[1] .. '}')
-return tonumber(ARGV[1])
-"""
 
-# KEYS: meta, versions; ARGV: version (0 = current) -> record json or false, version
-_GET = """
-local v = ARGV[1]
-if v == '0' then
-  v = redis.call('HGET', KEYS[1], 'current')
-  if not v then return {false, 0} end
-end
-return {redis.call('HGET', KEYS[2], v), tonumber(v)}
-"""
 
 
 def _message_prefix(session: str, program: str) -> str:
@@ -138,16 +101,16 @@ class ProgramStore:
         self.ns = namespace
         self.session_ttl_s = session_ttl_s
         self.max_state_bytes = max_state_bytes
-        self._put = redis.register_script(_PUT)
-        self._rollback = redis.register_script(_ROLLBACK)
-        self._get = redis.register_script(_GET)
+        self._put = register_lua(redis, __name__, "store_put")
+        self._rollback = register_lua(redis, __name__, "store_rollback")
+        self._get = register_lua(redis, __name__, "store_get")
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> ProgramStore:
         from ..connections import redis_client
-        from ..settings import Settings
+        from ..settings import load_settings
 
-        return cls(redis=redis_client(Settings(redis_url=url)), **kwargs)
+        return cls(redis=redis_client(load_settings(redis_url=url)), **kwargs)
 
     def _keys(self, session: str, program: str) -> tuple[str, str]:
         keys.check_id(session, "session")
