@@ -32,6 +32,8 @@ __all__ = [
     "ProgramStore",
     "MemoryProgramStore",
     "ProgramRecord",
+    # optimization: register a metric by name
+    "metric",
     # testing
     "MockLM",
     # errors
@@ -42,10 +44,11 @@ _LAZY = {
     "Client": "client",
     "Job": "client",
     "Result": "client",
-    "ProgramStore": "store",
-    "MemoryProgramStore": "store",
-    "ProgramRecord": "store",
-    "MockLM": "mock_lm",
+    "ProgramStore": "programs.store",
+    "MemoryProgramStore": "programs.store",
+    "ProgramRecord": "programs.store",
+    "metric": "optimize.metrics",
+    "MockLM": "testing.mock_lm",
 }
 
 

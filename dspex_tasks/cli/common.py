@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import DspexError, InvalidSession, ValidationError
+from ..errors import DspexError, InvalidId, ValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..client import Client
@@ -50,14 +50,14 @@ def esc(text: Any) -> str:
 def cli_errors(func: F) -> F:
     """Turn library and connection errors into one red line and an exit status instead of a traceback.
 
-    ``ValidationError`` and ``InvalidSession`` (bad input) exit 2, anything else 1.
+    ``ValidationError`` and ``InvalidId`` (a bad session, program or other id) exit 2, anything else 1.
     """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ValidationError, InvalidSession) as exc:
+        except (ValidationError, InvalidId) as exc:
             fail(f"{type(exc).__name__}: {exc.message}", code=EXIT_INVALID,
                  fields=exc.errors if isinstance(exc, ValidationError) else None)
         except DspexError as exc:

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import DspexError, ProgramNotFound, UnknownSignature, ValidationError, from_remote
+from ..errors import DatasetNotFound, DspexError, RunNotFound, UnknownSignature, ValidationError, from_remote
 from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, open_client, preview
 
 __all__ = ["register", "datasets_app", "runs_app", "schedule_app", "optimize", "beat", "read_jsonl", "parse_params"]
@@ -254,7 +254,7 @@ def datasets_show(name: DatasetName,
     """Print the first rows of a dataset as JSONL (stdout), with a header on stderr."""
     with open_client() as client:
         if name not in client.datasets.list():
-            raise ProgramNotFound(f"no dataset '{name}'")
+            raise DatasetNotFound(f"no dataset '{name}'")
         rows = client.datasets.get(name)
     err.print(f"[bold]{esc(name)}[/]: first {min(limit, len(rows))} of {len(rows)} rows")
     for row in rows[:limit]:
@@ -267,7 +267,7 @@ def datasets_rm(name: DatasetName) -> None:
     """Delete a dataset."""
     with open_client() as client:
         if name not in client.datasets.list():
-            raise ProgramNotFound(f"no dataset '{name}'")
+            raise DatasetNotFound(f"no dataset '{name}'")
         client.datasets.delete(name)
     console.print(f"removed dataset {esc(name)}")
 
@@ -281,8 +281,8 @@ def runs_ls(session: Annotated[str | None, typer.Option("--session", "-s", help=
     with open_client() as client:
         records = []
         for run_id in client.runs.ids(session, limit):
-            with contextlib.suppress(ProgramNotFound):  # the record expired
-                records.append(client.runs.get(run_id))
+            with contextlib.suppress(RunNotFound):  # the record expired
+                records.append(client.runs.get(run_id).to_json())
     if as_json:
         echo_json(records)
         return
@@ -309,7 +309,7 @@ def runs_ls(session: Annotated[str | None, typer.Option("--session", "-s", help=
 def runs_show(run_id: RunId, as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """Show a run: its record, its summary (once finished) and every event so far."""
     with open_client() as client:
-        rec = client.runs.get(run_id)
+        rec = client.runs.get(run_id).to_json()
         events = list(client.runs.events(run_id, follow=False))
     if as_json:
         echo_json({"record": rec, "summary": rec.get("summary"), "events": events})
@@ -352,7 +352,7 @@ def runs_plot(run_id: RunId, out: Annotated[Path | None, typer.Option("--out", "
     from ..optimize.plots import plot_run
 
     with open_client() as client:
-        rec = client.runs.get(run_id)
+        rec = client.runs.get(run_id).to_json()
         events = list(client.runs.events(run_id, follow=False))
     path = plot_run(rec, events, out or Path(f"run-{run_id}.png"))
     console.print(f"wrote {path}")

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from .. import keys
-from ..errors import ProgramNotFound, UnknownSignature
+from ..errors import ProgramNotFound, SessionNotFound, UnknownSignature
 from .common import EXIT_INVALID, cli_errors, console, echo_json, err, fail, open_client
 
 __all__ = ["programs_app", "sessions_app"]
@@ -182,6 +182,6 @@ def sessions_rm(session: Session) -> None:
         store = client.programs
         programs = store.list(session)
         if not programs and session not in store.sessions():
-            raise ProgramNotFound(f"no session '{session}'")
+            raise SessionNotFound(f"no session '{session}'")
         store.delete_session(session)
     console.print(f"removed session {session} ({len(programs)} programs)")

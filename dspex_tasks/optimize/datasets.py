@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 from .. import keys
-from ..errors import ValidationError
+from ..errors import DatasetNotFound, ValidationError
 
 __all__ = ["validate_rows", "split", "DatasetStore"]
 
@@ -99,7 +99,7 @@ class DatasetStore:
         keys.check_id(name, "dataset")
         raw = self.redis.get(keys.dataset(self.ns, name))
         if raw is None:
-            raise ValidationError.from_errors("dataset", [{"field": "dataset", "message": f"no dataset '{name}'"}])
+            raise DatasetNotFound(f"no dataset '{name}'")
         rows: list[dict[str, Any]] = json.loads(raw)
         return rows
 

@@ -135,3 +135,18 @@ def test_no_retry_decision_reads_message_text() -> None:
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert not re.search(r'f"\(\{name\}\)" in|"\(RateLimitError\)" in|in exc\.message', text), path
+
+
+def test_public_imports_keep_working() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, dspex_tasks\n"
+            "from dspex_tasks import signature, Signature, Client, errors, registry, Job, Result, ProgramStore, "
+            "MemoryProgramStore, ProgramRecord, metric\n"
+            "assert 'dspy' not in sys.modules, 'the public API imported dspy'\n"
+            "from dspex_tasks import MockLM\n"
+            "missing = [n for n in dspex_tasks.__all__ if getattr(dspex_tasks, n, None) is None]\n"
+            "assert not missing, missing\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
