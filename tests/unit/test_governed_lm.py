@@ -15,8 +15,8 @@ from dspy.utils.exceptions import (
     LMTransportError,
 )
 
-from dspex_tasks.dsl.signature import SignatureRegistry, signature
 from dspex_tasks import errors
+from dspex_tasks.dsl.signature import SignatureRegistry, signature
 from dspex_tasks.errors import ConfigurationError, LMContextLengthExceeded, LMError, LMTimeout, RateLimited
 from dspex_tasks.lm.cache import entry_from_response, request_digest
 from dspex_tasks.lm.errors import classify, error_class, to_lm_error
