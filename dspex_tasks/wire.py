@@ -23,7 +23,7 @@ __all__ = [
     "SCHEDULED_TASK", "PREDICT_QUEUE", "OPTIMIZE_QUEUE", "SENT_AT_HEADER", "REQUEUE_HEADER", "SLOT_HEADER",
     "RESERVED_NAMES", "PredictKwargs", "MapKwargs", "PredictResult", "MapResult", "ItemError",
     "task_name", "program_of", "check_program_name", "predict_kwargs", "map_kwargs", "sent_headers",
-    "check_task_args", "task_routes",
+    "check_task_args", "task_routes", "item_error",
 ]
 
 PREFIX = "dspex."
@@ -95,6 +95,11 @@ class MapResult(TypedDict):
     """The result of ``dspex.map``: per item a :class:`PredictResult` or ``{"error": ItemError}``."""
 
     results: list[dict[str, Any]]
+
+
+def item_error(exc: BaseException) -> ItemError:
+    """A failed ``dspex.map`` item: the class name and positional args (rebuilt by ``errors.from_remote``)."""
+    return {"type": type(exc).__name__, "args": list(exc.args)}
 
 
 def task_name(name: str) -> str:

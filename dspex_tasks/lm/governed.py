@@ -18,8 +18,9 @@ Error policy (data: the class table of :mod:`.errors`):
   ``DSPEX_LM_NUM_RETRIES`` times, after ``Retry-After`` when the provider gives one, else after an
   exponential backoff from ``DSPEX_LM_RETRY_BACKOFF_S``; then the next model of the route serves.
   A ``Retry-After`` longer than ``DSPEX_RATE_LIMIT_MAX_WAIT_S`` moves on at once (the task re-queues
-  with that countdown when no model is left). Exhausted: ``errors.LMError`` naming the provider
-  error, which the task retries (``DSPEX_TASK_MAX_RETRIES``).
+  with that countdown when no model is left). Exhausted: the retryable class of the last provider
+  error (``errors.LMRateLimitError``, ``LMServerError``, ``LMConnectionError``, carrying its
+  ``retry_after``), which the task retries (``DSPEX_TASK_MAX_RETRIES``).
 - timeout (``DSPEX_LM_TIMEOUT_S``): never retried on the same model (the next model may serve);
   ``errors.LMTimeout``, not retried by the task.
 - context window exceeded: ``errors.LMContextLengthExceeded`` at once (no retry, no fallback).

@@ -1,8 +1,9 @@
 """The worker-side runtime: one per worker process, pre-warmed at process start.
 
 It owns the process's LM clients, the program store and cache, and runs one
-prediction: cache lookup, ``dspy.context(lm=...)``, output validation, result
-JSON. Celery tasks are thin wrappers around :meth:`Runtime.predict`.
+prediction: cache lookup, the module call through the process's one
+:class:`~dspex_tasks.worker.runner.ModuleRunner`, output validation, result JSON.
+Celery tasks (:mod:`dspex_tasks.worker.tasks`) are thin wrappers around :meth:`Runtime.predict`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .. import keys  # noqa: F401 - sets the offline LiteLLM price map before dspy loads
+from .. import keys, wire
 from ..connections import redis_client
 from ..dsl.signature import Signature, SignatureRegistry, registry
-from ..errors import ConfigurationError, DspexError, LMParseError, ValidationError
+from ..errors import ConfigurationError, DspexError, LMError, LMParseError, ValidationError
 from ..lm.governed import build_signature_lm, plan_lm
 from ..lm.ratelimit import RateLimited, claim
 from ..lm.usage import UsageLedger
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # Connections one DSPy LM object keeps (DSPy 3.4's lm15 transport default).
 LM_CONNECTIONS = 100
+
 
 def import_signature_modules(modules: list[str]) -> list[str]:
     """Import the modules that define signatures; returns the ones imported."""
@@ -68,6 +70,7 @@ def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> Non
 
 
 SAFE_EVICTION = frozenset({"noeviction"})
+
 
 def check_eviction_policy(redis: Any, allow_unsafe: bool) -> str | None:
     """Refuse a Redis that may evict keys: queued messages, results and programs would vanish silently."""
@@ -217,7 +220,7 @@ class Runtime:
 
     # -- serving ------------------------------------------------------------
     def predict(self, sig: Signature, inputs: Any, session: str | None = None,
-                program: str | None = None) -> dict[str, Any]:
+                program: str | None = None) -> wire.PredictResult:
         """Validate, run and validate again; returns the result JSON of ARCHITECTURE section 2."""
 
         t0 = time.perf_counter()
@@ -254,7 +257,7 @@ class Runtime:
                      program: str | None = None) -> list[dict[str, Any]]:
         """Run many predictions concurrently; each item is a result or ``{"error": ...}``."""
 
-        def one(inputs: Any) -> dict[str, Any]:
+        def one(inputs: Any) -> Any:  # a wire.PredictResult or {"error": wire.ItemError}
             for _ in range(self.settings.rate_limit_max_requeues + 1):
                 try:
                     return self.predict(sig, inputs, session, program)
@@ -262,8 +265,8 @@ class Runtime:
                     time.sleep(exc.countdown_s)
                     claim(exc.slot)
                 except DspexError as exc:
-                    return {"error": {"type": type(exc).__name__, "args": list(exc.args)}}
-            return {"error": {"type": "LMError", "args": ["fleet rate limit still full (DSPEX_RATE_LIMIT_MAX_REQUEUES)"]}}
+                    return {"error": wire.item_error(exc)}
+            return {"error": wire.item_error(LMError("fleet rate limit still full (DSPEX_RATE_LIMIT_MAX_REQUEUES)"))}
 
         if len(items) <= 1:
             return [one(i) for i in items]
@@ -275,6 +278,8 @@ class Runtime:
 
 
 _cache_configured = False
+
+
 def _private_dspy_cache() -> None:
     """DSPy's on-disk cache pickles; keep it off. The in-memory cache stays (per process)."""
     global _cache_configured

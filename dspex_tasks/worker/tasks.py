@@ -49,13 +49,13 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
     name = wire.task_name(sig.name)
 
     def run(self: Any, *args: Any, inputs: Any = None, session: str | None = None, program: str | None = None,
-            **extra: Any) -> dict[str, Any]:
+            **extra: Any) -> wire.PredictResult:
         wire.check_task_args(name, args, extra, _PREDICT_ARGS)
         _check_size(self.app, inputs, "inputs")
         settings = self.app.dspex_settings
         claim_from(self.request)  # a rate-limit slot reserved for this task when it was re-queued
         try:
-            result: dict[str, Any] = self.app.runtime.predict(sig, inputs, session, program)
+            result: wire.PredictResult = self.app.runtime.predict(sig, inputs, session, program)
         except RateLimited as exc:  # re-queued with a countdown, on a budget of its own
             raise requeue(self, exc, max_requeues=settings.rate_limit_max_requeues,
                           max_retries=settings.task_max_retries) from None
