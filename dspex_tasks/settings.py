@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     @field_validator("rate_limits")
     @classmethod
     def _limits(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        from .lm.ratelimit import parse_limits
+        from .lm.limits import parse_limits
 
         for model, spec in v.items():
             parse_limits(spec, f"model:{model}")  # raises ValueError naming the bad key

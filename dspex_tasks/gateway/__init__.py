@@ -9,14 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import Gateway, create_gateway
+    from .app import create_gateway
+    from .state import Gateway
 
 __all__ = ["Gateway", "create_gateway"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from . import app
+    if name == "Gateway":
+        from .state import Gateway
 
-        return getattr(app, name)
+        return Gateway
+    if name == "create_gateway":
+        from .app import create_gateway
+
+        return create_gateway
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import keys
-from ..errors import ProgramNotFound, ValidationError
+from ..connections import lua
+from ..errors import ApiKeyNotFound, ValidationError
 
-__all__ = ["ApiKey", "AuthResult", "KeyStore", "RateLimiter", "hash_key", "key_from_headers"]
+__all__ = ["ApiKey", "AuthResult", "KeyStore", "RequestLimiter", "hash_key", "key_from_headers"]
 
 _KEY = re.compile(r"^dsk_([0-9a-f]{8})_[A-Za-z0-9_-]{20,128}$")
 _NAME = re.compile(r"^[A-Za-z0-9._:@ -]{1,64}$")
@@ -85,10 +86,10 @@ class KeyStore:
         return [k for _, k in self._all()]
 
     def revoke(self, id_or_name: str) -> Keys:
-        """Revoke the key with this id, or every key with this name. Raises ProgramNotFound when none."""
+        """Revoke the key with this id, or every key with this name. Raises ApiKeyNotFound when none."""
         found = [(d, k) for d, k in self._all() if id_or_name in (k.id, k.name)]
         if not found:
-            raise ProgramNotFound(f"no API key with id or name '{id_or_name}'")
+            raise ApiKeyNotFound(f"no API key with id or name '{id_or_name}'")
         pipe = self.redis.pipeline()
         for digest, key in found:
             pipe.hdel(keys.gateway_api_keys(self.ns), digest)
@@ -97,40 +98,6 @@ class KeyStore:
         return [k for _, k in found]
 
 
-# KEYS: api key hash, bucket; ARGV: digest ('' = no auth), default rate/min, bucket id
-# -> {status (0 unknown key, 1 limited, 2 ok), retry_after_ms, key id, limit, remaining}
-_CHECK = """
-local rate = tonumber(ARGV[2])
-local id = ARGV[3]
-if ARGV[1] ~= '' then
-  local rec = redis.call('HGET', KEYS[1], ARGV[1])
-  if not rec then return {0, 0, '', 0, 0} end
-  local ok, data = pcall(cjson.decode, rec)
-  if ok and type(data) == 'table' then
-    if type(data['rate_per_min']) == 'number' then rate = data['rate_per_min'] end
-    if type(data['id']) == 'string' then id = data['id'] end
-  end
-end
-if rate <= 0 then return {2, 0, id, 0, 0} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local per_ms = rate / 60000
-local b = redis.call('HMGET', KEYS[2], 'tokens', 'ts')
-local tokens = tonumber(b[1]) or rate
-local ts = tonumber(b[2]) or now
-tokens = math.min(rate, tokens + math.max(0, now - ts) * per_ms)
-local status = 2
-local wait = 0
-if tokens < 1 then
-  status = 1
-  wait = math.ceil((1 - tokens) / per_ms)
-else
-  tokens = tokens - 1
-end
-redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[2], math.ceil(60000 + 1 / per_ms))
-return {status, wait, id, rate, math.floor(tokens)}
-"""
 
 
 @dataclass(frozen=True)
@@ -143,12 +110,17 @@ class AuthResult:
     remaining: int = 0
 
 
-class RateLimiter:
-    """Checks a presented key and takes one request from its bucket (async, one round trip)."""
+class RequestLimiter:
+    """Checks a presented key and takes one request from its bucket (async, one round trip).
+
+    Per API key and per request, at the gateway; not the LM's fleet-wide limits
+    (:class:`dspex_tasks.lm.ratelimit.RateLimiter`).
+    """
 
     def __init__(self, *, namespace: str, default_rate_per_min: int) -> None:
         self.ns = namespace
         self.default_rate = default_rate_per_min
+        self._script = lua(__name__, "api_key_check")
         self._sha: str | None = None
 
     async def check(self, aredis: Any, raw_key: str | None) -> AuthResult:
@@ -175,9 +147,9 @@ class RateLimiter:
         from redis.exceptions import NoScriptError
 
         if self._sha is None:
-            self._sha = await aredis.script_load(_CHECK)
+            self._sha = await aredis.script_load(self._script)
         try:
             return await aredis.evalsha(self._sha, len(key_names), *key_names, *args)
         except NoScriptError:  # a restarted or flushed server
-            self._sha = await aredis.script_load(_CHECK)
+            self._sha = await aredis.script_load(self._script)
             return await aredis.evalsha(self._sha, len(key_names), *key_names, *args)

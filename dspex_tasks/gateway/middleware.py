@@ -22,7 +22,7 @@ from .auth import key_from_headers
 from .problems import PROBLEM_JSON, problem_body
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .state import Gateway
 
 __all__ = ["GatewayMiddleware", "PUBLIC_PATHS", "BodyTooLarge", "is_loopback"]
 

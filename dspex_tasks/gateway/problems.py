@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -32,10 +33,11 @@ TYPE_PREFIX = "urn:dspex:problem:"
 # Library errors -> HTTP status (most specific class first).
 _STATUS: list[tuple[type[errors.DspexError], int]] = [
     (errors.ValidationError, 422),
-    (errors.InvalidSession, 422),
+    (errors.InvalidId, 422),
     (errors.SignatureError, 422),
     (errors.UnknownSignature, 404),
-    (errors.ProgramNotFound, 404),
+    (errors.NotFound, 404),
+    (errors.Cancelled, 409),
     (errors.LMParseError, 502),
     (errors.LMError, 502),
     (errors.TaskTimeout, 504),
@@ -131,7 +133,7 @@ def _field_errors(exc: errors.DspexError, prefix: str | None) -> list[dict[str, 
                 item["pointer"] = "/" + "/".join(parts)
             out.append(item)
         return out
-    if isinstance(exc, errors.InvalidSession):
+    if isinstance(exc, errors.InvalidId):
         m = _WHAT.search(exc.message)
         field = m.group(1) if m else "session"
         return [{"field": field, "message": exc.message, "pointer": f"/{field}"}]
@@ -155,8 +157,15 @@ def _loc_field(loc: tuple[Any, ...]) -> tuple[str, str]:
 def _allowed(request: Request) -> list[str]:
     from starlette.routing import Match
 
+    routes: Iterable[Any] = request.app.router.routes
+    try:  # FastAPI >= 0.137.2: included routers are nodes of a tree; this walks every route (with its prefix)
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # older FastAPI copies included routes into a flat list
+        pass
+    else:
+        routes = iter_route_contexts(request.app.router.routes)
     methods: set[str] = set()
-    for route in request.app.router.routes:
+    for route in routes:
         match, _ = route.matches(request.scope)
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())

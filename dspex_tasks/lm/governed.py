@@ -46,7 +46,8 @@ from ..errors import ConfigurationError, DspexError, LMContextLengthExceeded, LM
 from .cache import IGNORED_PARAMS, LMCache, entry_from_response, request_digest
 from .errors import classify, retry_after_of, to_lm_error
 from .factory import build_lm, lm_name
-from .ratelimit import Limit, RateLimiter, estimate_tokens, parse_limits
+from .limits import Limit, estimate_tokens, parse_limits
+from .ratelimit import RateLimiter
 from .response import as_response
 from .usage import prime, record_call
 

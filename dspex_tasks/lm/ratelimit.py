@@ -30,142 +30,21 @@ call and settle to the provider's reported total after it.
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from .. import keys
 from ..connections import register_lua
 from ..errors import LMError, LMRateLimitError, RateLimited
 from ..wire import REQUEUE_HEADER, SLOT_HEADER
+from .limits import Limit, estimate_tokens, gcra_reserve, parse_limits, requeue_countdown
 
 __all__ = ["Limit", "RateLimited", "RateLimiter", "parse_limits", "gcra_reserve", "requeue", "lm_retries", "requeues",
            "claim", "claim_from", "estimate_tokens", "requeue_countdown", "REQUEUE_HEADER", "SLOT_HEADER"]
 
-Unit = Literal["requests", "tokens"]
-_RATES: dict[str, tuple[Unit, float]] = {"rpm": ("requests", 60.0), "rps": ("requests", 1.0),
-                                          "tpm": ("tokens", 60.0), "tps": ("tokens", 1.0)}
-_BURSTS: dict[str, Unit] = {"burst": "requests", "token_burst": "tokens"}
 log = logging.getLogger(__name__)
-
-
-
-
-@dataclass(frozen=True)
-class Limit:
-    """One bucket: ``rate`` units per second with a capacity of ``burst`` units."""
-
-    scope: str
-    unit: Unit
-    rate: float
-    burst: float
-
-    @property
-    def interval_ms(self) -> float:
-        return 1000.0 / self.rate
-
-    @property
-    def tolerance_ms(self) -> float:
-        return self.burst * self.interval_ms
-
-    def tolerance(self, jitter_ms: float = 0.0) -> float:
-        """The bucket depth in ms, less what is kept back for send delays (never below 0)."""
-        return max(self.tolerance_ms - jitter_ms, 0.0)
-
-    def max_in_window(self, window_s: float) -> float:
-        """The most units this bucket admits in any window of ``window_s`` seconds."""
-        return self.burst + self.rate * window_s
-
-
-def parse_limits(spec: Mapping[str, Any], scope: str) -> list[Limit]:
-    """Parse ``{"rpm"|"rps": n, "tpm"|"tps": n, "burst": n, "token_burst": n}`` into buckets.
-
-    ``burst`` defaults to one second's worth of the rate (at least 1 request).
-
-    Raises:
-        ValueError: naming the scope and the bad key or value.
-    """
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"rate limit for {scope} must be an object like {{\"rpm\": 60}}, got {spec!r}")
-    unknown = sorted(set(spec) - set(_RATES) - set(_BURSTS))
-    if unknown:
-        raise ValueError(f"unknown rate-limit key(s) {unknown} for {scope}; expected rpm, rps, tpm, tps, burst, "
-                         "token_burst")
-    rates: dict[Unit, float] = {}
-    for name, (unit, per_s) in _RATES.items():
-        if name not in spec:
-            continue
-        value = _number(spec[name], name, scope)
-        if value <= 0:
-            raise ValueError(f"rate limit {name} for {scope} must be > 0, got {value}")
-        if unit in rates:
-            raise ValueError(f"rate limit for {scope} gives {unit} twice (per second and per minute)")
-        rates[unit] = value / per_s
-    limits = []
-    for name, unit in _BURSTS.items():
-        if name in spec and unit not in rates:
-            raise ValueError(f"rate limit for {scope} sets {name} without a {unit} rate")
-    for unit, rate in rates.items():
-        burst_key = "burst" if unit == "requests" else "token_burst"
-        default = max(1.0, float(math.floor(rate))) if unit == "requests" else max(1.0, rate)
-        burst = _number(spec.get(burst_key, default), burst_key, scope)
-        if burst < 1:
-            raise ValueError(f"rate limit {burst_key} for {scope} must be >= 1, got {burst}")
-        limits.append(Limit(scope, unit, rate, burst))
-    return limits
-
-
-def gcra_reserve(tats: dict[str, float], now_ms: float, wants: Sequence[tuple[str, Limit, float]],
-                 max_wait_ms: float, jitter_ms: float = 0.0) -> tuple[bool, float]:
-    """The acquire script's arithmetic in Python (the reference its tests check): ``tats`` maps bucket
-    names to theoretical arrival times in ms and is updated in place when the call is reserved.
-
-    Args:
-        tats: Bucket state.
-        now_ms: The clock.
-        wants: ``(bucket name, limit, cost)`` per bucket the call needs.
-        max_wait_ms: Reserve only if the call can start within this.
-        jitter_ms: Burst kept in reserve for send delays (see the module docstring).
-
-    Returns:
-        ``(reserved, wait_ms)``.
-    """
-    send = now_ms
-    for name, limit, cost in wants:
-        send = max(send, tats.get(name, now_ms) + cost * limit.interval_ms - limit.tolerance(jitter_ms))
-    wait = send - now_ms
-    if wait > max_wait_ms:
-        return False, wait
-    for name, limit, cost in wants:
-        tats[name] = max(tats.get(name, now_ms), send) + cost * limit.interval_ms
-    return True, wait
-
-
-def _number(value: Any, name: str, scope: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"rate limit {name} for {scope} must be a number, got {value!r}")
-    return float(value)
-
-
-def estimate_tokens(prompt: Any, messages: Any, max_tokens: Any) -> int:
-    """A pre-call token estimate: prompt characters / 4 plus ``max_tokens`` (or 256) for the answer."""
-    chars = len(str(prompt or ""))
-    for m in messages or ():
-        content = m.get("content") if isinstance(m, Mapping) else m
-        chars += len(content) if isinstance(content, str) else len(str(content))
-    answer = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 256
-    return chars // 4 + answer
-
-
-def requeue_countdown(wait_s: float, rng: random.Random | None = None) -> float:
-    """A countdown of at least ``wait_s``, spread over [wait, 1.5 wait + 0.2] so the tasks turned
-    away together do not all come back together."""
-    r = rng or random
-    return max(wait_s, 0.0) + r.uniform(0.0, max(wait_s, 0.0) * 0.5 + 0.2)
 
 
 class RateLimiter:

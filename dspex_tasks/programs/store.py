@@ -91,7 +91,7 @@ class ProgramStore:
         max_state_bytes: reject larger states.
 
     Example:
-        >>> store = ProgramStore(redis=redis.Redis.from_url(url))  # doctest: +SKIP
+        >>> store = ProgramStore(redis=connections.redis_client(settings))  # doctest: +SKIP
         >>> v = store.put("t42", "qa", {"demos": []}, signature="qa")  # doctest: +SKIP
     """
 
