@@ -122,10 +122,10 @@ def test_lua_scripts_are_files_next_to_the_code_that_registers_them() -> None:
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert "redis.call(" not in text or path.name == "connections.py", f"inline Lua in {path.name}"
-        for name in re.findall(r'register_lua\(\s*[\w.]+,\s*__name__,\s*"(\w+)"\)', text):
+        for name in re.findall(r'(?:register_)?lua\(\s*(?:[\w.]+,\s*)?__name__,\s*"(\w+)"\)', text):
             calls.append(name)
             assert (path.parent / "lua" / f"{name}.lua").is_file(), (path, name)
-    assert len(calls) >= 9  # store (3), rate limits (2), LM cache (2), leases (2)
+    assert len(calls) >= 10  # store (3), rate limits (2), LM cache (2), leases (2), gateway API keys (1)
     pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
     assert '"lua/*.lua"' in pyproject  # shipped in the wheel
 
