@@ -8,8 +8,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
@@ -114,3 +116,26 @@ def preview(value: Any, limit: int = 60) -> str:
 def echo_json(data: Any) -> None:
     """Plain, indented JSON on stdout (no rich wrapping, so it always parses)."""
     typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def read_jsonl(path: Path, what: str = "") -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file ('-' for stdin); a bad line exits 2 naming ``file:line``.
+
+    ``what`` completes the message for a line that is not an object (``" of inputs"``).
+    """
+    try:
+        lines = sys.stdin.read().splitlines() if str(path) == "-" else path.read_text().splitlines()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}", code=EXIT_INVALID)
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            fail(f"{path}:{n}: not JSON: {exc}", code=EXIT_INVALID)
+        if not isinstance(row, dict):
+            fail(f"{path}:{n}: expected a JSON object{what}, got {type(row).__name__}", code=EXIT_INVALID)
+        rows.append(row)
+    return rows

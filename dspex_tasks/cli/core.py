@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from enum import StrEnum
@@ -24,7 +23,19 @@ from rich.table import Table
 
 from ..errors import DspexError, ValidationError
 from ..observability.status import collect_status
-from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, open_client, preview, redacted_url
+from .common import (
+    EXIT_INVALID,
+    cli_errors,
+    console,
+    echo_json,
+    err,
+    esc,
+    fail,
+    open_client,
+    preview,
+    read_jsonl,
+    redacted_url,
+)
 from .gateway import register as register_gateway_commands
 from .ops import register as register_ops_commands
 from .optimize import register as register_optimize_commands
@@ -159,25 +170,6 @@ def submit(
     console.print(Panel(table, title=title, title_align="left", subtitle=footer, subtitle_align="left"))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    items = []
-    try:
-        lines = sys.stdin.read().splitlines() if str(path) == "-" else path.read_text().splitlines()
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror or exc}", code=EXIT_INVALID)
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            fail(f"{path}:{n}: not JSON: {exc}", code=EXIT_INVALID)
-        if not isinstance(item, dict):
-            fail(f"{path}:{n}: expected a JSON object of inputs", code=EXIT_INVALID)
-        items.append(item)
-    return items
-
-
 def _result_json(item: Any) -> dict[str, Any]:
     if isinstance(item, DspexError):
         error: dict[str, Any] = {"type": type(item).__name__, "message": item.message}
@@ -203,7 +195,7 @@ def map_(
     """Run every input of a JSONL file through one signature, in few messages; exits 1 if any item failed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    items = _read_jsonl(file)
+    items = read_jsonl(file, " of inputs")
     if not items:
         fail(f"{file} holds no inputs", code=EXIT_INVALID)
     with open_client() as client, Progress(TextColumn(f"{name}"), BarColumn(), MofNCompleteColumn(),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,9 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import DatasetNotFound, DspexError, RunNotFound, UnknownSignature, ValidationError, from_remote
-from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, open_client, preview
+from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, open_client, preview, read_jsonl
 
-__all__ = ["register", "datasets_app", "runs_app", "schedule_app", "optimize", "beat", "read_jsonl", "parse_params"]
+__all__ = ["register", "datasets_app", "runs_app", "schedule_app", "optimize", "beat", "parse_params"]
 
 datasets_app = typer.Typer(help="Named training datasets: put, ls, show, rm.", no_args_is_help=True)
 runs_app = typer.Typer(help="Optimization runs: ls, show, cancel, plot.", no_args_is_help=True)
@@ -48,26 +47,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(runs_app, name="runs")
     app.add_typer(schedule_app, name="schedule")
     app.command()(beat)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file ('-' for stdin); a bad line exits 2 naming ``file:line``."""
-    try:
-        lines = sys.stdin.read().splitlines() if str(path) == "-" else path.read_text().splitlines()
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror or exc}", code=EXIT_INVALID)
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            fail(f"{path}:{n}: not JSON: {exc}", code=EXIT_INVALID)
-        if not isinstance(row, dict):
-            fail(f"{path}:{n}: expected a JSON object, got {type(row).__name__}", code=EXIT_INVALID)
-        rows.append(row)
-    return rows
 
 
 def parse_params(pairs: list[str] | None, json_text: str | None) -> dict[str, Any]:

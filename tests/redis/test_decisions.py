@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -64,21 +63,6 @@ def test_a_provider_retry_after_sets_the_task_countdown(worker_app: Any, client:
     t0 = time.monotonic()
     assert client.submit("qa", {"question": "wait for it"}).get(timeout=30).outputs
     assert time.monotonic() - t0 >= 2.9 and lm.calls == 2  # waited the provider's 3 s, not the 1 s backoff
-
-
-@pytest.fixture
-def opt_app(settings: Any, signatures: Any) -> Iterator[Any]:
-    from celery.contrib.testing.worker import start_worker
-
-    from dspex_tasks.worker.app import create_worker_app
-
-    s = settings.model_copy(update={"mock_scenario": "learns_from_demos"})
-    app = create_worker_app(s, signatures=signatures, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=12, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10, queues=[s.predict_queue, s.optimize_queue]):
-        app.runtime  # noqa: B018
-        yield app
-    app.reset_runtime()
 
 
 def test_optimization_lm_spend_reaches_usage(opt_app: Any, settings: Any) -> None:

@@ -21,21 +21,6 @@ def labelled(n: int, prefix: str = "question") -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def opt_app(settings: Any, signatures: Any) -> Iterator[Any]:
-    from celery.contrib.testing.worker import start_worker
-
-    from dspex_tasks.worker.app import create_worker_app
-
-    s = settings.model_copy(update={"mock_scenario": "learns_from_demos"})
-    app = create_worker_app(s, signatures=signatures, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=12, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10, queues=[s.predict_queue, s.optimize_queue]):
-        app.runtime  # noqa: B018
-        yield app
-    app.reset_runtime()
-
-
-@pytest.fixture
 def oclient(opt_app: Any) -> Iterator[Any]:
     from dspex_tasks.client import Client
 
