@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
+from .wire import OPTIMIZE_QUEUE, PREDICT_QUEUE
 
 __all__ = ["Settings", "load_settings"]
 
@@ -84,8 +85,8 @@ class Settings(BaseSettings):
     allow_unsafe_eviction: bool = False
     track_started: bool = False
     log_each_task: bool = False
-    predict_queue: str = "dspex.predict"
-    optimize_queue: str = "dspex.optimize"
+    predict_queue: str = PREDICT_QUEUE
+    optimize_queue: str = OPTIMIZE_QUEUE
 
     # HTTP gateway
     gateway_auth: bool = True
