@@ -40,10 +40,10 @@ RESERVED = frozenset({
 _RESERVED_COT = frozenset({"reasoning"})
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside brackets, braces and quotes."""
-    parts, depth, quote, start, i = [], 0, "", 0, 0
-    while i < len(text):
+def _top_level(text: str, end: int | None = None) -> Iterator[int]:
+    """Indices of the characters of ``text[:end]`` that stand outside brackets, braces and quotes."""
+    depth, quote, i, stop = 0, "", 0, len(text) if end is None else end
+    while i < stop:
         c = text[i]
         if quote:
             if c == "\\":
@@ -56,12 +56,18 @@ def _split_top(text: str, sep: str) -> list[str]:
             depth += 1
         elif c in "]}":
             depth -= 1
-        elif depth == 0 and text.startswith(sep, i):
+        elif depth == 0:
+            yield i
+        i += 1
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets, braces and quotes."""
+    parts, start = [], 0
+    for i in _top_level(text):
+        if i >= start and text.startswith(sep, i):
             parts.append(text[start:i])
             start = i + len(sep)
-            i = start
-            continue
-        i += 1
     parts.append(text[start:])
     return parts
 
@@ -97,25 +103,12 @@ def _check_balanced(spec: str) -> None:
 
 def _field_at(spec: str, pos: int) -> tuple[str, str]:
     """(``field 'name'``, its ``name: type`` text) for the field around ``pos``, for error messages."""
-    start, depth, quote, i = 0, 0, "", 0
-    while i < pos:
-        c = spec[i]
-        if quote:
-            if c == "\\":
-                i += 1
-            elif c == quote:
-                quote = ""
-        elif c in "\"'":
-            quote = c
-        elif c in "[{":
-            depth += 1
-        elif c in "]}":
-            depth -= 1
-        elif depth == 0 and c == ",":
+    start = 0
+    for i in _top_level(spec, pos):
+        if spec[i] == ",":
             start = i + 1
-        elif depth == 0 and spec.startswith("->", i):
+        elif spec.startswith("->", i):
             start = i + 2
-        i += 1
     rest = spec[start:]
     stop = rest.find("->", pos - start) if "->" in rest[pos - start:] else len(rest)
     text = rest[:stop].strip()
