@@ -139,3 +139,16 @@ def read_jsonl(path: Path, what: str = "") -> list[dict[str, Any]]:
             fail(f"{path}:{n}: expected a JSON object{what}, got {type(row).__name__}", code=EXIT_INVALID)
         rows.append(row)
     return rows
+
+
+def json_object(text: str | None, option: str) -> dict[str, Any]:
+    """The JSON object an option such as ``--json`` carries ({} when not given); anything else exits 2."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(f"{option} is not valid JSON: {exc}", code=EXIT_INVALID)
+    if not isinstance(data, dict):
+        fail(f"{option} must be a JSON object", code=EXIT_INVALID)
+    return data

@@ -31,6 +31,7 @@ from .common import (
     err,
     esc,
     fail,
+    json_object,
     open_client,
     preview,
     read_jsonl,
@@ -112,14 +113,7 @@ def worker(
 
 def _parse_inputs(pairs: list[str], json_text: str | None, properties: dict[str, Any]) -> dict[str, Any]:
     """``--json`` then ``--input k=v`` pairs; values parse as JSON unless the field is a plain string."""
-    data: dict[str, Any] = {}
-    if json_text:
-        try:
-            data = json.loads(json_text)
-        except json.JSONDecodeError as exc:
-            fail(f"--json is not valid JSON: {exc}", code=EXIT_INVALID)
-        if not isinstance(data, dict):
-            fail("--json must be a JSON object", code=EXIT_INVALID)
+    data = json_object(json_text, "--json")
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():

@@ -20,7 +20,19 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import DatasetNotFound, DspexError, RunNotFound, UnknownSignature, ValidationError, from_remote
-from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, open_client, preview, read_jsonl
+from .common import (
+    EXIT_INVALID,
+    cli_errors,
+    console,
+    echo_json,
+    err,
+    esc,
+    fail,
+    json_object,
+    open_client,
+    preview,
+    read_jsonl,
+)
 
 __all__ = ["register", "datasets_app", "runs_app", "schedule_app", "optimize", "beat", "parse_params"]
 
@@ -51,14 +63,7 @@ def register(app: typer.Typer) -> None:
 
 def parse_params(pairs: list[str] | None, json_text: str | None) -> dict[str, Any]:
     """``--params`` (a JSON object), then ``--param k=v`` pairs: values parse as JSON when they can."""
-    params: dict[str, Any] = {}
-    if json_text:
-        try:
-            params = json.loads(json_text)
-        except json.JSONDecodeError as exc:
-            fail(f"--params is not valid JSON: {exc}", code=EXIT_INVALID)
-        if not isinstance(params, dict):
-            fail("--params must be a JSON object", code=EXIT_INVALID)
+    params = json_object(json_text, "--params")
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
