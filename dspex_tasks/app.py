@@ -8,9 +8,11 @@ hooks, is :func:`dspex_tasks.worker.app.create_worker_app` (what ``workers/app.p
 from __future__ import annotations
 
 import threading
+from functools import cached_property
 from typing import Any
 
 from celery import Celery
+from kombu import entity
 
 from . import wire
 from .connections import HEALTH_CHECK_INTERVAL_S
@@ -75,10 +77,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "task_default_queue": settings.predict_queue,
+        # A worker started without -Q consumes all of these, however it was started (dspex worker or
+        # celery -A workers.app worker), including the queue a zero-configuration Celery client sends to.
+        "task_queues": [_queue(q) for q in settings.queues],
         "task_routes": wire.task_routes(settings.predict_queue, settings.optimize_queue),
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
+
+
+def _queue(name: str) -> Any:
+    """A direct queue bound to an exchange and routing key of its own name (what Celery creates for a name)."""
+    queue_cls: Any = entity.Queue
+    exchange_cls: Any = entity.Exchange
+    return queue_cls(name, exchange_cls(name, type="direct"), routing_key=name)
 
 
 class DspexCelery(Celery):  # type: ignore[misc]
@@ -106,6 +118,15 @@ class DspexCelery(Celery):  # type: ignore[misc]
                     rt.warm()
                     self._runtime = rt
         return self._runtime
+
+    @cached_property
+    def Worker(self) -> Any:  # noqa: N802 - Celery's name
+        """Celery's worker class, with a truthful banner (see :class:`~dspex_tasks.worker.startup.DspexWorkerMixin`)."""
+        from celery.apps.worker import Worker
+
+        from .worker.startup import DspexWorkerMixin
+
+        return self.subclass_with_self(type("Worker", (DspexWorkerMixin, Worker), {}))
 
     def reset_runtime(self) -> None:
         with self._runtime_lock:

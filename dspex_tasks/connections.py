@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .settings import Settings
 
 __all__ = ["HEALTH_CHECK_INTERVAL_S", "redis_client", "async_redis_client", "probe_client", "client_options",
-           "lua", "register_lua"]
+           "lua", "register_lua", "redacted_url", "unreachable_message", "ping"]
 
 #: Idle pooled connections older than this are PINGed before reuse.
 HEALTH_CHECK_INTERVAL_S = 25
@@ -80,3 +80,42 @@ def register_lua(redis: Any, module: str, name: str) -> Any:
     """``redis.register_script`` for the script ``lua/<name>.lua`` next to ``module`` (pass ``__name__``):
     run by EVALSHA, loaded into Redis on first use."""
     return redis.register_script(lua(module, name))
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password (and unchanged when it has none)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user, _, password = creds.partition(":")
+    if not password:
+        return url
+    return f"{scheme}://{user}:***@{host}"
+
+
+def unreachable_message(what: str, url: str, exc: BaseException, *, variable: str = "DSPEX_REDIS_URL",
+                        configured: bool = True) -> str:
+    """One line for a Redis (or broker) that did not answer: the URL, the reason, and the variable to set."""
+    text = str(exc).strip().rstrip(".") or type(exc).__name__
+    if text.startswith("Error ") and ". " in text:  # redis-py: "Error 111 connecting to h:p. Connection refused."
+        text = text.split(". ", 1)[-1]
+    hint = (f"{variable} is not set, so the default was tried: set it to your Redis" if not configured
+            else f"is it running? (or set {variable} to one that answers)")
+    return f"{what} at {redacted_url(url)} ({text}); {hint}"
+
+
+def ping(url: str, timeout_s: float) -> None:
+    """PING a Redis URL, or open and close an AMQP connection (a connection is its ping); raises on failure."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        conn = probe_client(url, timeout_s)
+        try:
+            conn.ping()
+        finally:
+            conn.close()
+        return
+    from kombu import connection as kombu_connection
+
+    connection_cls: Any = kombu_connection.Connection
+    with connection_cls(url, connect_timeout=timeout_s) as kconn:
+        kconn.ensure_connection(max_retries=1, timeout=timeout_s)

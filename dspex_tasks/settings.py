@@ -11,11 +11,11 @@ import os
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
-from .wire import OPTIMIZE_QUEUE, PREDICT_QUEUE
+from .wire import CELERY_DEFAULT_QUEUE, DEFAULT_REDIS_URL, OPTIMIZE_QUEUE, PREDICT_QUEUE
 
 __all__ = ["Settings", "load_settings"]
 
@@ -33,9 +33,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSPEX_", frozen=True, extra="forbid")
 
     # connections
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULT_REDIS_URL
     broker_url: str | None = None
     result_backend: str | None = None
+    redis_wait_s: float = Field(5.0, ge=0, le=25)  # a starting worker or gateway waits this long for Redis, then exits
     namespace: str = Field("dspex", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     # language model
@@ -87,6 +88,8 @@ class Settings(BaseSettings):
     log_each_task: bool = False
     predict_queue: str = PREDICT_QUEUE
     optimize_queue: str = OPTIMIZE_QUEUE
+    # The queue a Celery client with no dspex configuration sends to; default workers serve it too ("": none).
+    bare_queue: str = CELERY_DEFAULT_QUEUE
 
     # HTTP gateway
     gateway_auth: bool = True
@@ -121,6 +124,16 @@ class Settings(BaseSettings):
     def backend(self) -> str:
         return self.result_backend or self.redis_url
 
+    @property
+    def queues(self) -> list[str]:
+        """Every queue a worker consumes unless told otherwise (``-Q``): predictions, optimizations, bare clients."""
+        return list(dict.fromkeys(q for q in (self.predict_queue, self.optimize_queue, self.bare_queue) if q))
+
+    @property
+    def redis_url_source(self) -> str:
+        """Where ``redis_url`` came from, for start-up lines: the variable, or that it is the default."""
+        return "DSPEX_REDIS_URL" if "redis_url" in self.model_fields_set else "default; set DSPEX_REDIS_URL"
+
     @cached_property
     def modules(self) -> list[str]:
         return [m.strip() for m in self.signature_modules.split(",") if m.strip()]
@@ -145,5 +158,8 @@ def load_settings(**overrides: Any) -> Settings:
             log.warning("unknown setting %s%s", var, f"; did you mean {close[0]}?" if close else "")
     try:
         return Settings(**overrides)
-    except Exception as exc:  # pydantic.ValidationError, with field names
-        raise ConfigurationError(f"invalid settings: {exc}") from None
+    except ValidationError as exc:  # one line per bad setting, named as the user sets it
+        problems = "; ".join(
+            f"DSPEX_{'_'.join(str(p) for p in e['loc']).upper() or '?'}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors(include_url=False))
+        raise ConfigurationError(f"invalid settings: {problems}") from None

@@ -20,7 +20,7 @@ from .errors import SignatureError, ValidationError
 
 __all__ = [
     "PREFIX", "MAP_TASK", "OPTIMIZE_PREFIX", "STAGE_TASK", "EVAL_CHUNK_TASK", "EVAL_MERGE_TASK", "FAIL_TASK",
-    "SCHEDULED_TASK", "PREDICT_QUEUE", "OPTIMIZE_QUEUE", "SENT_AT_HEADER", "REQUEUE_HEADER", "SLOT_HEADER",
+    "SCHEDULED_TASK", "PREDICT_QUEUE", "OPTIMIZE_QUEUE", "CELERY_DEFAULT_QUEUE", "DEFAULT_REDIS_URL", "SENT_AT_HEADER", "REQUEUE_HEADER", "SLOT_HEADER",
     "RESERVED_NAMES", "PredictKwargs", "MapKwargs", "PredictResult", "MapResult", "ItemError",
     "task_name", "program_of", "check_program_name", "predict_kwargs", "map_kwargs", "sent_headers",
     "check_task_args", "task_routes", "item_error",
@@ -35,9 +35,15 @@ EVAL_MERGE_TASK = "dspex.optimize.eval_merge"
 FAIL_TASK = "dspex.optimize.fail"
 SCHEDULED_TASK = "dspex.optimize.scheduled"
 
+#: Where clients and workers look for Redis when ``DSPEX_REDIS_URL`` is not set.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
 #: Default queue names (``DSPEX_PREDICT_QUEUE``, ``DSPEX_OPTIMIZE_QUEUE`` override them).
 PREDICT_QUEUE = "dspex.predict"
 OPTIMIZE_QUEUE = "dspex.optimize"
+#: Celery's own default queue: where a Celery client with no dspex configuration sends
+#: (``send_task("dspex.qa", ...)`` without ``queue=``). Default workers consume it too.
+CELERY_DEFAULT_QUEUE = "celery"
 
 #: When the producer sent the message (unix seconds): ``dspex health`` reads queue age from it.
 SENT_AT_HEADER = "dspex_sent_at"

@@ -26,16 +26,23 @@ def worker_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
 class WorkerProcess:
     """One ``celery -A workers.app worker`` OS process (as on its own host)."""
 
-    def __init__(self, redis_url: str, namespace: str, *, queues: str = "dspex.predict", concurrency: int = 16,
+    def __init__(self, redis_url: str, namespace: str, *, queues: str | None = "dspex.predict", concurrency: int = 16,
                  pool: str = "threads", name: str | None = None, log_dir: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, route: str = "celery", cwd: Path | None = None) -> None:
+        """``queues=None`` passes no ``-Q`` (the worker's defaults); ``route="dspex"`` runs the ``dspex worker``
+        console script instead of ``celery -A workers.app worker``; ``cwd`` is where it starts (the repo root)."""
         self.name = name or f"w{uuid.uuid4().hex[:6]}"
         self.hostname = f"{self.name}@test"
         self.log_path = (log_dir or Path("/tmp")) / f"worker-{self.name}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", pool, "-c", str(concurrency),
-               "-Q", queues, "-n", self.hostname, "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+        if route == "dspex":
+            cmd = [str(Path(sys.executable).parent / "dspex"), "worker"]
+        else:
+            cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--without-mingle", "--without-gossip"]
+        cmd += ["--pool", pool, "-c", str(concurrency), "-n", self.hostname, "--loglevel", "INFO"]
+        if queues is not None:
+            cmd += ["-Q", queues]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(redis_url, namespace, **(env or {})),
+        self.proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=worker_env(redis_url, namespace, **(env or {})),
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property

@@ -18,7 +18,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..connections import redacted_url, unreachable_message
 from ..errors import DspexError, InvalidId, ValidationError
+from ..wire import DEFAULT_REDIS_URL
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..client import Client
@@ -38,7 +40,7 @@ EXIT_INVALID = 2
 
 def fail(message: str, *, code: int = 1, fields: list[dict[str, str]] | None = None) -> NoReturn:
     """Print a red error (and the offending fields) to stderr and exit with ``code``."""
-    err.print(f"[bold red]error:[/] {esc(message)}")
+    err.print(f"[bold red]error:[/] {esc(message)}", soft_wrap=True)  # one line, whatever the terminal width
     for item in fields or []:
         err.print(f"  [red]•[/] [bold]{esc(item.get('field') or '<root>')}[/]: {esc(item.get('message', ''))}")
     raise typer.Exit(code)
@@ -69,8 +71,9 @@ def cli_errors(func: F) -> F:
             raise typer.Exit(130) from None
         except Exception as exc:
             if _is_connection_error(exc):
-                url = redacted_url(os.environ.get("DSPEX_REDIS_URL", "redis://127.0.0.1:6379/0"))
-                fail(f"cannot reach Redis at {url} ({exc}); is it running? (set DSPEX_REDIS_URL or --redis-url)")
+                configured = os.environ.get("DSPEX_REDIS_URL")
+                fail(unreachable_message("cannot reach Redis", configured or DEFAULT_REDIS_URL, exc,
+                                         configured=configured is not None))
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -94,16 +97,6 @@ def open_client() -> Iterator[Client]:
         yield client
     finally:
         client.close()
-
-
-def redacted_url(url: str) -> str:
-    """``url`` without its password."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user + ':' if user else ':'}***@{host}"
 
 
 def preview(value: Any, limit: int = 60) -> str:

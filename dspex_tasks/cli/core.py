@@ -74,7 +74,8 @@ def _root(
 @cli_errors
 def worker(
     queues: Annotated[str | None, typer.Option("--queues", "-Q", help="Comma-separated queues.",
-                                               show_default="DSPEX_PREDICT_QUEUE,DSPEX_OPTIMIZE_QUEUE")] = None,
+                                               show_default="DSPEX_PREDICT_QUEUE,DSPEX_OPTIMIZE_QUEUE,"
+                                                            "DSPEX_BARE_QUEUE")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", "-c", min=1, help="Threads or processes per "
                                                     "worker.", show_default="DSPEX_WORKER_CONCURRENCY")] = None,
     pool: Annotated[Pool | None, typer.Option("--pool", "-P", help="Execution pool.",
@@ -91,8 +92,7 @@ def worker(
     # with app.conf.worker_pool, which comes from DSPEX_WORKER_POOL.
     overrides = {"worker_pool": pool.value if pool else None, "worker_concurrency": concurrency}
     settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    queue_list = [q.strip() for q in (queues or f"{settings.predict_queue},{settings.optimize_queue}").split(",")
-                  if q.strip()]
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else settings.queues
     pool_name, threads = settings.worker_pool, settings.worker_concurrency
     node = hostname or "dspex@%h"
     if processes > 1:

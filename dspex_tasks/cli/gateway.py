@@ -51,6 +51,12 @@ def gateway(
     if not settings.gateway_auth and not is_loopback(host):
         fail(f"authentication is off: refusing to bind {host}; bind a loopback address (127.0.0.1, ::1) or "
              "create keys with 'dspex keys create' and leave DSPEX_GATEWAY_AUTH on", code=EXIT_INVALID)
+    from ..worker.startup import RedisUnreachable, preflight
+
+    try:
+        preflight(settings, what="gateway")
+    except RedisUnreachable as exc:
+        fail(str(exc), code=69)
     auth = "API keys required" if settings.gateway_auth else "[yellow]no authentication (loopback only)[/]"
     err.print(f"gateway on [bold]http://{host}:{port}[/] · {auth} · rate {settings.gateway_rate_per_min}/min per key"
               f" · body ≤ {settings.gateway_max_body_bytes} bytes · namespace {settings.namespace}", soft_wrap=True)

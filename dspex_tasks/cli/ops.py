@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..observability.status import unconsumed_message
 from ..wire import SENT_AT_HEADER
 from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, redacted_url
 
@@ -193,13 +194,11 @@ def _check_broker(url: str, timeout_s: float) -> tuple[dict[str, Any], Any]:
                 conn.close()
                 raise
         else:  # amqp: a connection is the ping
-            from kombu import connection as kombu_connection
+            from ..connections import ping
 
             conn = None
-            connection_cls: Any = kombu_connection.Connection
-            with connection_cls(url, connect_timeout=timeout_s) as kconn:
-                kconn.ensure_connection(max_retries=1, timeout=timeout_s)
-                check["ok"] = True
+            ping(url, timeout_s)
+            check["ok"] = True
     except Exception as exc:
         check["error"] = f"{type(exc).__name__}: {exc}"
         return check, None
@@ -235,6 +234,23 @@ def _check_workers(settings: Any, timeout_s: float, local: bool) -> dict[str, An
     return check
 
 
+def _stuck_queues(settings: Any, queues: dict[str, Any], timeout_s: float) -> dict[str, int]:
+    """Queues with messages and no live consumer (asked only when some queue has messages: a broadcast waits)."""
+    depths = {q: info["depth"] for q, info in queues.items()}
+    if not any(depths.values()):
+        return {}
+    from ..app import create_app
+    from ..observability.status import queue_consumers, unconsumed
+
+    app = create_app(settings)
+    try:
+        return unconsumed(depths, queue_consumers(app, timeout_s))
+    except Exception:  # the broadcast failed: the worker check already says why
+        return {}
+    finally:
+        app.close()
+
+
 def collect_health(settings: Any, *, max_queue_age_s: float = 300.0, timeout_s: float = 2.0,
                    local: bool = False) -> dict[str, Any]:
     """Every check ``dspex health`` runs, as JSON-ready data (``healthy``, ``failed`` and one entry per check)."""
@@ -243,14 +259,18 @@ def collect_health(settings: Any, *, max_queue_age_s: float = 300.0, timeout_s: 
     workers = _check_workers(settings, timeout_s, local) if broker["ok"] else dict(skipped)
     if conn is not None:
         try:
-            queues = {q: _queue_info(conn, q, max_queue_age_s)
-                      for q in dict.fromkeys([settings.predict_queue, settings.optimize_queue])}
+            queues = {q: _queue_info(conn, q, max_queue_age_s) for q in settings.queues}
         finally:
             conn.close()
         old = [f"{q} {info['oldest_age_s']:g} s" for q, info in queues.items() if not info["ok"]]
-        queue_check: dict[str, Any] = {"ok": not old, "max_age_s": max_queue_age_s, "queues": queues}
-        if old:
-            queue_check["error"] = f"oldest message older than {max_queue_age_s:g} s: {', '.join(old)}"
+        stuck = _stuck_queues(settings, queues, timeout_s) if workers["ok"] else {}
+        queue_check: dict[str, Any] = {"ok": not old and not stuck, "max_age_s": max_queue_age_s, "queues": queues,
+                                       "unconsumed": stuck}
+        problems = [f"oldest message older than {max_queue_age_s:g} s: {', '.join(old)}"] if old else []
+        if stuck:
+            problems.append(unconsumed_message(stuck))
+        if problems:
+            queue_check["error"] = "; ".join(problems)
     elif broker["ok"]:
         queue_check = {"ok": True, "skipped": True, "max_age_s": max_queue_age_s, "queues": {},
                        "error": None, "note": "not a Redis broker: queue depth and age unknown"}

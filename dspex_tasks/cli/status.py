@@ -6,7 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
-from .common import console
+from ..observability.status import unconsumed_message
+from .common import console, esc
 
 __all__ = ["print_status"]
 
@@ -30,9 +31,15 @@ def print_status(data: dict[str, Any]) -> None:
     queues = Table(title="queues", title_justify="left")
     queues.add_column("queue")
     queues.add_column("waiting", justify="right")
+    queues.add_column("consumers", overflow="fold")
+    consumers = data.get("consumers") or {}
     for name, depth in data["queues"].items():
-        queues.add_row(name, str(depth))
+        who = consumers.get(name) or []
+        queues.add_row(name, "-" if depth is None else str(depth),
+                       ", ".join(who) if who else ("[red]none[/]" if depth else "[yellow]none[/]"))
     console.print(queues)
+    if data.get("unconsumed"):
+        console.print(f"[bold red]stuck:[/] {esc(unconsumed_message(data['unconsumed']))}", soft_wrap=True)
     cache = data["cache"]
     rate = f"{cache['hit_rate']:.1%}" if cache["hit_rate"] is not None else "-"
     console.print(f"[bold]program cache[/] ({cache['processes']} reporting processes): hits {cache['hits']}, "

@@ -10,6 +10,7 @@ re-reads the published hash every 30 seconds and whenever a request names a sign
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -42,13 +43,14 @@ def create_gateway(settings: Settings | None = None, client: Client | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
+        from ..worker.startup import RedisUnreachable, preflight
 
-        try:
-            await gw.ensure_started()
-        except (RedisConnectionError, RedisTimeoutError) as exc:  # serve 503s until Redis answers
-            log.warning("gateway started without Redis (%s); retrying on each request", exc)
+        try:  # a gateway that cannot reach Redis at start stops here (later outages are served as 503s)
+            await asyncio.to_thread(preflight, settings, what="gateway")
+        except RedisUnreachable as exc:
+            log.critical("refusing to start: %s", exc)
+            raise
+        await gw.ensure_started()
         try:
             yield
         finally:

@@ -16,7 +16,7 @@ from typing import Any
 from .. import keys
 from ..connections import redis_client
 
-__all__ = ["collect_status", "queue_depth", "worker_stats"]
+__all__ = ["collect_status", "queue_depth", "worker_stats", "queue_consumers", "unconsumed", "unconsumed_message"]
 
 _CACHE_FIELDS = ("hits", "misses", "evictions", "invalidations", "size")
 
@@ -34,18 +34,47 @@ def queue_depth(redis: Any, queue: str) -> int:
 def _queue_depths(client: Any) -> dict[str, int | None]:
     """Depths from the broker (which may be another Redis than DSPEX_REDIS_URL); None if not Redis."""
     s = client.settings
-    names = list(dict.fromkeys([s.predict_queue, s.optimize_queue]))
+    names = s.queues
     if not s.broker.startswith(("redis://", "rediss://", "unix://")):
         return dict.fromkeys(names)
     broker = client.redis if s.broker == s.redis_url else redis_client(s, s.broker)
     return {q: queue_depth(broker, q) for q in names}
 
 
+def queue_consumers(app: Any, timeout_s: float, workers: list[str] | None = None) -> dict[str, list[str]]:
+    """``{queue: [worker, ...]}``: which live workers consume which queue (Celery's ``active_queues``).
+
+    With ``workers`` (those that answered a ping) only they are asked, and the wait ends once they all answered.
+    """
+    if workers is not None and not workers:
+        return {}
+    inspect = app.control.inspect(timeout=timeout_s, destination=workers, limit=len(workers) if workers else None)
+    consumers: dict[str, list[str]] = {}
+    for worker, queues in sorted((inspect.active_queues() or {}).items()):
+        for queue in queues or []:
+            consumers.setdefault(str(queue.get("name")), []).append(worker)
+    return consumers
+
+
+def unconsumed(depths: dict[str, int | None], consumers: dict[str, list[str]]) -> dict[str, int]:
+    """Queues with messages waiting and no live worker consuming them: they would wait for ever."""
+    return {q: n for q, n in depths.items() if n and not consumers.get(q)}
+
+
+def unconsumed_message(queues: dict[str, int]) -> str:
+    """``dspex.optimize: 3 waiting, no worker consumes it (...)``, for status and health."""
+    names = ",".join(queues)
+    return ("; ".join(f"{q}: {n} waiting, no worker consumes it" for q, n in queues.items())
+            + f" (start a worker without -Q, or with -Q {names})")
+
+
 def _workers(app: Any, timeout_s: float) -> list[dict[str, Any]]:
     pings = app.control.inspect(timeout=timeout_s).ping() or {}
     stats: dict[str, Any] = {}
+    consumers: dict[str, list[str]] = {}
     if pings:  # ask only those that answered, and stop waiting once they all did
         stats = app.control.inspect(timeout=timeout_s, destination=list(pings), limit=len(pings)).stats() or {}
+        consumers = queue_consumers(app, timeout_s, list(pings))
     workers = []
     for name in sorted(pings):
         info = stats.get(name) or {}
@@ -59,6 +88,7 @@ def _workers(app: Any, timeout_s: float) -> list[dict[str, Any]]:
             "concurrency": pool.get("max-concurrency"),
             "processed": sum((info.get("total") or {}).values()),
             "uptime_s": info.get("uptime"),
+            "queues": sorted(q for q, names in consumers.items() if name in names),
         })
     return workers
 
@@ -140,11 +170,19 @@ def collect_status(client: Any, *, timeout_s: float = 1.0) -> dict[str, Any]:
     s = client.settings
     redis = client.redis
     cache, metrics = worker_stats(redis, s.namespace)
+    workers = _workers(client.app, timeout_s)
+    depths = _queue_depths(client)
+    consumers: dict[str, list[str]] = {}
+    for w in workers:
+        for q in w["queues"]:
+            consumers.setdefault(q, []).append(w["name"])
     return {
         "redis_url": s.redis_url,
         "namespace": s.namespace,
-        "workers": _workers(client.app, timeout_s),
-        "queues": _queue_depths(client),
+        "workers": workers,
+        "queues": depths,
+        "consumers": {q: consumers.get(q, []) for q in depths},
+        "unconsumed": unconsumed(depths, consumers),
         "cache": cache,
         "metrics": metrics,
         "sessions": int(redis.zcard(keys.sessions(s.namespace))),

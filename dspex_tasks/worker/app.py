@@ -20,6 +20,7 @@ from ..optimize.schedules import register_scheduled_task
 from ..optimize.stages import register_optimize_tasks
 from ..settings import Settings, load_settings
 from .runtime import check_eviction_policy, import_signature_modules
+from .startup import EXIT_UNAVAILABLE, RedisUnreachable, fail_to_start, preflight, redis_line, route_dspy_logging
 from .tasks import register_map_task, register_signature
 
 __all__ = ["create_worker_app"]
@@ -48,9 +49,17 @@ def _connect_prewarm(app: DspexCelery) -> None:
         app.reset_runtime()  # a forked child must not share its parent's connections
         app.runtime  # noqa: B018 - warms the child
 
-    def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", app) is not app:
             return
+        settings = app.dspex_settings
+        route_dspy_logging()
+        try:
+            # Before Celery's consumer starts: it would retry a dead broker for ever, and say little.
+            preflight(settings)
+        except RedisUnreachable as exc:
+            fail_to_start(exc)
+            raise SystemExit(EXIT_UNAVAILABLE) from None
         if not app.dspex_settings.log_each_task:
             # Two INFO lines per task cost more than the task at thousands per second;
             # Flower, events and metrics carry the same facts.
@@ -64,14 +73,19 @@ def _connect_prewarm(app: DspexCelery) -> None:
         except ConfigurationError as exc:
             # Celery logs and swallows exceptions from signal handlers; a worker that
             # must not run has to stop here, before it consumes anything.
-            log.critical("refusing to start: %s", exc)
+            fail_to_start(exc)
             raise SystemExit(78) from None
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", app) is app:  # logging is set up by now: the line lands in the worker's log
+            log.info("dspex worker %s: %s", getattr(sender, "hostname", ""), redis_line(app.dspex_settings))
 
     def on_shutdown(**_: Any) -> None:
         app.reset_runtime()
 
     signals.worker_process_init.connect(on_process_init, weak=False)
-    signals.worker_init.connect(on_worker_ready, weak=False)
+    signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
     prometheus.install(app)
     tracing.install(app.dspex_settings)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -45,12 +46,51 @@ LM_CONNECTIONS = 100
 
 
 def import_signature_modules(modules: list[str]) -> list[str]:
-    """Import the modules that define signatures; returns the ones imported."""
+    """Import the modules that define signatures; returns the ones imported.
+
+    The current directory is searched first, as ``celery -A`` does, so a worker started from the
+    module's own directory finds it however it was started.
+
+    Raises:
+        ConfigurationError: one line naming the module, ``DSPEX_SIGNATURE_MODULES`` and the search path
+            (the module is not there), or the module's own error and where it happened (it failed).
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     imported = []
     for name in modules:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
+                raise ConfigurationError(f"signature module '{name}' failed to import: {_where(exc)}") from None
+            pythonpath = os.environ.get("PYTHONPATH") or "unset"
+            raise ConfigurationError(
+                f"cannot import signature module '{name}' (DSPEX_SIGNATURE_MODULES={','.join(modules)}): "
+                f"no module '{exc.name}' in the current directory ({cwd}) or on PYTHONPATH ({pythonpath}); "
+                "start the worker from the module's directory or add that directory to PYTHONPATH"
+            ) from None
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(f"signature module '{name}' failed to import: {_where(exc)}") from None
         imported.append(name)
     return imported
+
+
+def _where(exc: BaseException) -> str:
+    """``NameError: name 'x' is not defined (mysigs.py:3)``: the error and the user's frame it came from."""
+    import traceback
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "importlib" not in f.filename and not os.path.abspath(f.filename).startswith(package)]
+    if not frames:
+        return f"{type(exc).__name__}: {exc}"
+    path = os.path.relpath(frames[-1].filename)
+    where = f" ({frames[-1].filename if path.startswith('..') else path}:{frames[-1].lineno})"
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> None:
