@@ -553,7 +553,9 @@ def test_dspex_worker_runs_the_celery_worker_the_system_tests_run(monkeypatch: p
     assert argv[0] == "worker"
     opts = _celery_options(argv)
     assert set(opts) <= set(system_opts), f"options the system tests never exercise: {set(opts) - set(system_opts)}"
-    assert opts["queues"] == system_opts["queues"] == DEFAULTS.predict_queue
+    # predictions, and Celery's default queue for zero-configuration Celery clients (test_first_hour.py)
+    assert opts["queues"] == f"{DEFAULTS.predict_queue},{DEFAULTS.bare_queue}"
+    assert system_opts["queues"] == DEFAULTS.predict_queue
     assert opts["pool"] == system_opts["pool"] == "threads"
     assert opts["concurrency"] == _arg(command, "--concurrency")
     # The node name the health check's --local looks for: <name>@<this host>
@@ -638,7 +640,8 @@ def test_compose_runs_one_worker_service_per_queue(compose: dict[str, Any], comp
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     queues = {name: _arg([str(a) for a in svc["command"]], "--queues")
               for name, svc in _dspex_services(compose).items() if svc["command"][0] == "worker"}
-    assert queues == {"worker-predict": DEFAULTS.predict_queue, "worker-optimize": DEFAULTS.optimize_queue}
+    assert queues == {"worker-predict": f"{DEFAULTS.predict_queue},{DEFAULTS.bare_queue}",
+                      "worker-optimize": DEFAULTS.optimize_queue}
     predict, optimize = compose["services"]["worker-predict"], compose["services"]["worker-optimize"]
     assert compose_raw["services"]["worker-predict"]["deploy"]["replicas"] == "${PREDICT_WORKERS:-2}"
     assert int(predict["deploy"]["replicas"]) == 2 and int(optimize["deploy"]["replicas"]) == 1
@@ -669,7 +672,8 @@ def test_compose_flower_requires_basic_auth(compose: dict[str, Any], compose_raw
 
 # == Kubernetes ===================================================================================================
 
-WORKERS = {"dspex-worker-predict": DEFAULTS.predict_queue, "dspex-worker-optimize": DEFAULTS.optimize_queue}
+WORKERS = {"dspex-worker-predict": f"{DEFAULTS.predict_queue},{DEFAULTS.bare_queue}",
+           "dspex-worker-optimize": DEFAULTS.optimize_queue}
 
 
 def test_manifests_are_well_formed_and_in_one_namespace(manifests: list[dict[str, Any]]) -> None:
@@ -732,7 +736,7 @@ def test_configmap_holds_real_settings_with_valid_values(manifests: list[dict[st
     assert set(data) <= fields, f"not settings: {set(data) - fields}"
     assert all(isinstance(v, str) and v for v in data.values()), "ConfigMap values are non-empty strings"
     settings = _settings_from(monkeypatch, data)
-    assert (settings.predict_queue, settings.optimize_queue) == tuple(WORKERS.values())
+    assert (f"{settings.predict_queue},{settings.bare_queue}", settings.optimize_queue) == tuple(WORKERS.values())
     assert "DSPEX_REDIS_URL" not in data, "built per Deployment from the Secret"
 
 
@@ -787,16 +791,18 @@ def test_keda_scales_each_worker_on_its_queue(manifests: list[dict[str, Any]]) -
     for target, obj in targets.items():
         spec = obj["spec"]
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-        (trigger,) = spec["triggers"]
-        assert trigger["type"] == "redis"
-        meta = trigger["metadata"]
-        assert meta["listName"] == WORKERS[target] == _parse_cli(_container(deployments[target])["args"])["queues"]
-        assert meta["listLength"].isdigit() and int(meta["listLength"]) > 0
-        assert meta["databaseIndex"] == "0"
-        env_names = [e["name"] for e in _container(deployments[target]).get("env", [])]
-        assert meta["addressFromEnv"] in env_names, "KEDA reads the address from the target container's env"
-        auth = auths[trigger["authenticationRef"]["name"]]
-        assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["password"]
+        # one trigger per queue the worker consumes
+        consumed = _parse_cli(_container(deployments[target])["args"])["queues"]
+        assert [t["metadata"]["listName"] for t in spec["triggers"]] == WORKERS[target].split(",") == consumed.split(",")
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "redis"
+            meta = trigger["metadata"]
+            assert meta["listLength"].isdigit() and int(meta["listLength"]) > 0
+            assert meta["databaseIndex"] == "0"
+            env_names = [e["name"] for e in _container(deployments[target]).get("env", [])]
+            assert meta["addressFromEnv"] in env_names, "KEDA reads the address from the target container's env"
+            auth = auths[trigger["authenticationRef"]["name"]]
+            assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["password"]
 
 
 def test_beat_is_a_single_replica_recreated(manifests: list[dict[str, Any]]) -> None:
