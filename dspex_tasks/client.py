@@ -161,8 +161,14 @@ class Client:
         if self._programs is None:
             self._programs = ProgramStore(redis=self.redis, namespace=self.settings.namespace,
                                           session_ttl_s=self.settings.session_ttl_s,
-                                          max_state_bytes=self.settings.max_state_bytes)
+                                          max_state_bytes=self.settings.max_state_bytes,
+                                          signatures=self._published_module)
         return self._programs
+
+    def _published_module(self, name: str) -> str | None:
+        """The module kind workers published for signature ``name`` (a state must fit it), or None."""
+        published = self.signatures().get(name) or self.signatures(refresh=True).get(name)
+        return str(published["module"]) if published and "module" in published else None
 
     @property
     def datasets(self) -> Any:
@@ -185,8 +191,8 @@ class Client:
         self.runs.get(run_id)
         return OptimizationRun(run_id, self.runs)
 
-    def capabilities(self) -> dict[str, list[str]]:
-        """Metric and optimizer names the workers offer."""
+    def capabilities(self) -> dict[str, Any]:
+        """What workers offer: ``metrics`` and ``optimizers`` (names), ``optimizer_params`` (name -> JSON Schema)."""
         raw = self.redis.hgetall(keys.capabilities(self.settings.namespace))
         return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
@@ -197,9 +203,20 @@ class Client:
                  scheduled: bool = False) -> Any:
         """Start an optimization run (section 3.4); returns an :class:`OptimizationRun`.
 
-        Rows are validated against the signature (inputs required, outputs as labels) and
-        the metric and optimizer names against what workers publish, before anything runs.
+        Rows are validated against the signature (inputs required, outputs as labels), the
+        metric and optimizer names against what workers publish, and ``params`` against the
+        optimizer's published params schema (its own keys plus the common ``min_gain``,
+        ``val_fraction``, ``eval_chunk_size``, ``seed``, ``num_threads``), before anything is
+        enqueued: a bad or unknown key raises ``ValidationError`` naming ``params.<key>``. (With
+        no worker published yet, the params are checked by the worker, failing the run.)
         Without a valset, ``params["val_fraction"]`` of the trainset is held out.
+
+        With a ``session``, the candidate becomes the session's new program version when it
+        beats the current one by ``params["min_gain"]``. Without one the run is a dry run: it
+        compiles and evaluates the candidate against the base program and promotes nothing
+        (``summary["dry_run"]`` is True, ``summary["promoted"]`` False); ``run.candidate()``
+        returns the candidate's state, to store with
+        ``client.programs.put(session, program, run.candidate())``.
         """
         from .optimize.datasets import validate_rows
         from .optimize.runs import OptimizationRun
@@ -227,6 +244,7 @@ class Client:
                     {"field": field, "message": f"unknown {field} '{name}'; known: {', '.join(known)}"}])
         if params is not None and not isinstance(params, dict):
             raise ValidationError.from_errors("optimization", [{"field": "params", "message": "expected an object"}])
+        _check_params(params or {}, optimizer, caps)
         from .optimize.runs import start_run
 
         spec = {"signature": signature, "session": session, "program": program, "metric": metric,
@@ -311,6 +329,7 @@ class Client:
             keys.check_id(session, "session")
         if program is not None:
             keys.check_id(program, "program")
+        inputs = wire.json_numbers(inputs)
         self.validate(name, inputs)
         r = self.app.send_task(wire.task_name(name), kwargs=wire.predict_kwargs(inputs, session, program),
                                queue=queue or self.settings.predict_queue, countdown=countdown,
@@ -330,7 +349,7 @@ class Client:
         ``return_exceptions`` a failed item is returned as its error in place;
         otherwise the first failure is raised after all chunks finished.
         """
-        items = list(inputs)
+        items = [wire.json_numbers(item) for item in inputs]
         if session is not None:
             keys.check_id(session, "session")
         for i, item in enumerate(items):
@@ -373,6 +392,14 @@ class Client:
                 if isinstance(item, DspexError):
                     raise item
         return out
+
+
+def _check_params(params: dict[str, Any], optimizer: str, caps: dict[str, Any]) -> None:
+    """``params`` against the schema workers publish for ``optimizer``; workers that publish none check it later."""
+    from .optimize.params import check_params
+
+    schemas = caps.get("optimizer_params")
+    check_params(params, optimizer, schemas.get(optimizer) if isinstance(schemas, dict) else None)
 
 
 def _root_field(err: Any) -> str:

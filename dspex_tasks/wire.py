@@ -22,7 +22,7 @@ __all__ = [
     "PREFIX", "MAP_TASK", "OPTIMIZE_PREFIX", "STAGE_TASK", "EVAL_CHUNK_TASK", "EVAL_MERGE_TASK", "FAIL_TASK",
     "SCHEDULED_TASK", "PREDICT_QUEUE", "OPTIMIZE_QUEUE", "CELERY_DEFAULT_QUEUE", "DEFAULT_REDIS_URL", "SENT_AT_HEADER", "REQUEUE_HEADER", "SLOT_HEADER",
     "RESERVED_NAMES", "PredictKwargs", "MapKwargs", "PredictResult", "MapResult", "ItemError",
-    "task_name", "program_of", "check_program_name", "predict_kwargs", "map_kwargs", "sent_headers",
+    "json_numbers", "task_name", "program_of", "check_program_name", "predict_kwargs", "map_kwargs", "sent_headers",
     "check_task_args", "task_routes", "item_error",
 ]
 
@@ -163,3 +163,19 @@ def check_task_args(task: str, args: tuple[Any, ...], extra: dict[str, Any], exp
 def task_routes(predict_queue: str, optimize_queue: str) -> dict[str, dict[str, str]]:
     """Celery ``task_routes``: optimization stages to their queue, every other dspex task to predictions."""
     return {OPTIMIZE_PREFIX + "*": {"queue": optimize_queue}, PREFIX + "*": {"queue": predict_queue}}
+
+
+def json_numbers(value: Any) -> Any:
+    """``value`` with integral floats as ints (``3.0`` -> ``3``), as JSON Schema counts them.
+
+    The client validates against JSON Schema, where ``3.0`` is an integer; the worker's pydantic is strict
+    and would refuse it. Normalizing before sending keeps the two in agreement (the gateway parses JSON
+    numbers the same way); a ``float`` field still receives a number.
+    """
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**63 else value
+    if isinstance(value, dict):
+        return {k: json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_numbers(v) for v in value]
+    return value

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import DatasetNotFound, DspexError, RunNotFound, UnknownSignature, ValidationError, from_remote
+from ..optimize.runs import RunRecord
 from .common import (
     EXIT_INVALID,
     cli_errors,
@@ -34,7 +35,7 @@ from .common import (
     read_jsonl,
 )
 
-__all__ = ["register", "datasets_app", "runs_app", "schedule_app", "optimize", "beat", "parse_params"]
+__all__ = ["register", "datasets_app", "runs_app", "schedule_app", "optimize", "beat", "parse_params", "runs_table"]
 
 datasets_app = typer.Typer(help="Named training datasets: put, ls, show, rm.", no_args_is_help=True)
 runs_app = typer.Typer(help="Optimization runs: ls, show, cancel, plot.", no_args_is_help=True)
@@ -101,7 +102,8 @@ def _grid(rows: Iterable[tuple[str, Any]]) -> Table:
 
 def _summary_panel(run_id: str, rec: dict[str, Any]) -> Panel:
     s = rec.get("summary") or {}
-    promoted = Text("yes", style="bold green") if s.get("promoted") else Text("no", style="yellow")
+    promoted = Text("yes", style="bold green") if s.get("promoted") else \
+        Text("no (dry run: no session)" if s.get("dry_run") else "no", style="yellow")
     rows = [("baseline_score", _num(s.get("baseline_score"))), ("score", _num(s.get("score"))),
             ("promoted", promoted), ("program_version", s.get("program_version", "-")),
             ("reason", s.get("reason", "-")), ("lm_calls", s.get("lm_calls", rec.get("lm_calls", "-"))),
@@ -173,7 +175,8 @@ def optimize(
 ) -> None:
     """Start an optimization run: baseline, compile, candidate; promote the candidate if it scores higher.
 
-    Rows hold the inputs and at least one output (the label). Without --session nothing is promoted.
+    Rows hold the inputs and at least one output (the label). Without --session it is a dry run: nothing is
+    promoted; `dspex runs show RUN --candidate` prints the candidate's state.
     Exits 0 when the run succeeded (promoted or not), 1 when it failed or was cancelled, 2 on invalid input.
     """
     if (trainset is None) == (dataset is None):
@@ -193,6 +196,9 @@ def optimize(
         rec = run.status()
     if rec["status"] == "succeeded":
         console.print(_summary_panel(run.id, rec))
+        if (rec.get("summary") or {}).get("dry_run"):
+            err.print(f"keep the candidate: [bold]dspex runs show {run.id} --candidate | "
+                      f"dspex programs put SESSION {esc(rec.get('program'))} -[/]")
         return
     if rec["status"] == "cancelled":
         fail(f"run {run.id} was cancelled; the session's program is untouched")
@@ -256,43 +262,92 @@ def datasets_rm(name: DatasetName) -> None:
     console.print(f"removed dataset {esc(name)}")
 
 
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
+
+
+def _status(rec: RunRecord) -> Text:
+    """The status, and for a finished run what became of the program: promoted, unchanged or dry run."""
+    text = Text(str(rec.status), style=_COLORS.get(rec.status, ""))
+    s = rec.summary or {}
+    if "promoted" in s:
+        outcome = ("dry run", "dim") if s.get("dry_run") else ("promoted", "green") if s["promoted"] else \
+            ("unchanged", "yellow")
+        text.append("\n" + outcome[0], style=outcome[1])
+    return text
+
+
+def runs_table(records: Iterable[RunRecord], *, now: float, width: int = 80) -> Table:
+    """The ``runs ls`` table: fits ``width`` columns (80 and up) with the run id whole on one line.
+
+    Always: run id, signature (``/program`` when it differs) above its optimizer, status (and what became
+    of the program), score baseline→candidate, age. Session, LM calls and duration join from 120 columns.
+    """
+    records = list(records)
+    wide = width >= 120
+    table = Table(title=f"optimization runs ({len(records)})", title_justify="left", box=None, pad_edge=False,
+                  padding=(0, 1), header_style="bold underline")
+    table.add_column("run id", no_wrap=True, min_width=32)
+    table.add_column("signature/optimizer", overflow="fold", min_width=8)
+    if wide:
+        table.add_column("session", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("lm calls", justify="right", no_wrap=True)
+        table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("age", justify="right", no_wrap=True)
+    for rec in records:
+        what = Text(rec.signature + (f"/{rec.program}" if rec.program and rec.program != rec.signature else ""))
+        what.append("\n" + rec.optimizer, style="dim")
+        cand = (rec.summary or {}).get("score", rec.candidate_score)
+        score = "-" if rec.baseline_score is None and cand is None else \
+            f"{_num(rec.baseline_score, '.2f')}→{_num(cand, '.2f')}"
+        cells: list[RenderableType] = [rec.run_id, what]
+        if wide:
+            cells.append(Text(rec.session or "-"))
+        cells += [_status(rec), score]
+        if wide:
+            cells += [str(rec.lm_calls), f"{_duration(rec.to_json()):.1f} s"]
+        cells.append(_age(now - rec.created_at))
+        table.add_row(*cells)
+    return table
+
+
 @runs_app.command("ls")
 @cli_errors
 def runs_ls(session: Annotated[str | None, typer.Option("--session", "-s", help="Only this session's runs.")] = None,
             limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most recent runs to show.")] = 20,
             as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False) -> None:
-    """List optimization runs, newest first."""
+    """List optimization runs, newest first, with their scores baseline→candidate."""
     with open_client() as client:
         records = []
         for run_id in client.runs.ids(session, limit):
             with contextlib.suppress(RunNotFound):  # the record expired
-                records.append(client.runs.get(run_id).to_json())
+                records.append(client.runs.get(run_id))
     if as_json:
-        echo_json(records)
+        echo_json([rec.to_json() for rec in records])
         return
     if not records:
         err.print("no optimization runs" + (f" for session '{session}'" if session else ""))
         return
-    table = Table(title=f"optimization runs ({len(records)})", title_justify="left")
-    for col in ("run id", "signature", "session", "optimizer", "status", "baseline", "score", "promoted",
-                "duration", "lm_calls", "created"):
-        table.add_column(col, justify="right" if col in ("baseline", "score", "duration", "lm_calls") else "left",
-                         no_wrap=col == "run id")
-    for rec in records:
-        s = rec.get("summary") or {}
-        promoted = "-" if "promoted" not in s else ("[green]yes[/]" if s["promoted"] else "no")
-        table.add_row(rec["run_id"], esc(rec["signature"]), esc(rec.get("session") or "-"), esc(rec["optimizer"]),
-                      f"[{_COLORS.get(rec['status'], 'white')}]{esc(rec['status'])}[/]", _num(rec.get("baseline_score")),
-                      _num(s.get("score", rec.get("candidate_score"))), promoted,
-                      f"{_duration(rec):.1f} s", str(rec.get("lm_calls", 0)), _when(rec["created_at"]))
-    console.print(table)
+    console.print(runs_table(records, now=time.time(), width=console.width))
 
 
 @runs_app.command("show")
 @cli_errors
-def runs_show(run_id: RunId, as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+def runs_show(run_id: RunId, as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+              candidate: Annotated[bool, typer.Option("--candidate", help="Print only the candidate program state "
+                                                      "(JSON, for dspex programs put), promoted or not.")] = False,
+              ) -> None:
     """Show a run: its record, its summary (once finished) and every event so far."""
     with open_client() as client:
+        if candidate:
+            echo_json(client.runs.candidate(run_id))
+            return
         rec = client.runs.get(run_id).to_json()
         events = list(client.runs.events(run_id, follow=False))
     if as_json:
@@ -362,6 +417,7 @@ def schedule_add(
     NAME names the schedule. Without --signature, NAME is also the signature, so
     `dspex schedule add qa --cron "0 3 * * *" --dataset qa-train --session s` re-optimizes qa nightly.
     """
+    from ..optimize.params import check_params
     from ..optimize.schedules import add_schedule
 
     sig, run_params = signature or name, parse_params(param, params)
@@ -376,6 +432,7 @@ def schedule_add(
             if known is not None and value not in known:
                 raise ValidationError.from_errors("schedule", [
                     {"field": field, "message": f"unknown {field} '{value}'; known: {', '.join(known)}"}])
+        check_params(run_params, optimizer, (caps.get("optimizer_params") or {}).get(optimizer))
         if dataset not in client.datasets.list():
             err.print(f"[yellow]note:[/] no dataset '{esc(dataset)}' yet: runs fail until it is stored")
         entry = add_schedule(client.app, name, signature=sig, dataset=dataset, metric=metric, optimizer=optimizer,

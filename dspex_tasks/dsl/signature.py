@@ -1,6 +1,7 @@
 """Signatures: the compact DSL, validation models and schemas.
 
-``signature("question: str -> answer: str", name="qa")`` parses the spec once,
+``signature("question: str -> answer: str", name="qa")`` (or DSPy's untyped
+``"question -> answer"``: a field without a type is ``str``) parses the spec once,
 builds the pydantic models for inputs and outputs once, and registers the
 signature by name so workers can turn it into the Celery task ``dspex.qa``.
 """
@@ -124,17 +125,18 @@ def _parse_fields(text: str, side: str, spec: str) -> dict[str, TypeNode]:
         item = raw.strip()
         if not item:
             raise SignatureError(f"empty field in {side} (a stray comma?): '{text.strip()}'")
-        if ":" not in item:
-            raise SignatureError(f"field '{item}' has no type: expected 'name: type' in '{item}'")
-        name, _, type_text = item.partition(":")
+        # ``name: type``, or DSPy's untyped shorthand ``name``, which is a ``str`` field.
+        name, colon, type_text = item.partition(":")
         name = name.strip()
         if not name.isidentifier():
-            raise SignatureError(f"field name '{name}' is not an identifier in '{item}'")
+            raise SignatureError(
+                f"field name '{name}' is not an identifier in '{item}': expected 'name: type' or 'name' (a str)"
+            )
         if keyword.iskeyword(name) or name.startswith(("_", "model_")) or name in RESERVED:
             raise SignatureError(f"field name '{name}' is reserved in '{item}'")
         if name in fields:
             raise SignatureError(f"duplicate field '{name}' in '{text.strip()}'")
-        fields[name] = parse_type(type_text, field=name)
+        fields[name] = parse_type(type_text if colon else "str", field=name)
     return fields
 
 
@@ -393,7 +395,8 @@ def signature(
 
     Args:
         spec: ``"inputs -> outputs"``, each a comma-separated list of ``field: type``
-            in Python (``list[str]``) or DSPex (``{:list, :string}``) spelling.
+            in Python (``list[str]``) or DSPex (``{:list, :string}``) spelling; a bare ``field``
+            is a ``str`` field, as in DSPy (``"question -> answer"``).
         name: The signature's name; its task is ``dspex.<name>``.
         instructions: The task description the LM sees.
         module: ``"predict"`` or ``"chain_of_thought"``.

@@ -11,6 +11,7 @@ import copy
 import re
 from typing import Any
 
+from ..programs.store import PREDICTOR_KEYS, PROGRAM_KEYS, SINGLE_PREDICTOR_KEYS
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA
 
 __all__ = ["build_document", "PUBLIC", "JOB_SCHEMA", "RUN_SCHEMA", "RUN_EVENT_SCHEMA", "SIGNATURE_SCHEMA", "ref",
@@ -243,6 +244,37 @@ def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, li
             {"required": ["trainset"], "properties": {"trainset": {"type": "array"}, "dataset": {"type": "null"}}},
             {"required": ["dataset"], "properties": {"dataset": {"type": "string"}, "trainset": {"type": "null"}}}],
     }
+    params = _optimizer_params(caps, components)
+    if params:
+        components[c + "optimization_request"]["allOf"] = params
+
+
+def _optimizer_params(caps: dict[str, Any], components: dict[str, Any]) -> list[dict[str, Any]]:
+    """``params`` typed by the chosen optimizer (the schemas workers publish): one if/then per optimizer."""
+    schemas = caps.get("optimizer_params")
+    if not isinstance(schemas, dict) or not schemas:
+        return []
+    out = []
+    for opt in sorted(schemas):
+        target = f"optimizers.{re.sub(r'[^A-Za-z0-9._-]', '_', opt)}.params"
+        components[target] = _embed(schemas[opt], target, components)
+        params = {"properties": {"params": {"anyOf": [ref(target), {"type": "null"}]}}}
+        when: dict[str, Any] = {"properties": {"optimizer": {"const": opt}}, "required": ["optimizer"]}
+        if opt == "bootstrap_few_shot":  # the default optimizer
+            when = {"anyOf": [when, {"not": {"required": ["optimizer"]}}]}
+        out.append({"if": when, "then": params})
+    return out
+
+
+def _program_state_schema() -> dict[str, Any]:
+    """Program state a signature's module (one predictor) loads: its state at the top level or under
+    ``self``/``predict``; another key holding an object would be a predictor the module does not have."""
+    demos = {"type": "array", "items": {"type": "object"}}
+    props: dict[str, Any] = {k: {"properties": {"demos": demos}} for k in sorted(PREDICTOR_KEYS | PROGRAM_KEYS)}
+    props.update({"demos": demos, **dict.fromkeys(SINGLE_PREDICTOR_KEYS,
+                                                  {"type": "object", "properties": {"demos": demos}})})
+    return {"type": "object", "description": "DSPy dump_state() JSON, or {demos, instructions}",
+            "properties": props, "additionalProperties": {"not": {"type": "object"}}}
 
 
 def _typed_fixed_bodies(doc: dict[str, Any], signatures: dict[str, dict[str, Any]]) -> None:
@@ -254,12 +286,7 @@ def _typed_fixed_bodies(doc: dict[str, Any], signatures: dict[str, dict[str, Any
     put = schemas.get("ProgramPut")
     if put is not None:
         put["properties"]["signature"] = {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]}
-        demos = {"type": "array", "items": {"type": "object"}}
-        put["properties"]["state"] = {
-            "type": "object", "description": "DSPy dump_state() JSON, or {demos, instructions}",
-            "properties": {"demos": demos},
-            "additionalProperties": {"anyOf": [{"not": {"type": "object"}},
-                                               {"type": "object", "properties": {"demos": demos}}]}}
+        put["properties"]["state"] = _program_state_schema()
     op = doc["paths"].get("/v1/optimizations", {}).get("post")
     if op is not None:
         op["requestBody"]["content"]["application/json"]["schema"] = {

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import keys, wire
 from ..connections import register_lua
-from ..errors import Cancelled, RunNotFound, TaskTimeout, from_remote
+from ..errors import Cancelled, NotFound, RunNotFound, TaskTimeout, from_remote
 
 __all__ = ["RunStore", "RunRecord", "RunStatus", "Stage", "OptimizationRun", "TERMINAL", "END_STAGES", "start_run"]
 
@@ -182,6 +182,23 @@ class RunStore:
         return bool(self.redis.set(keys.run_checkpoint(self.ns, run_id, name), json.dumps(value),
                                    nx=True, ex=self.retention_s))
 
+    def candidate(self, run_id: str) -> dict[str, Any]:
+        """The candidate program state the run compiled (DSPy ``dump_state()`` JSON).
+
+        Kept as long as the run's record: the checkpoint is written after the record, with the same retention.
+
+        Raises:
+            RunNotFound: no such run (or it expired).
+            NotFound: the run has no candidate (yet: it exists once the compile stage finished).
+        """
+        rec = self.get(run_id)
+        cand = self.checkpoint(run_id, "candidate")
+        if not isinstance(cand, dict) or cand.get("state") is None:
+            raise NotFound(f"run {run_id} has no candidate program ({rec.status}, stage {rec.stage}); "
+                           "it exists once the compile stage finished")
+        state: dict[str, Any] = cand["state"]
+        return state
+
     def once(self, run_id: str, name: str) -> bool:
         """True for the first caller only (e.g. to enqueue the next stage exactly once)."""
         return bool(self.redis.set(keys.run_flag(self.ns, run_id, name), "1", nx=True, ex=self.retention_s))
@@ -256,7 +273,7 @@ def start_run(app: Any, runs: RunStore, spec: dict[str, Any], *, trainset: Any =
 
 
 class OptimizationRun:
-    """A handle on a run: status, events (replayed from the start), cancel, and the summary."""
+    """A handle on a run: status, events (replayed from the start), cancel, the summary and the candidate."""
 
     def __init__(self, run_id: str, store: RunStore) -> None:
         self.id = run_id
@@ -269,6 +286,17 @@ class OptimizationRun:
     def events(self, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """``{"stage", "done", "total", "score"?, "message"?, "ts"}`` dicts; returns once the run ended."""
         return self._store.events(self.id, timeout_s=timeout)
+
+    def candidate(self) -> dict[str, Any]:
+        """The compiled candidate's program state (JSON), promoted or not.
+
+        A dry run (no session) promotes nothing; store its candidate with
+        ``client.programs.put(session, program, run.candidate())``.
+
+        Raises:
+            errors.NotFound: the compile stage has not finished (or the run failed before it).
+        """
+        return self._store.candidate(self.id)
 
     def cancel(self) -> None:
         """Stop at the next stage boundary; the session's program stays untouched."""

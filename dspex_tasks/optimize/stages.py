@@ -350,14 +350,15 @@ class Stages:
                                              token=f"run-{run_id}")
             reason = f"candidate {cand:.4f} beat baseline {base:.4f} by {gain:.4f} >= min_gain {common.min_gain:g}"
         elif not rec.session:
-            reason = "no session given: nothing to promote"
+            reason = (f"dry run (no session): candidate {cand:.4f} vs baseline {base:.4f}, not promoted; "
+                      "save it with client.programs.put(session, program, run.candidate())")
         else:
             reason = f"candidate {cand:.4f} vs baseline {base:.4f}: gain {gain:.4f} < min_gain {common.min_gain:g}"
         rec = self.runs.get(run_id)
         summary = {
             "run_id": run_id, "baseline_score": base, "score": cand, "promoted": promote,
             "program_version": version, "optimizer": rec.optimizer, "lm_calls": rec.lm_calls,
-            "reason": reason, "trials": rec.trials or [],
+            "reason": reason, "trials": rec.trials or [], "dry_run": not rec.session,
             "duration_s": round(time.time() - float(rec.started_at or rec.created_at), 3),
         }
         self.runs.update(run_id, status=RunStatus.SUCCEEDED, stage=Stage.DONE, finished_at=time.time(),

@@ -3,6 +3,8 @@
 Only demos and the signature's instructions/field texts are taken from stored
 state; ``lm`` (endpoints, keys, custom classes) and any other key is ignored,
 so a stored program can never redirect calls or set arbitrary attributes.
+State naming a predictor the module does not have is refused, never ignored
+(see :func:`dspex_tasks.programs.store.predictor_states`).
 """
 
 from __future__ import annotations
@@ -11,41 +13,30 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ValidationError
 from .bridge import build_module
+from .store import predictor_states
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dsl.signature import Signature
-
-
-def _predictor_state(state: dict[str, Any], name: str, single: bool) -> dict[str, Any] | None:
-    if single and name in ("self", "") and ("demos" in state or "signature" in state or "instructions" in state):
-        return state
-    sub = state.get(name)
-    if isinstance(sub, dict):
-        return sub
-    if "demos" in state or "instructions" in state:  # the short form applies to every predictor
-        return state
-    return None
 
 
 def load_program(sig: Signature, state: dict[str, Any] | None) -> Any:
     """A fresh module for ``sig`` with ``state`` (DSPy ``dump_state()`` JSON or ``{demos, instructions}``).
 
     Raises:
-        ValidationError: when the state does not fit the module.
+        ValidationError: when the state does not fit the module: it names a predictor the module does not
+            have (the field is that key), or demos are not a list of objects.
     """
     module = build_module(sig)
     if not state:
         return module
-    predictors = list(module.named_predictors())
-    for name, predictor in predictors:
-        pstate = _predictor_state(state, name, len(predictors) == 1)
-        if pstate is None:
-            continue
+    predictors = dict(module.named_predictors())
+    parts = predictor_states(state, list(predictors), module=f"the {sig.module} module of signature '{sig.name}'")
+    for name, (key, pstate) in parts.items():
+        predictor = predictors[name]
         demos = pstate.get("demos", [])
         if not isinstance(demos, list) or not all(isinstance(d, dict) for d in demos):
-            raise ValidationError.from_errors(
-                "program state", [{"field": f"{name}.demos", "message": "expected a list of objects"}]
-            )
+            where = f"{key}.demos" if key else "demos"
+            raise ValidationError.from_errors("program state", [{"field": where, "message": "expected a list of objects"}])
         safe: dict[str, Any] = {"demos": demos, "traces": [], "train": [], "lm": None,
                                 "signature": predictor.signature.dump_state()}
         sig_state = pstate.get("signature")

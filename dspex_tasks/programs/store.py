@@ -11,16 +11,23 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import keys
 from ..connections import register_lua
+from ..dsl.signature import SignatureRegistry
+from ..dsl.signature import registry as default_registry
 from ..errors import ProgramNotFound, ValidationError
 
-__all__ = ["ProgramRecord", "ProgramStoreProtocol", "ProgramStore", "MemoryProgramStore", "check_state"]
+__all__ = ["ProgramRecord", "ProgramStoreProtocol", "ProgramStore", "MemoryProgramStore", "check_state",
+           "predictor_states", "check_fits", "MODULE_PREDICTORS", "PREDICTOR_KEYS", "PROGRAM_KEYS", "SHORT_FORM_KEYS",
+           "SINGLE_PREDICTOR_KEYS"]
 
 DEFAULT_MAX_STATE_BYTES = 2_000_000
+#: A signature's module kind (``predict``, ``chain_of_thought``) by name, or None when unknown.
+ModuleOf = Callable[[str], "str | None"]
 # The stores have a ``list`` method, which shadows the builtin inside their class bodies.
 Names = list[str]
 Versions = list[int]
@@ -59,6 +66,83 @@ def check_state(state: Any, max_bytes: int = DEFAULT_MAX_STATE_BYTES) -> str:
     return text
 
 
+# The predictors of the module ``programs.bridge.build_module`` makes for each signature ``module``, as DSPy's
+# ``named_predictors()`` names them (a unit test holds this to the real modules). A ``Predict`` is its own
+# predictor, ``self``; a ``ChainOfThought`` has one, ``predict``.
+MODULE_PREDICTORS: dict[str, tuple[str, ...]] = {"predict": ("self",), "chain_of_thought": ("predict",)}
+# Keys of one predictor's state: DSPy's ``Predict.dump_state()`` (``extended_signature`` from DSPy 2.5's
+# ChainOfThought) and the short form's ``instructions``.
+PREDICTOR_KEYS = frozenset({"demos", "instructions", "signature", "extended_signature", "traces", "train", "lm"})
+# Keys DSPy's ``Module.save()`` writes next to the predictors (``metadata``: dependency versions).
+PROGRAM_KEYS = frozenset({"metadata"})
+# Top-level keys that make the state the short form (or a ``Predict``'s own ``dump_state()``).
+SHORT_FORM_KEYS = ("demos", "instructions", "signature")
+# Where the one predictor of a single-predictor module may also find its state: every module's name for it.
+SINGLE_PREDICTOR_KEYS = ("self", "predict")
+
+
+def predictor_states(state: dict[str, Any], predictors: Sequence[str], *,
+                     module: str = "the module") -> dict[str, tuple[str, dict[str, Any]]]:
+    """Predictor -> (the key of its part of ``state``, ``""`` for the top level; that part).
+
+    A predictor missing from the result takes nothing.
+
+    ``state`` is DSPy's ``dump_state()`` (``{"<predictor>": {...}}``, a ``Predict``'s own state at the top,
+    maybe with ``save()``'s ``metadata``) or the short form ``{"demos": [...], "instructions": ...}``, which
+    applies to every predictor without a state of its own. The one predictor of a single-predictor module
+    also takes a state under ``self`` or ``predict``, the names ``Predict`` and ``ChainOfThought`` give it
+    (its own name first), so either module's ``dump_state()`` fits the other. Keys that do not hold an
+    object are left alone (never applied).
+
+    Raises:
+        ValidationError: naming each key that holds the state of a predictor the module does not have
+            (e.g. ``retrieve`` of a saved RAG program) with the predictors it has, and each predictor's
+            key that holds something other than an object.
+    """
+    names = list(predictors)
+    single = len(names) == 1
+    errs: list[dict[str, str]] = []
+    known = {*names, *(SINGLE_PREDICTOR_KEYS if single else ())}
+    for key, value in state.items():
+        if key in known:
+            if not isinstance(value, dict):
+                errs.append({"field": key, "message": "expected an object: the state of a predictor"})
+        elif isinstance(value, dict) and key not in PREDICTOR_KEYS and key not in PROGRAM_KEYS:
+            if single:
+                has = (f"one predictor, '{names[0]}' (its state goes at the top level or under "
+                       + " or ".join(f"'{k}'" for k in SINGLE_PREDICTOR_KEYS) + ")")
+            else:
+                has = "the predictors " + (", ".join(f"'{n}'" for n in names) or "none")
+            errs.append({"field": key, "message": f"unknown predictor '{key}'; {module} has {has}"})
+    if errs:
+        raise ValidationError.from_errors("program state", errs)
+    top = any(k in state for k in SHORT_FORM_KEYS)
+    parts: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in names:
+        own = next((k for k in (name, *(SINGLE_PREDICTOR_KEYS if single else ())) if k in state), None)
+        if own is not None:
+            parts[name] = (own, state[own])
+        elif top:
+            parts[name] = ("", state)
+    return parts
+
+
+def check_fits(state: dict[str, Any], signature: str, signatures: SignatureRegistry | ModuleOf) -> None:
+    """Refuse ``state`` that does not fit the module of ``signature`` when ``signatures`` knows it.
+
+    ``signatures`` is a registry of this process, or a function giving a signature's module kind from
+    what workers published (the client's). Only the layout is checked (:func:`predictor_states`); an
+    unknown signature is not checked here (workers refuse it when they load).
+    """
+    if isinstance(signatures, SignatureRegistry):
+        sig = signatures.find(signature)
+        module = sig.module if sig is not None else None
+    else:
+        module = signatures(signature)
+    if module in MODULE_PREDICTORS:
+        predictor_states(state, MODULE_PREDICTORS[module], module=f"the {module} module of signature '{signature}'")
+
+
 class ProgramStoreProtocol(Protocol):
     def put(self, session: str, program: str, state: dict[str, Any], *, signature: str | None = None,
             token: str | None = None) -> int: ...
@@ -89,6 +173,9 @@ class ProgramStore:
         namespace: key prefix (``DSPEX_NAMESPACE``).
         session_ttl_s: expire a session's program keys this long after their last write.
         max_state_bytes: reject larger states.
+        signatures: the signatures whose modules a state must fit (default: the process-wide registry);
+            ``put`` refuses, before writing, a state naming predictors the module of its signature (or of
+            the signature named like the program) does not have.
 
     Example:
         >>> store = ProgramStore(redis=connections.redis_client(settings))  # doctest: +SKIP
@@ -96,11 +183,13 @@ class ProgramStore:
     """
 
     def __init__(self, *, redis: Any, namespace: str = "dspex", session_ttl_s: int | None = None,
-                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> None:
+                 max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+                 signatures: SignatureRegistry | ModuleOf | None = None) -> None:
         self.redis = redis
         self.ns = namespace
         self.session_ttl_s = session_ttl_s
         self.max_state_bytes = max_state_bytes
+        self.signatures: SignatureRegistry | ModuleOf = default_registry if signatures is None else signatures
         self._put = register_lua(redis, __name__, "store_put")
         self._rollback = register_lua(redis, __name__, "store_rollback")
         self._get = register_lua(redis, __name__, "store_get")
@@ -126,6 +215,7 @@ class ProgramStore:
         """
         meta, versions = self._keys(session, program)
         text = check_state(state, self.max_state_bytes)
+        check_fits(state, signature or program, self.signatures)
         if token is not None:
             keys.check_id(token, "token")
         now = time.time()
@@ -208,8 +298,10 @@ def _s(value: Any) -> str:
 class MemoryProgramStore:
     """The in-memory twin of :class:`ProgramStore` (same API and errors), for tests."""
 
-    def __init__(self, *, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES) -> None:
+    def __init__(self, *, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+                 signatures: SignatureRegistry | None = None) -> None:
         self.max_state_bytes = max_state_bytes
+        self.signatures = default_registry if signatures is None else signatures
         self._programs: dict[tuple[str, str], dict[str, Any]] = {}
         self._sessions: dict[str, float] = {}
         self._tokens: dict[tuple[str, str, str], int] = {}
@@ -225,6 +317,7 @@ class MemoryProgramStore:
         with self._lock:
             entry = self._entry(session, program)
             text = check_state(state, self.max_state_bytes)
+            check_fits(state, signature or program, self.signatures)
             if token is not None and (session, program, keys.check_id(token, "token")) in self._tokens:
                 return self._tokens[(session, program, token)]
             if entry is None:

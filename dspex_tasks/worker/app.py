@@ -20,7 +20,15 @@ from ..optimize.schedules import register_scheduled_task
 from ..optimize.stages import register_optimize_tasks
 from ..settings import Settings, load_settings
 from .runtime import check_eviction_policy, import_signature_modules
-from .startup import EXIT_UNAVAILABLE, RedisUnreachable, fail_to_start, preflight, redis_line, route_dspy_logging
+from .startup import (
+    EXIT_UNAVAILABLE,
+    RedisUnreachable,
+    fail_to_start,
+    preflight,
+    redis_line,
+    route_dspy_logging,
+    unmask_logged_urls,
+)
 from .tasks import register_map_task, register_signature
 
 __all__ = ["create_worker_app"]
@@ -54,6 +62,7 @@ def _connect_prewarm(app: DspexCelery) -> None:
             return
         settings = app.dspex_settings
         route_dspy_logging()
+        unmask_logged_urls(app)
         try:
             # Before Celery's consumer starts: it would retry a dead broker for ever, and say little.
             preflight(settings)

@@ -98,13 +98,15 @@ def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> Non
     if not sigs:
         return
     from ..optimize.metrics import metric_names
-    from ..optimize.optimizers import optimizer_names
+    from ..optimize.optimizers import optimizer_names, params_schemas
 
     mapping = {s.name: json.dumps(s.describe(), separators=(",", ":")) for s in sigs}
     pipe = redis.pipeline()
     pipe.hset(keys.signatures(namespace), mapping=mapping)
-    pipe.hset(keys.capabilities(namespace), mapping={"metrics": json.dumps(metric_names()),
-                                                     "optimizers": json.dumps(optimizer_names())})
+    # optimizer_params: each optimizer's params JSON Schema (its own and the common ones), for the client's check
+    pipe.hset(keys.capabilities(namespace), mapping={
+        "metrics": json.dumps(metric_names()), "optimizers": json.dumps(optimizer_names()),
+        "optimizer_params": json.dumps(params_schemas(), separators=(",", ":"))})
     pipe.publish(keys.signature_events(namespace), json.dumps(sorted(mapping)))
     pipe.execute()
 

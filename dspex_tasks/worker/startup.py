@@ -106,6 +106,32 @@ def _no_progress_bars() -> None:
     tqdm.std.tqdm.__init__ = quiet_init
 
 
+class _UnmaskedUrl(logging.Filter):
+    """Celery logs ``Connected to redis://:**@host`` for a URL with no password: show the URL as it is."""
+
+    def __init__(self, masked: str, url: str) -> None:
+        super().__init__()
+        self.masked, self.url = masked, url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.masked in message:
+            record.msg, record.args = message.replace(self.masked, self.url), ()
+        return True
+
+
+def unmask_logged_urls(app: Any) -> None:
+    """Install :class:`_UnmaskedUrl` on Celery's consumer loggers when the broker URL has no password."""
+    broker = str(app.conf.broker_url or "")
+    masked = app.connection().as_uri()
+    if not broker or masked == redacted_url(broker):
+        return
+    for name in ("celery.worker.consumer.connection", "celery.worker.consumer.consumer"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UnmaskedUrl) for f in logger.filters):
+            logger.addFilter(_UnmaskedUrl(masked, redacted_url(broker)))
+
+
 class DspexWorkerMixin:
     """Celery's worker with a truthful banner: no ``:**@`` for a URL without a password, and our Redis line."""
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from dspex_tasks import keys
+from dspex_tasks.connections import redis_client
 from dspex_tasks.gateway import create_gateway
 from dspex_tasks.gateway.auth import KeyStore, hash_key
 
@@ -341,11 +342,33 @@ def test_auth_off_serves_loopback_only(serve: Callable[..., Served]) -> None:
         assert c.get("/v1/signatures").status_code == 200
 
 
-def test_redis_down_is_503_not_500(serve: Callable[..., Served], api_key: str) -> None:
-    gw = serve(redis_url=f"redis://127.0.0.1:{_free_port()}/0")  # nothing listens there
-    with gw.client(api_key) as c:
-        r = c.get("/v1/signatures")
-        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["code"] == "unavailable"
+def test_no_redis_at_start_refuses_to_start_and_a_later_outage_is_503(gw_settings: Any) -> None:
+    from dspex_tasks.client import Client
+    from dspex_tasks.gateway.auth import KeyStore
+    from dspex_tasks.testing.redis_server import RedisServer
+
+    dead = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    s = gw_settings.model_copy(update={"redis_url": dead, "redis_wait_s": 0.2})
+    from fastapi.testclient import TestClient
+
+    with Client(settings=s) as client, pytest.raises(Exception, match="cannot reach Redis"), \
+            TestClient(create_gateway(s, client=client)):  # the lifespan refuses to start
+        pass
+    with RedisServer() as server:
+        s = gw_settings.model_copy(update={"redis_url": str(server.url)})
+        raw, _ = KeyStore(redis=redis_client(s), namespace=s.namespace).create("outage")
+        with Client(settings=s) as client:
+            served = UvicornThread(create_gateway(s, client=client)).__enter__()
+            try:
+                with httpx.Client(base_url=f"http://127.0.0.1:{served.port}", timeout=30,
+                                  headers={"Authorization": f"Bearer {raw}"}) as c:
+                    assert c.get("/v1/signatures").status_code == 200
+                    server.stop()
+                    r = c.get("/v1/signatures")
+                    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                    assert r.json()["code"] == "unavailable"
+            finally:
+                served.__exit__(None, None, None)
 
 
 def test_optimization_routes(gw: Served, api_key: str) -> None:
@@ -364,6 +387,37 @@ def test_optimization_routes(gw: Served, api_key: str) -> None:
         assert c.get("/v1/optimizations/nope").status_code == 404
         assert c.get("/v1/optimizations/nope/events").status_code == 404
         assert c.post(f"/v1/optimizations/{run_id}/cancel").status_code == 202
+
+
+def test_optimization_params_are_checked_and_a_dry_run_serves_its_candidate(gw: Served, api_key: str) -> None:
+    from dspex_tasks.testing.mockgen import rule_answer
+
+    rows = [{"question": f"c{i}", "answer": rule_answer({"question": f"c{i}"})} for i in range(8)]
+    with gw.client(api_key) as c:
+        # params the optimizer refuses: 422 naming the field, before anything runs
+        bad = c.post("/v1/optimizations", json={"signature": "qa", "trainset": rows, "optimizer": "miprov2",
+                                                "params": {"minibatch": False}})
+        assert bad.status_code == 422, bad.text
+        assert bad.json()["errors"][0]["field"] == "params.minibatch"
+        assert bad.json()["errors"][0]["pointer"] == "/params/minibatch"
+        assert "unknown param 'minibatch'" in bad.json()["errors"][0]["message"]
+        # a run without a session: a dry run whose candidate is served once compiled
+        r = c.post("/v1/optimizations", json={"signature": "qa", "trainset": rows, "params": {"eval_chunk_size": 4}})
+        assert r.status_code == 202, r.text
+        run_id = r.json()["run_id"]
+        deadline = time.monotonic() + 60
+        while (rec := c.get(f"/v1/optimizations/{run_id}").json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, rec
+            time.sleep(0.2)
+        assert rec["summary"]["dry_run"] is True and rec["summary"]["promoted"] is False, rec
+        cand = c.get(f"/v1/optimizations/{run_id}/candidate")
+        assert cand.status_code == 200, cand.text
+        body = cand.json()
+        assert body["run_id"] == run_id and body["signature"] == "qa" and isinstance(body["state"], dict)
+        put = c.put("/v1/sessions/cand1/programs/qa", json={"state": body["state"], "signature": "qa"})
+        assert put.status_code == 200, put.text
+        missing = c.get("/v1/optimizations/nope/candidate")
+        assert missing.status_code == 404 and missing.json()["code"] == "run_not_found"
 
 
 def test_openapi_contract_with_schemathesis(gw: Served, api_key: str, tmp_path: Any) -> None:

@@ -94,12 +94,89 @@ def test_bad_rows_are_reported_by_index_and_field_before_anything_runs(oclient: 
     assert oclient.runs.ids() == []
 
 
-def test_bad_params_fail_the_run_naming_the_field(oclient: Any) -> None:
+def test_bad_params_are_refused_before_anything_is_enqueued(oclient: Any) -> None:
+    # Given workers that published each optimizer's params schema
+    cases = [("miprov2", {"minibatch": False}, "params.minibatch", "unknown param 'minibatch'"),
+             ("bootstrap_few_shot", {"max_bootstrapped_demos": "x"}, "params.max_bootstrapped_demos", "integer"),
+             ("bootstrap_few_shot", {"max_bootstraped_demos": 2}, "params.max_bootstraped_demos",
+              "did you mean 'max_bootstrapped_demos'?"),
+             ("bootstrap_few_shot", {"eval_chunk_size": 0}, "params.eval_chunk_size", "minimum")]
+    for optimizer, params, field, words in cases:
+        # When a run is started with params its optimizer refuses
+        with pytest.raises(errors.ValidationError) as info:
+            oclient.optimize("qa", labelled(6), session="s6", optimizer=optimizer, params=params)
+        # Then optimize() itself raises, naming the field, and nothing was recorded or enqueued
+        assert info.value.errors[0]["field"] == field and words in info.value.errors[0]["message"], info.value
+    assert oclient.runs.ids() == []
+    assert oclient.programs.history("s6", "qa") == []
+
+
+def test_custom_optimizer_params_are_checked_from_what_workers_publish(oclient: Any, opt_app: Any) -> None:
+    import pydantic
+
+    from dspex_tasks.optimize import optimizers
+    from dspex_tasks.worker.runtime import publish_signatures
+
+    class Params(pydantic.BaseModel):
+        rounds: int = pydantic.Field(1, ge=1)
+
+    sigs = [opt_app.dspex_signatures.get("qa")]
+    optimizers.register(optimizers.Optimizer("custom_test", Params, lambda *a: (None, []), lambda *a: 0))
+    try:
+        publish_signatures(oclient.redis, oclient.settings.namespace, sigs)  # what a worker with it publishes
+        with pytest.raises(errors.ValidationError) as info:
+            oclient.optimize("qa", labelled(4), optimizer="custom_test", params={"round": 2})
+        assert info.value.errors[0]["field"] == "params.round" and "did you mean 'rounds'?" in str(info.value)
+    finally:
+        del optimizers._REGISTRY["custom_test"]
+        publish_signatures(oclient.redis, oclient.settings.namespace, sigs)
+    assert oclient.runs.ids() == []
+
+
+def test_without_published_params_schemas_the_worker_refuses_bad_params(oclient: Any) -> None:
+    # Given workers that publish no params schemas (older ones): the client cannot check params
+    from dspex_tasks import keys
+
+    assert oclient.redis.hdel(keys.capabilities(oclient.settings.namespace), "optimizer_params") == 1
     run = oclient.optimize("qa", labelled(6), session="s6", params={"max_bootstrapped_demos": "many"})
+    # Then the worker fails the run, naming the field
     with pytest.raises(errors.ValidationError) as info:
         run.get(timeout=30)
     assert info.value.errors[0]["field"] == "params.max_bootstrapped_demos"
     assert oclient.programs.history("s6", "qa") == []
+
+
+def test_sessionless_run_is_a_dry_run_returning_its_candidate(oclient: Any, opt_app: Any) -> None:
+    from dspex_tasks.programs.state import load_program
+
+    # Given a run without a session
+    run = oclient.optimize("qa", labelled(16), params={"eval_chunk_size": 4})
+    # When it finishes
+    summary = run.get(timeout=60)
+    # Then it ran and evaluated the candidate, promoted nothing, and says so plainly
+    assert summary["dry_run"] is True and summary["promoted"] is False
+    assert summary["score"] > summary["baseline_score"] and summary["program_version"] == 0
+    assert summary["reason"].startswith("dry run (no session)") and "run.candidate()" in summary["reason"]
+    # And its candidate is a program state a worker loads, and one a session can be given
+    state = run.candidate()
+    assert load_program(opt_app.dspex_signatures.get("qa"), state) is not None
+    assert oclient.run(run.id).candidate() == state
+    assert oclient.programs.put("s10", "qa", state, signature="qa") == 1
+    res = oclient.submit("qa", {"question": "abc"}, session="s10").get(timeout=20)
+    assert res.program_version == 1 and res.outputs["answer"] == rule_answer({"question": "abc"})
+    # kept as long as the run's record
+    ns, store = oclient.settings.namespace, oclient.runs
+    from dspex_tasks import keys
+
+    assert oclient.redis.ttl(keys.run_checkpoint(ns, run.id, "candidate")) >= oclient.redis.ttl(keys.run(ns, run.id))
+    assert store.get(run.id).summary == summary
+    # A run not compiled yet has no candidate; an unknown run is not found
+    queued = store.create({"signature": "qa", "program": "qa", "optimizer": "bootstrap_few_shot",
+                           "metric": "exact_match"})
+    with pytest.raises(errors.NotFound, match="no candidate"):
+        store.candidate(queued)
+    with pytest.raises(errors.RunNotFound):
+        oclient.runs.candidate("nope")
 
 
 def test_named_dataset_and_random_search(oclient: Any) -> None:

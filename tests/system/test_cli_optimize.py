@@ -116,18 +116,54 @@ def test_bad_rows_and_files_exit_2_naming_the_problem(dspex_opt: Dspex, tmp_path
     assert json.loads(dspex_opt("runs", "ls", "--session", "s2", "--json").stdout) == []
 
 
-def test_no_follow_prints_the_run_id_and_a_failed_run_exits_1(dspex_opt: Dspex, tmp_path: Path) -> None:
+def test_no_follow_prints_the_run_id_and_a_failed_run_exits_1(dspex_opt: Dspex, opt_target: CliTarget,
+                                                               tmp_path: Path) -> None:
+    import redis
+
+    from dspex_tasks import keys
+
     train = str(write_jsonl(tmp_path / "t.jsonl", labelled(6)))
-    # params the optimizer rejects fail the run on the worker (not at the client)
-    started = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3", "--no-follow",
+    # params the optimizer refuses: exit 2 naming the field, before anything runs
+    refused = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3", "--no-follow",
                         "--params", '{"max_bootstrapped_demos": "many"}')
-    assert started.returncode == 0, started.stderr
-    run_id = started.stdout.strip()
-    assert len(run_id) == 32
-    followed = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3",
-                         "--params", '{"max_bootstrapped_demos": "many"}', "--timeout", "30")
-    assert followed.returncode == 1, followed.stdout + followed.stderr
-    assert "failed" in followed.stderr and "params.max_bootstrapped_demos" in followed.stderr
+    assert refused.returncode == 2 and "params.max_bootstrapped_demos" in refused.stderr, refused.stderr
+    typo = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3", "--param", "max_bootstraped_demos=2")
+    assert typo.returncode == 2 and "did you mean 'max_bootstrapped_demos'?" in typo.stderr, typo.stderr
+    assert json.loads(dspex_opt("runs", "ls", "--session", "s3", "--json").stdout) == []
+    # workers that publish no params schemas (older ones): the worker refuses them, failing the run
+    r = redis.Redis.from_url(opt_target.redis_url)
+    caps = keys.capabilities(opt_target.namespace)
+    saved = r.hget(caps, "optimizer_params")
+    r.hdel(caps, "optimizer_params")
+    try:
+        started = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3", "--no-follow",
+                            "--params", '{"max_bootstrapped_demos": "many"}')
+        assert started.returncode == 0, started.stderr
+        run_id = started.stdout.strip()
+        assert len(run_id) == 32
+        followed = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3",
+                             "--params", '{"max_bootstrapped_demos": "many"}', "--timeout", "30")
+        assert followed.returncode == 1, followed.stdout + followed.stderr
+        assert "failed" in followed.stderr and "params.max_bootstrapped_demos" in followed.stderr
+    finally:
+        if saved is not None:
+            r.hset(caps, "optimizer_params", saved)
+        r.close()
+
+
+def test_dry_run_without_session_prints_its_candidate(dspex_opt: Dspex, tmp_path: Path) -> None:
+    train = str(write_jsonl(tmp_path / "t.jsonl", labelled(12)))
+    run = dspex_opt("optimize", "qa", "--trainset", train, "--param", "eval_chunk_size=4", "--timeout", "60")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "dry run (no session)" in run.stdout
+    run_id = json.loads(dspex_opt("runs", "ls", "--json").stdout)[0]["run_id"]
+    table = dspex_opt("runs", "ls")
+    assert table.returncode == 0 and "dry run" in table.stdout and run_id in table.stdout
+    cand = dspex_opt("runs", "show", run_id, "--candidate")
+    assert cand.returncode == 0, cand.stderr
+    assert isinstance(json.loads(cand.stdout), dict)
+    put = dspex_opt("programs", "put", "dry1", "qa", "-", stdin=cand.stdout)
+    assert put.returncode == 0, put.stderr
 
 
 def test_schedule_add_ls_rm_round_trip(dspex_opt: Dspex) -> None:

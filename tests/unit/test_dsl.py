@@ -184,6 +184,64 @@ def test_property_spellings_agree_and_round_trip(pair: tuple[str, str]) -> None:
     assert sig(s.spec) == s
 
 
+# -- DSPy's untyped shorthand: a field without a type is a str ------------------------------------------------
+SHORTHAND = [
+    ("question -> answer", "question: str -> answer: str"),
+    ("context, question -> answer", "context: str, question: str -> answer: str"),
+    ("question -> answer: int, reasoning", "question: str -> answer: int, reasoning: str"),
+    ("text: list[str], hint -> label: literal['a', 'b'], why", 'text: list[str], hint: str -> label: literal["a", "b"], why: str'),
+    ("  question  ->  answer ", "question: str -> answer: str"),
+]
+
+
+@pytest.mark.parametrize(("short", "typed"), SHORTHAND, ids=[s for s, _ in SHORTHAND])
+def test_untyped_shorthand_is_the_typed_spec_with_str(short: str, typed: str) -> None:
+    a, b = sig(short, instructions="Do it."), sig(typed, instructions="Do it.")
+    assert a == b and hash(a) == hash(b)
+    assert a.spec == b.spec == typed
+    assert a.input_types == b.input_types and a.output_types == b.output_types
+    assert a.describe() == b.describe()
+    for target in ("generic", "openai", "anthropic"):
+        assert a.json_schema(target) == b.json_schema(target)
+    assert a.input_schema() == b.input_schema()
+
+
+def test_untyped_fields_are_strings_everywhere() -> None:
+    s = sig("context, question -> answer")
+    assert s.input_fields == {"context": "str", "question": "str"} and s.output_fields == {"answer": "str"}
+    assert s.describe()["spec"] == "context: str, question: str -> answer: str"
+    assert s.input_schema()["properties"] == {"context": {"type": "string"}, "question": {"type": "string"}}
+    assert s.input_schema()["required"] == ["context", "question"]
+    assert s.output_schema()["properties"] == {"answer": {"type": "string"}}
+    assert s.validate_inputs({"context": "c", "question": "q"}) == {"context": "c", "question": "q"}
+    with pytest.raises(errors.ValidationError):
+        s.validate_inputs({"context": "c", "question": 3})
+
+
+@pytest.mark.parametrize("module", ["predict", "chain_of_thought"])
+def test_untyped_shorthand_builds_a_dspy_module_that_predicts(module: str) -> None:
+    import dspy
+
+    from dspex_tasks.dsl.signature import SignatureRegistry
+    from dspex_tasks.programs.bridge import build_module
+    from dspex_tasks.testing.mock_lm import MockLM
+
+    s = sig("context, question -> answer", name="dsl_shorthand", module=module)
+    typed = sig("context: str, question: str -> answer: str", name="dsl_shorthand", module=module)
+    fields = s.to_dspy().model_fields
+    assert {k: f.annotation for k, f in fields.items()} == {"context": str, "question": str, "answer": str}
+    assert {k: f.annotation for k, f in fields.items()} == {
+        k: f.annotation for k, f in typed.to_dspy().model_fields.items()}
+    reg = SignatureRegistry()
+    reg.add(s)
+    lm = MockLM(registry=reg, scripted={s.name: {"answer": "Paris"}})
+    with dspy.context(lm=lm):
+        pred = build_module(s)(context="The capital of France is Paris.", question="Capital of France?")
+    assert lm.calls == 1
+    assert pred.answer == "Paris"
+    assert s.validate_outputs({"answer": pred.answer}) == {"answer": "Paris"}
+
+
 # -- definition-time errors ------------------------------------------------------------------------------------
 ERRORS = [
     # unknown types, with a suggestion
@@ -201,7 +259,8 @@ ERRORS = [
     ("a: str -> b: str -> c: str", ["more than one '->'"]),
     ("a: str, -> b: str", ["empty field", "input"]),
     ("a: str -> b: str,", ["empty field", "output"]),
-    ("question -> answer: str", ["field 'question'", "no type"]),
+    ("my question -> answer", ["field name 'my question'", "not an identifier", "'name: type' or 'name'"]),
+    ("question -> the answer: int", ["field name 'the answer'", "not an identifier", "'the answer: int'"]),
     ("question: -> answer: str", ["field 'question'", "empty type"]),
     # names
     ("q: str, q: int -> a: str", ["duplicate field 'q'", "'q: str, q: int'"]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dspex_tasks import errors, signature, wire
@@ -64,3 +66,19 @@ def test_the_task_of_a_signature_is_read_from_the_app_not_stored_on_it() -> None
     app = create_worker_app(Settings(), signatures=reg, import_modules=False)
     app.set_current()
     assert sig.task is app.tasks[wire.task_name("wire_task_probe")]
+
+
+def test_integral_floats_reach_the_worker_as_ints_so_both_validators_agree() -> None:
+    """JSON Schema (the client) counts 3.0 as an integer; the worker's strict pydantic does not."""
+    from jsonschema import Draft202012Validator
+
+    sig = signature("n: int, x: float, items: list[int] -> y: str", name="numbers_agree", register=False)
+    raw = {"n": 3.0, "x": 2.0, "items": [1.0, 2.0]}
+    assert not list(Draft202012Validator(sig.input_schema()).iter_errors(raw))  # the client accepts it ...
+    with pytest.raises(errors.ValidationError):
+        sig.validate_inputs(raw)  # ... the worker would not
+    sent = wire.json_numbers(raw)
+    assert sent == {"n": 3, "x": 2, "items": [1, 2]} and isinstance(sent["n"], int)
+    assert sig.validate_inputs(sent) == {"n": 3, "x": 2.0, "items": [1, 2]}
+    assert wire.json_numbers({"x": 2.5, "s": "3.0", "b": True}) == {"x": 2.5, "s": "3.0", "b": True}
+    assert math.isnan(wire.json_numbers(float("nan")))

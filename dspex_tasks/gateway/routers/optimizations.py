@@ -1,4 +1,4 @@
-"""Optimization runs: start, list, get, cancel, and a Server-Sent Events stream of a run's progress."""
+"""Optimization runs: start, list, get, cancel, the candidate, and a Server-Sent Events stream of a run's progress."""
 
 from __future__ import annotations
 
@@ -52,6 +52,26 @@ def list_optimizations(gw: GatewayDep,
             summary="A run's record: status, stage, scores, and the summary once done", responses=json_doc("Run"))
 def get_optimization(run_id: RunIdPath, gw: GatewayDep) -> JSONResponse:
     return JSONResponse(gw.client.runs.get(run_id).to_json())
+
+
+_CANDIDATE_SCHEMA: dict[str, Any] = {
+    "type": "object", "title": "Candidate",
+    "description": "The compiled candidate (promoted or not); store it with PUT /v1/sessions/{session}/programs/{program}",
+    "properties": {"run_id": {"type": "string"}, "signature": {"type": "string"}, "program": {"type": "string"},
+                   "promoted": {"type": ["boolean", "null"]},
+                   "state": {"type": "object", "description": "DSPy dump_state() JSON"}},
+    "required": ["run_id", "signature", "program", "state"]}
+
+
+@router.get("/v1/optimizations/{run_id}/candidate", tags=["optimizations"], response_class=JSONResponse,
+            summary="The run's compiled candidate program state (404 until the compile stage finished)",
+            responses={200: {"description": "The candidate",
+                             "content": {"application/json": {"schema": _CANDIDATE_SCHEMA}}}})
+def get_optimization_candidate(run_id: RunIdPath, gw: GatewayDep) -> JSONResponse:
+    state = gw.client.runs.candidate(run_id)  # RunNotFound, NotFound: 404
+    rec = gw.client.runs.get(run_id)
+    return JSONResponse({"run_id": run_id, "signature": rec.signature, "program": rec.program,
+                         "promoted": (rec.summary or {}).get("promoted"), "state": state})
 
 
 @router.post("/v1/optimizations/{run_id}/cancel", status_code=202, tags=["optimizations"],

@@ -5,12 +5,13 @@ Store calls are synchronous: these routes are plain functions, run in the thread
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from ...errors import ProgramNotFound, ValidationError
+from ...programs.store import MODULE_PREDICTORS, predictor_states
 from ..checks import check_program_state
 from ..models import IdPath, Names, ProgramOut, ProgramPut, ProgramVersion, Rollback, Versions
 from ..problems import Problem
@@ -57,8 +58,28 @@ def put_program(session: IdPath, program: IdPath, body: ProgramPut, gw: GatewayD
             {"field": "signature", "message": f"not a published signature (published: {known})",
              "pointer": "/signature"}])
     check_program_state(body.state)
+    name = body.signature or program  # what a worker loads the program into
+    _check_fits(body.state, name, gw.signatures.get(name))
     version = gw.client.programs.put(session, program, body.state, signature=body.signature)
     return ProgramVersion(session=session, program=program, version=version)
+
+
+def _check_fits(state: dict[str, Any], name: str, published: dict[str, Any] | None) -> None:
+    """A 422 naming each key of ``state`` that holds a predictor the signature's module lacks.
+
+    The module is the published signature's; a program no published signature is named after must still
+    fit a signature's module (the default ``predict``, one predictor like every module), as the document says.
+    """
+    module = str((published or {}).get("module", ""))
+    what = f"the {module} module of signature '{name}'"
+    if module not in MODULE_PREDICTORS:
+        module, what = "predict", "a signature's module"
+    try:
+        predictor_states(state, MODULE_PREDICTORS[module], module=what)
+    except ValidationError as exc:
+        errs = [{"field": f"state.{e['field']}", "message": e["message"],
+                 "pointer": "/state/" + e["field"].replace("~", "~0").replace("/", "~1")} for e in exc.errors]
+        raise Problem(422, ValidationError.code, exc.message, errors=errs) from None
 
 
 @router.delete("/v1/sessions/{session}/programs/{program}", status_code=204, response_class=Response,

@@ -2,7 +2,9 @@
 
 An optimizer turns (student module, trainset, valset, metric, params) into a
 compiled module. Its params are a pydantic model, so bad params fail before
-anything runs, naming the field.
+anything runs, naming the field. A key neither the model nor :class:`CommonParams`
+knows is refused (with a did-you-mean) unless the model sets ``extra="allow"``.
+Workers publish :func:`params_schemas` so clients check params before enqueueing.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from typing import Any
 import pydantic
 
 from ...errors import ValidationError
+from ..params import unknown_param_message
 
-__all__ = ["Optimizer", "register", "get_optimizer", "optimizer_names", "CommonParams"]
+__all__ = ["Optimizer", "register", "get_optimizer", "optimizer_names", "params_schemas", "CommonParams"]
 
 
 class CommonParams(pydantic.BaseModel):
-    """Params every run accepts, whatever the optimizer."""
+    """Params every run accepts, whatever the optimizer.
+
+    ``extra="allow"``: a run's params mix these with the optimizer's own, which
+    :meth:`Optimizer.parse_params` checks (unknown keys included).
+    """
 
     model_config = pydantic.ConfigDict(extra="allow")
     min_gain: float = pydantic.Field(1e-9, description="promote only if candidate - baseline >= this")
@@ -44,14 +51,46 @@ class Optimizer:
     estimate: Callable[[int, int, Any], int]
     description: str = ""
 
+    def _names(self) -> set[str]:
+        names = set()
+        for name, f in self.params.model_fields.items():
+            names.add(name)
+            names.update(a for a in (f.alias, f.validation_alias) if isinstance(a, str))
+        return names
+
     def parse_params(self, raw: dict[str, Any] | None) -> Any:
-        known = set(CommonParams.model_fields)
+        """The optimizer's own params from a run's params (common keys skipped, unknown keys refused)."""
+        common = set(CommonParams.model_fields)
+        own = {k: v for k, v in (raw or {}).items() if k not in common}
+        errors: list[dict[str, str]] = []
+        if self.params.model_config.get("extra") != "allow":
+            names = self._names()
+            errors = [{"field": f"params.{k}", "message": unknown_param_message(k, names | common, self.name)}
+                      for k in own if k not in names]
+            own = {k: v for k, v in own.items() if k in names}
         try:
-            return self.params.model_validate({k: v for k, v in (raw or {}).items() if k not in known})
+            parsed = self.params.model_validate(own)
         except pydantic.ValidationError as exc:
-            errors = [{"field": "params." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                      for e in exc.errors(include_url=False)]
-            raise ValidationError.from_errors(f"params for optimizer '{self.name}'", errors) from None
+            errors += [{"field": "params." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                       for e in exc.errors(include_url=False)]
+        if errors:
+            raise ValidationError.from_errors(f"params for optimizer '{self.name}'", errors)
+        return parsed
+
+    def params_schema(self) -> dict[str, Any]:
+        """JSON Schema of everything a run of this optimizer accepts in ``params`` (own and common keys)."""
+        own = self.params.model_json_schema()
+        common = CommonParams.model_json_schema()
+        props = {**(own.get("properties") or {}), **(common.get("properties") or {})}
+        schema: dict[str, Any] = {"type": "object", "title": f"{self.name} params", "properties": props,
+                                  "additionalProperties": self.params.model_config.get("extra") == "allow"}
+        required = [r for r in own.get("required") or [] if r not in CommonParams.model_fields]
+        if required:
+            schema["required"] = required
+        defs = {**(own.get("$defs") or {}), **(common.get("$defs") or {})}
+        if defs:
+            schema["$defs"] = defs
+        return schema
 
 
 _REGISTRY: dict[str, Optimizer] = {}
@@ -81,6 +120,12 @@ def get_optimizer(name: str) -> Optimizer:
 def optimizer_names() -> list[str]:
     _load_builtins()
     return sorted(_REGISTRY)
+
+
+def params_schemas() -> dict[str, dict[str, Any]]:
+    """Each registered optimizer's :meth:`Optimizer.params_schema`, by name (what workers publish)."""
+    _load_builtins()
+    return {name: _REGISTRY[name].params_schema() for name in sorted(_REGISTRY)}
 
 
 def as_fractions(scores: list[float]) -> list[float]:
