@@ -2,7 +2,7 @@
 
 The public contract::
 
-    from dspex_tasks import signature, Signature, Client, errors
+    from dspex_tasks import signature, program, Signature, Client, errors
 
 Nothing here connects to anything or imports dspy at import time.
 """
@@ -16,12 +16,14 @@ from .dsl.signature import Signature, registry, signature
 
 if TYPE_CHECKING:  # pragma: no cover
     from .client import Client, Job, Result
+    from .programs.program import program
     from .programs.store import MemoryProgramStore, ProgramRecord, ProgramStore
     from .testing.mock_lm import MockLM
 
 __all__ = [
     # signatures
     "signature",
+    "program",
     "Signature",
     "registry",
     # client
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "program": "programs.program",
     "Client": "client",
     "Job": "client",
     "Result": "client",

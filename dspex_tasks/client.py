@@ -18,6 +18,7 @@ from typing import Any
 
 from . import keys, wire
 from .connections import redis_client
+from .dsl.signature import MODULE_PREDICTORS
 from .errors import (
     BackendUnavailable,
     DspexError,
@@ -48,13 +49,15 @@ class Result:
     duration_ms: float = 0.0
     task_id: str | None = None
     worker: str | None = None
+    #: With ``submit(..., trace=True)``: per predictor call, in order, ``{"predictor", "inputs", "outputs"}``.
+    trace: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Result:
         return cls(outputs=data["outputs"], session=data.get("session"), program=data.get("program", ""),
                    program_version=int(data.get("program_version", 0)), usage=data.get("usage") or {},
                    lm=data.get("lm", ""), duration_ms=float(data.get("duration_ms", 0.0)),
-                   task_id=data.get("task_id"), worker=data.get("worker"))
+                   task_id=data.get("task_id"), worker=data.get("worker"), trace=data.get("trace"))
 
 
 def _raise_remote(exc: BaseException) -> None:
@@ -162,13 +165,16 @@ class Client:
             self._programs = ProgramStore(redis=self.redis, namespace=self.settings.namespace,
                                           session_ttl_s=self.settings.session_ttl_s,
                                           max_state_bytes=self.settings.max_state_bytes,
-                                          signatures=self._published_module)
+                                          signatures=self._published_predictors)
         return self._programs
 
-    def _published_module(self, name: str) -> str | None:
-        """The module kind workers published for signature ``name`` (a state must fit it), or None."""
+    def _published_predictors(self, name: str) -> list[str] | None:
+        """The predictors workers published for signature or program ``name`` (a state must fit them), or None."""
         published = self.signatures().get(name) or self.signatures(refresh=True).get(name)
-        return str(published["module"]) if published and "module" in published else None
+        predictors = (published or {}).get("predictors")
+        if predictors is None and published and published.get("module") in MODULE_PREDICTORS:  # older workers
+            predictors = MODULE_PREDICTORS[published["module"]]
+        return list(predictors) if predictors is not None else None
 
     @property
     def datasets(self) -> Any:
@@ -323,15 +329,27 @@ class Client:
 
     # -- submitting -----------------------------------------------------------
     def submit(self, name: str, inputs: dict[str, Any], *, session: str | None = None, program: str | None = None,
-               countdown: float | None = None, queue: str | None = None) -> Job:
-        """Validate and enqueue one prediction of signature ``name``."""
+               trace: bool = False, lm_config: dict[str, Any] | None = None, countdown: float | None = None,
+               queue: str | None = None) -> Job:
+        """Validate and enqueue one prediction of signature ``name``.
+
+        Args:
+            trace: The result carries ``trace``: per predictor call, in order, its name (as in the module's
+                ``named_predictors()``), inputs and outputs (ChainOfThought's ``reasoning``, ReAct's trajectory).
+            lm_config: LM settings for every LM call of this job: ``temperature``, ``top_p``, ``max_tokens``,
+                ``n``, ``rollout_id``; any other key (``api_base``, ``model``, ...) is a ``ValidationError``.
+
+        Example:
+            >>> client.submit("qa", {"question": "Why?"}, trace=True, lm_config={"temperature": 0.3})  # doctest: +SKIP
+        """
         if session is not None:
             keys.check_id(session, "session")
         if program is not None:
             keys.check_id(program, "program")
+        options = wire.request_options(trace=trace, lm_config=lm_config)
         inputs = wire.json_numbers(inputs)
         self.validate(name, inputs)
-        r = self.app.send_task(wire.task_name(name), kwargs=wire.predict_kwargs(inputs, session, program),
+        r = self.app.send_task(wire.task_name(name), kwargs=wire.predict_kwargs(inputs, session, program, options),
                                queue=queue or self.settings.predict_queue, countdown=countdown,
                                headers=wire.sent_headers())  # queue age for `dspex health`
         return Job(r)
@@ -341,17 +359,20 @@ class Client:
         return Job(self.app.AsyncResult(job_id))
 
     def map(self, name: str, inputs: Iterable[dict[str, Any]], *, session: str | None = None,
-            program: str | None = None, chunk_size: int | None = None, timeout: float | None = 300.0,
+            program: str | None = None, trace: bool = False, lm_config: dict[str, Any] | None = None,
+            chunk_size: int | None = None, timeout: float | None = 300.0,
             return_exceptions: bool = False, on_progress: Any = None) -> list[Result | DspexError]:
         """Run many inputs in few messages; results come back in input order.
 
         Every input is validated before anything is sent. With
         ``return_exceptions`` a failed item is returned as its error in place;
         otherwise the first failure is raised after all chunks finished.
+        ``trace`` and ``lm_config`` apply to every item, as in :meth:`submit`.
         """
         items = [wire.json_numbers(item) for item in inputs]
         if session is not None:
             keys.check_id(session, "session")
+        options = wire.request_options(trace=trace, lm_config=lm_config)
         for i, item in enumerate(items):
             try:
                 self.validate(name, item)
@@ -360,7 +381,7 @@ class Client:
                 raise ValidationError.from_errors(f"inputs for '{name}' (item {i})", errors) from None
         size = chunk_size or self.settings.map_chunk_size
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
-        pending = [self.app.send_task(wire.MAP_TASK, kwargs=wire.map_kwargs(name, chunk, session, program),
+        pending = [self.app.send_task(wire.MAP_TASK, kwargs=wire.map_kwargs(name, chunk, session, program, options),
                                       queue=self.settings.predict_queue, headers=wire.sent_headers())
                    for chunk in chunks]
         return self._collect(pending, [len(c) for c in chunks], timeout, return_exceptions, on_progress)

@@ -228,7 +228,7 @@ def map_(
 @cli_errors
 def signatures(as_json: Annotated[bool, typer.Option("--json", help="Print the published descriptions "
                                                                     "as JSON.")] = False) -> None:
-    """List the signatures workers have published (name, module, inputs, outputs)."""
+    """List the signatures and programs workers have published (name, kind, predictors, inputs, outputs)."""
     with open_client() as client:
         sigs = client.signatures(refresh=True)
         ns = client.settings.namespace
@@ -238,13 +238,16 @@ def signatures(as_json: Annotated[bool, typer.Option("--json", help="Print the p
     if not sigs:
         err.print(f"[yellow]no signatures published in namespace '{ns}'[/]: start a worker (dspex worker)")
         return
-    table = Table(title=f"signatures ({len(sigs)})", title_justify="left")
-    for col in ("name", "module", "inputs", "outputs"):
+    table = Table(title=f"signatures and programs ({len(sigs)})", title_justify="left")
+    for col in ("name", "kind", "predictors", "inputs", "outputs"):
         table.add_column(col, overflow="fold")
     for sig_name, desc in sorted(sigs.items()):
         fields = [esc(", ".join(f"{k}: {t}" for k, t in (desc.get(side) or {}).items()))
                   for side in ("input_fields", "output_fields")]
-        table.add_row(sig_name, str(desc.get("module", "")), *fields)
+        kind = str(desc.get("kind", "signature"))
+        if kind == "signature":
+            kind = f"signature ({desc.get('module', '')})"
+        table.add_row(sig_name, kind, esc(", ".join(desc.get("predictors") or [])) or "-", *fields)
     console.print(table)
 
 

@@ -37,14 +37,22 @@ def copy(schema: dict[str, Any]) -> dict[str, Any]:
 
 def object_schema(title: str, fields: dict[str, TypeNode], description: str | None = None) -> dict[str, Any]:
     """The schema of an object with one property per field (nullable ones optional)."""
+    properties: dict[str, Any] = {}
+    defs: dict[str, Any] = {}
+    for name, node in fields.items():
+        prop = node.json_schema()
+        defs.update(prop.pop("$defs", {}))  # a model's $defs live at the root, where "#/$defs/..." points
+        properties[name] = prop
     schema: dict[str, Any] = {
         "$schema": DIALECT,
         "title": title,
         "type": "object",
-        "properties": {name: node.json_schema() for name, node in fields.items()},
+        "properties": properties,
         "required": [name for name, node in fields.items() if not node.nullable],
         "additionalProperties": False,
     }
+    if defs:
+        schema["$defs"] = defs
     if description:
         schema["description"] = description
     return schema
@@ -54,13 +62,17 @@ def _strict(schema: dict[str, Any], path: str) -> dict[str, Any]:
     unsupported = set(schema) - OPENAI_KEYWORDS
     # propertyNames has no strict-mode equivalent; we drop it and say so in the description.
     out: dict[str, Any] = {k: v for k, v in schema.items() if k in OPENAI_KEYWORDS}
-    for key in unsupported - {"propertyNames", "$schema"}:
+    for key in unsupported - {"propertyNames", "$schema", "default"}:  # a default says nothing to a strict LM
         raise SignatureError(f"field '{path}' uses '{key}', which OpenAI strict mode does not support")
     if not schema:
         raise SignatureError(
             f"field '{path}' is 'any' (free-form JSON), which OpenAI strict structured outputs cannot express; "
             "use a concrete type or json_schema('generic')"
         )
+    if "$defs" in schema:
+        out["$defs"] = {name: _strict(sub, f"{path}$defs.{name}") for name, sub in schema["$defs"].items()}
+    if "$ref" in schema:
+        return out
     if "anyOf" in schema:
         out["anyOf"] = [_strict(s, path) for s in schema["anyOf"]]
         return out

@@ -25,9 +25,12 @@ from .types import TypeNode, parse_type
 if TYPE_CHECKING:  # pragma: no cover
     import dspy
 
-__all__ = ["Signature", "signature", "registry", "SignatureRegistry", "MODULES"]
+__all__ = ["Signature", "signature", "registry", "SignatureRegistry", "MODULES", "MODULE_PREDICTORS", "parse_spec"]
 
 MODULES = ("predict", "chain_of_thought")
+#: The predictors of each module kind, as DSPy's ``named_predictors()`` names them: a ``Predict`` is its
+#: own predictor, ``self``; a ``ChainOfThought`` has one, ``predict`` (a unit test holds this to DSPy).
+MODULE_PREDICTORS: dict[str, tuple[str, ...]] = {"predict": ("self",), "chain_of_thought": ("predict",)}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 # Names DSPy's modules take as call arguments, or that a module adds itself.
 RESERVED = frozenset({
@@ -205,6 +208,11 @@ class Signature:
         "_dspy",
         "_schemas",
         "options",
+        "kind",
+        "factory",
+        "interface",
+        "predictors",
+        "origin",
     )
 
     def __init__(
@@ -217,8 +225,22 @@ class Signature:
         module: str,
         desc: str | None,
         options: dict[str, Any] | None = None,
+        kind: str = "signature",
+        factory: Any = None,
+        interface: Any = None,
+        origin: str | None = None,
     ) -> None:
         self.name = name
+        #: ``"signature"`` (a DSL spec served by ``module``) or ``"program"`` (a ``dspy.Module`` from ``factory``)
+        self.kind = kind
+        #: A program's ``dspy.Module`` subclass or zero-argument factory (None for a signature)
+        self.factory = factory
+        #: A program's ``dspy.Signature`` class interface, if it was given as one
+        self.interface = interface
+        #: The module's ``named_predictors()`` names, once known (a signature's at once, a program's on a worker)
+        self.predictors: tuple[str, ...] | None = MODULE_PREDICTORS.get(module) if kind == "signature" else None
+        #: Where it was defined (``module:qualname``), so two programs cannot take one name
+        self.origin = origin
         self.instructions = instructions or ""
         self.module = module
         self.desc = desc
@@ -242,7 +264,7 @@ class Signature:
 
     def _key(self) -> tuple[Any, ...]:
         return (self.name, tuple(self.input_fields.items()), tuple(self.output_fields.items()),
-                self.instructions, self.module)
+                self.instructions, self.module, self.kind, self.origin)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Signature) and self._key() == other._key()
@@ -251,6 +273,8 @@ class Signature:
         return hash(self._key())
 
     def __repr__(self) -> str:
+        if self.kind == "program":
+            return f"Program({self.name!r}, {self.spec!r}, factory={self.origin!r})"
         return f"Signature({self.name!r}, {self.spec!r}, module={self.module!r})"
 
     @property
@@ -312,8 +336,9 @@ class Signature:
 
     def describe(self) -> dict[str, Any]:
         """What workers publish for clients: schemas, fields and module (JSON)."""
-        return {
+        described: dict[str, Any] = {
             "name": self.name,
+            "kind": self.kind,
             "spec": self.spec,
             "module": self.module,
             "instructions": self.instructions,
@@ -322,10 +347,16 @@ class Signature:
             "input_schema": self.input_schema(),
             "output_schema": self.output_schema(),
         }
+        if self.predictors is not None:
+            described["predictors"] = list(self.predictors)
+        return described
 
     # -- DSPy ---------------------------------------------------------------
     def to_dspy(self) -> type[dspy.Signature]:
         """A real ``dspy.Signature`` subclass with typed fields and the instructions."""
+        if self._dspy is None and self.interface is not None:  # a program's own dspy.Signature class
+            cls = self.interface
+            self._dspy = cls.with_instructions(self.instructions) if self.instructions != cls.instructions else cls
         if self._dspy is None:
             from .dspy_signature import build_dspy_signature
 
@@ -348,7 +379,18 @@ class SignatureRegistry:
         self._lock = threading.Lock()
 
     def add(self, sig: Signature) -> None:
+        """Add ``sig``; the same definition again (a module reload) replaces it.
+
+        Raises:
+            SignatureError: a program and a signature, or two programs defined in different places,
+                would share the name (and so the task ``dspex.<name>``).
+        """
         with self._lock:
+            old = self._by_name.get(sig.name)
+            if old is not None and "program" in (old.kind, sig.kind) and (old.kind, old.origin) != (sig.kind, sig.origin):
+                where = f"program {old.origin}" if old.kind == "program" else "a signature"
+                raise SignatureError(f"name '{sig.name}' is already taken by {where}: programs and signatures "
+                                     "share one namespace (the task is dspex.<name>); pick another name")
             self._by_name[sig.name] = sig
 
     def get(self, name: str) -> Signature:
@@ -412,11 +454,32 @@ def signature(
         >>> qa.output_fields["confidence"]
         'confidence_score'
     """
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise SignatureError(f"signature name {name!r} must be 1-64 chars of [A-Za-z0-9_.-], starting with a letter")
-    wire.check_program_name(name)
+    check_name(name)
     if module not in MODULES:
         raise SignatureError(f"unknown module {module!r} for signature '{name}'; expected one of {', '.join(MODULES)}")
+    inputs, outputs = parse_spec(spec, module=module)
+    sig = Signature(name, inputs, outputs, instructions=instructions, module=module, desc=desc, options=options)
+    if register:
+        registry.add(sig)
+    return sig
+
+
+def check_name(name: Any, what: str = "signature") -> str:
+    """``name`` if it can name a task, else :class:`SignatureError`."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SignatureError(f"{what} name {name!r} must be 1-64 chars of [A-Za-z0-9_.-], starting with a letter")
+    wire.check_program_name(name)
+    return name
+
+
+def parse_spec(spec: str, *, module: str = "predict") -> tuple[dict[str, TypeNode], dict[str, TypeNode]]:
+    """``"inputs -> outputs"`` parsed into (inputs, outputs), each field name -> type.
+
+    Raises:
+        SignatureError: naming the field and quoting the offending text.
+    """
+    if not isinstance(spec, str):
+        raise SignatureError(f"expected a spec string like 'question -> answer', got {type(spec).__name__}")
     _check_balanced(spec)
     sides = _split_top(spec, "->")
     if len(sides) < 2:
@@ -434,7 +497,4 @@ def signature(
         for fname in inputs:
             if fname in _RESERVED_COT:
                 raise SignatureError(f"field name '{fname}' is reserved for chain_of_thought in '{spec.strip()}'")
-    sig = Signature(name, inputs, outputs, instructions=instructions, module=module, desc=desc, options=options)
-    if register:
-        registry.add(sig)
-    return sig
+    return inputs, outputs

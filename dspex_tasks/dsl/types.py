@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -21,7 +23,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, JsonValue
 
 from ..errors import SignatureError
 
-__all__ = ["TypeNode", "parse_type", "SCALARS", "Entity"]
+__all__ = ["TypeNode", "parse_type", "from_annotation", "SCALARS", "Entity"]
 
 # name -> canonical kind. Python spelling first, then DSPex's ``:atom`` spelling.
 SCALARS: dict[str, str] = {
@@ -70,7 +72,10 @@ class TypeNode:
     """One node of a parsed type.
 
     ``kind`` is a canonical name (``str``, ``list``, ``union`` ...); ``args`` holds
-    child nodes, or for ``literal`` the allowed string values.
+    child nodes, or for ``literal`` the allowed string values. Kind ``python`` is a
+    Python annotation the DSL has no name for (a pydantic model, ``list[Model]`` ...),
+    from a ``dspy.Signature`` class: ``args`` is ``(annotation, its display name)``,
+    and pydantic validates it and gives its JSON Schema.
     """
 
     kind: str
@@ -90,10 +95,14 @@ class TypeNode:
             return f"optional[{a[0].normalized()}]"
         if k == "union":
             return " | ".join(n.normalized() for n in a)
+        if k == "python":
+            return str(a[1])
         return k
 
     @property
     def nullable(self) -> bool:
+        if self.kind == "python":
+            return _admits_none(self.args[0])
         return self.kind == "optional" or self.kind == "any" or (
             self.kind == "union" and any(n.nullable for n in self.args)
         )
@@ -105,6 +114,8 @@ class TypeNode:
         without our validators.
         """
         k, a = self.kind, self.args
+        if k == "python":
+            return a[0]
         if plain and k in ("int", "float", "any"):
             return {"int": int, "float": float, "any": Any}[k]
         if plain and k == "dict" and not a:
@@ -137,8 +148,12 @@ class TypeNode:
         raise AssertionError(f"unhandled kind {k}")  # pragma: no cover
 
     def json_schema(self) -> dict[str, Any]:
-        """JSON Schema (2020-12) of a value of this type, without titles or ``$defs``."""
+        """JSON Schema (2020-12) of a value of this type, without titles; a ``python`` type may carry
+        ``$defs`` (its models), which :func:`~dspex_tasks.dsl.schemas.object_schema` hoists to the root."""
         k, a = self.kind, self.args
+        if k == "python":
+            schema: dict[str, Any] = pydantic.TypeAdapter(a[0]).json_schema(ref_template="#/$defs/{model}")
+            return schema
         if k == "str":
             return {"type": "string"}
         if k == "int":
@@ -164,7 +179,7 @@ class TypeNode:
         if k == "dict":
             if not a:
                 return {"type": "object"}
-            schema: dict[str, Any] = {"type": "object", "additionalProperties": a[1].json_schema()}
+            schema = {"type": "object", "additionalProperties": a[1].json_schema()}
             if a[0].kind == "literal":
                 schema["propertyNames"] = {"enum": list(a[0].args)}
             return schema
@@ -173,6 +188,57 @@ class TypeNode:
         if k == "union":
             return {"anyOf": [n.json_schema() for n in a]}
         raise AssertionError(f"unhandled kind {k}")  # pragma: no cover
+
+
+def _admits_none(annotation: Any) -> bool:
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    return any(_admits_none(arg) for arg in typing.get_args(annotation)) if typing.get_origin(annotation) in (
+        Union, types.UnionType) else False
+
+
+_SIMPLE = {str: "str", int: "int", float: "float", bool: "bool", Any: "any", dict: "dict", list: "list"}
+
+
+def from_annotation(annotation: Any) -> TypeNode:
+    """The DSL type of a Python annotation where the DSL has one (``str``, ``list[int]``, ``Literal["a"]``,
+    ``Optional[...]``, unions), else a ``python`` node that pydantic validates (models, ``list[Model]`` ...)."""
+    if annotation in _SIMPLE:
+        kind = _SIMPLE[annotation]
+        return TypeNode("list", (TypeNode("any"),)) if kind == "list" else TypeNode(kind)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    try:
+        if origin is list and len(args) == 1:
+            inner = from_annotation(args[0])
+            if inner.kind != "python":
+                return TypeNode("list", (inner,))
+        elif origin is dict and len(args) == 2 and args[0] is str:
+            value = from_annotation(args[1])
+            if value.kind != "python":
+                return TypeNode("dict", (TypeNode("str"), value))
+        elif origin is Literal and args and all(isinstance(v, str) for v in args):
+            return TypeNode("literal", tuple(args))
+        elif origin in (Union, types.UnionType):
+            members = [from_annotation(a) for a in args if a is not type(None)]
+            if members and all(m.kind != "python" for m in members):
+                node = make_union(members)
+                return make_optional(node) if type(None) in args else node
+    except (TypeError, SignatureError):
+        pass
+    return TypeNode("python", (annotation, _display(annotation)))
+
+
+def _display(annotation: Any) -> str:
+    """``list[Person]``, ``Person | None``: how a ``python`` type reads in specs and errors."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is None:
+        return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    if origin in (Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _display(a) for a in args)
+    if origin is Literal:
+        return "literal[" + ", ".join(json.dumps(v) if isinstance(v, str) else repr(v) for v in args) + "]"
+    name = getattr(origin, "__name__", None) or str(origin).replace("typing.", "")
+    return f"{name}[{', '.join(_display(a) for a in args)}]"
 
 
 def _no_bool(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""DSPy modules for signatures: ``Predict`` or ``ChainOfThought`` over the signature's ``dspy.Signature``.
+"""DSPy modules for signatures and programs: ``Predict`` or ``ChainOfThought`` over a signature's
+``dspy.Signature``, or a program's own module built by its class or factory.
 
 Kept out of :mod:`dspex_tasks.dsl` so that defining signatures (and the client) never imports dspy.
 """
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import dspy
 
+from ..errors import ConfigurationError
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..dsl.signature import Signature
 
@@ -16,7 +19,19 @@ __all__ = ["build_module"]
 
 
 def build_module(sig: Signature) -> dspy.Module:
-    """A fresh module for ``sig`` (its ``module`` kind: ``predict`` or ``chain_of_thought``)."""
+    """A fresh module for ``sig``: its program's, or its ``module`` kind (``predict``, ``chain_of_thought``).
+
+    Raises:
+        ConfigurationError: a program's factory did not return a ``dspy.Module``.
+    """
+    if sig.factory is not None:
+        module = sig.factory()
+        if not isinstance(module, dspy.Module):
+            raise ConfigurationError(f"program '{sig.name}' ({sig.origin}) built {type(module).__name__}, "
+                                     "not a dspy.Module")
+        if sig.predictors is None:
+            sig.predictors = tuple(name for name, _ in module.named_predictors())
+        return module
     dsig = sig.to_dspy()
     if sig.module == "chain_of_thought":
         return dspy.ChainOfThought(dsig)

@@ -30,7 +30,8 @@ def load_program(sig: Signature, state: dict[str, Any] | None) -> Any:
     if not state:
         return module
     predictors = dict(module.named_predictors())
-    parts = predictor_states(state, list(predictors), module=f"the {sig.module} module of signature '{sig.name}'")
+    what = f"program '{sig.name}'" if sig.kind == "program" else f"the {sig.module} module of signature '{sig.name}'"
+    parts = predictor_states(state, list(predictors), module=what)
     for name, (key, pstate) in parts.items():
         predictor = predictors[name]
         demos = pstate.get("demos", [])

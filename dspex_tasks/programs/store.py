@@ -22,12 +22,12 @@ from ..dsl.signature import registry as default_registry
 from ..errors import ProgramNotFound, ValidationError
 
 __all__ = ["ProgramRecord", "ProgramStoreProtocol", "ProgramStore", "MemoryProgramStore", "check_state",
-           "predictor_states", "check_fits", "MODULE_PREDICTORS", "PREDICTOR_KEYS", "PROGRAM_KEYS", "SHORT_FORM_KEYS",
+           "predictor_states", "check_fits", "PREDICTOR_KEYS", "PROGRAM_KEYS", "SHORT_FORM_KEYS",
            "SINGLE_PREDICTOR_KEYS"]
 
 DEFAULT_MAX_STATE_BYTES = 2_000_000
-#: A signature's module kind (``predict``, ``chain_of_thought``) by name, or None when unknown.
-ModuleOf = Callable[[str], "str | None"]
+#: The predictor names of a signature's or program's module, by name; None when unknown.
+PredictorsOf = Callable[[str], "Sequence[str] | None"]
 # The stores have a ``list`` method, which shadows the builtin inside their class bodies.
 Names = list[str]
 Versions = list[int]
@@ -66,10 +66,6 @@ def check_state(state: Any, max_bytes: int = DEFAULT_MAX_STATE_BYTES) -> str:
     return text
 
 
-# The predictors of the module ``programs.bridge.build_module`` makes for each signature ``module``, as DSPy's
-# ``named_predictors()`` names them (a unit test holds this to the real modules). A ``Predict`` is its own
-# predictor, ``self``; a ``ChainOfThought`` has one, ``predict``.
-MODULE_PREDICTORS: dict[str, tuple[str, ...]] = {"predict": ("self",), "chain_of_thought": ("predict",)}
 # Keys of one predictor's state: DSPy's ``Predict.dump_state()`` (``extended_signature`` from DSPy 2.5's
 # ChainOfThought) and the short form's ``instructions``.
 PREDICTOR_KEYS = frozenset({"demos", "instructions", "signature", "extended_signature", "traces", "train", "lm"})
@@ -85,7 +81,8 @@ def predictor_states(state: dict[str, Any], predictors: Sequence[str], *,
                      module: str = "the module") -> dict[str, tuple[str, dict[str, Any]]]:
     """Predictor -> (the key of its part of ``state``, ``""`` for the top level; that part).
 
-    A predictor missing from the result takes nothing.
+    A predictor missing from the result takes nothing (a single-predictor module only: a module with
+    several predictors needs every one's entry).
 
     ``state`` is DSPy's ``dump_state()`` (``{"<predictor>": {...}}``, a ``Predict``'s own state at the top,
     maybe with ``save()``'s ``metadata``) or the short form ``{"demos": [...], "instructions": ...}``, which
@@ -97,7 +94,7 @@ def predictor_states(state: dict[str, Any], predictors: Sequence[str], *,
     Raises:
         ValidationError: naming each key that holds the state of a predictor the module does not have
             (e.g. ``retrieve`` of a saved RAG program) with the predictors it has, and each predictor's
-            key that holds something other than an object.
+            key that holds something other than an object, and, for several predictors, each one missing.
     """
     names = list(predictors)
     single = len(names) == 1
@@ -114,9 +111,20 @@ def predictor_states(state: dict[str, Any], predictors: Sequence[str], *,
             else:
                 has = "the predictors " + (", ".join(f"'{n}'" for n in names) or "none")
             errs.append({"field": key, "message": f"unknown predictor '{key}'; {module} has {has}"})
+    top = any(k in state for k in SHORT_FORM_KEYS)
+    if not single and not errs:
+        # Several predictors: DSPy's own layout, one entry each (as dump_state() and save() write it).
+        # DSPy's load_state would skip a missing one silently; a short form would give every predictor
+        # the same demos, whatever its fields.
+        listed = ", ".join(f"'{n}'" for n in names)
+        for name in names:
+            if name not in state:
+                why = ("the short form ({demos, instructions}) fits one predictor only" if top and not
+                       any(n in state for n in names) else "every predictor needs its entry, as dump_state() writes")
+                errs.append({"field": name, "message": f"missing the state of predictor '{name}' ({module} has "
+                                                       f"{listed}; {why})"})
     if errs:
         raise ValidationError.from_errors("program state", errs)
-    top = any(k in state for k in SHORT_FORM_KEYS)
     parts: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in names:
         own = next((k for k in (name, *(SINGLE_PREDICTOR_KEYS if single else ())) if k in state), None)
@@ -127,20 +135,21 @@ def predictor_states(state: dict[str, Any], predictors: Sequence[str], *,
     return parts
 
 
-def check_fits(state: dict[str, Any], signature: str, signatures: SignatureRegistry | ModuleOf) -> None:
-    """Refuse ``state`` that does not fit the module of ``signature`` when ``signatures`` knows it.
+def check_fits(state: dict[str, Any], name: str, signatures: SignatureRegistry | PredictorsOf) -> None:
+    """Refuse ``state`` that does not fit the module of signature or program ``name`` when its predictors are known.
 
-    ``signatures`` is a registry of this process, or a function giving a signature's module kind from
-    what workers published (the client's). Only the layout is checked (:func:`predictor_states`); an
-    unknown signature is not checked here (workers refuse it when they load).
+    ``signatures`` is a registry of this process, or a function giving the predictor names workers published
+    (the client's: it has neither dspy nor the program code). Only the layout is checked
+    (:func:`predictor_states`); an unknown name is not checked here (workers refuse such state when they load).
     """
+    predictors: Sequence[str] | None
     if isinstance(signatures, SignatureRegistry):
-        sig = signatures.find(signature)
-        module = sig.module if sig is not None else None
+        sig = signatures.find(name)
+        predictors = sig.predictors if sig is not None else None
     else:
-        module = signatures(signature)
-    if module in MODULE_PREDICTORS:
-        predictor_states(state, MODULE_PREDICTORS[module], module=f"the {module} module of signature '{signature}'")
+        predictors = signatures(name)
+    if predictors is not None:
+        predictor_states(state, list(predictors), module=f"'{name}'")
 
 
 class ProgramStoreProtocol(Protocol):
@@ -184,12 +193,12 @@ class ProgramStore:
 
     def __init__(self, *, redis: Any, namespace: str = "dspex", session_ttl_s: int | None = None,
                  max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
-                 signatures: SignatureRegistry | ModuleOf | None = None) -> None:
+                 signatures: SignatureRegistry | PredictorsOf | None = None) -> None:
         self.redis = redis
         self.ns = namespace
         self.session_ttl_s = session_ttl_s
         self.max_state_bytes = max_state_bytes
-        self.signatures: SignatureRegistry | ModuleOf = default_registry if signatures is None else signatures
+        self.signatures: SignatureRegistry | PredictorsOf = default_registry if signatures is None else signatures
         self._put = register_lua(redis, __name__, "store_put")
         self._rollback = register_lua(redis, __name__, "store_rollback")
         self._get = register_lua(redis, __name__, "store_get")

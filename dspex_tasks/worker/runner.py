@@ -74,7 +74,8 @@ class ModuleRunner:
         """DSPy's context for running ``sig``'s modules, and the usage scope that counts their LM calls."""
         import dspy
 
-        lm = self.lm_for(sig, recorded=recorded)
+        # A program makes several LM calls per task: each is recorded (DSPy's own usage merges a model's calls).
+        lm = self.lm_for(sig, recorded=recorded or sig.kind == "program")
         extra: dict[str, Any] = {"callbacks": list(callbacks)} if callbacks else {}
         with task_usage(sig.name, session) as spent:
             spent.default_lm = lm_name(lm)

@@ -17,7 +17,8 @@ from dspex_tasks.gateway.problems import Problem
 from dspex_tasks.gateway.routers.programs import put_program
 from dspex_tasks.programs.bridge import build_module
 from dspex_tasks.programs.state import load_program
-from dspex_tasks.programs.store import MODULE_PREDICTORS, MemoryProgramStore
+from dspex_tasks.dsl.signature import MODULE_PREDICTORS
+from dspex_tasks.programs.store import MemoryProgramStore
 from dspex_tasks.testing.mock_lm import MockLM
 from dspex_tasks.testing.mockgen import follow_demos
 

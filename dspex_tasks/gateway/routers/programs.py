@@ -10,8 +10,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
+from ...dsl.signature import MODULE_PREDICTORS
 from ...errors import ProgramNotFound, ValidationError
-from ...programs.store import MODULE_PREDICTORS, predictor_states
+from ...programs.store import predictor_states
 from ..checks import check_program_state
 from ..models import IdPath, Names, ProgramOut, ProgramPut, ProgramVersion, Rollback, Versions
 from ..problems import Problem
@@ -65,17 +66,14 @@ def put_program(session: IdPath, program: IdPath, body: ProgramPut, gw: GatewayD
 
 
 def _check_fits(state: dict[str, Any], name: str, published: dict[str, Any] | None) -> None:
-    """A 422 naming each key of ``state`` that holds a predictor the signature's module lacks.
+    """A 422 naming each key of ``state`` that does not fit the predictors workers published for ``name``.
 
-    The module is the published signature's; a program no published signature is named after must still
-    fit a signature's module (the default ``predict``, one predictor like every module), as the document says.
+    A program no published signature or program is named after must still fit a signature's module (the
+    default ``predict``: one predictor).
     """
-    module = str((published or {}).get("module", ""))
-    what = f"the {module} module of signature '{name}'"
-    if module not in MODULE_PREDICTORS:
-        module, what = "predict", "a signature's module"
+    predictors = (published or {}).get("predictors") or MODULE_PREDICTORS["predict"]
     try:
-        predictor_states(state, MODULE_PREDICTORS[module], module=what)
+        predictor_states(state, list(predictors), module=f"'{name}'")
     except ValidationError as exc:
         errs = [{"field": f"state.{e['field']}", "message": e["message"],
                  "pointer": "/state/" + e["field"].replace("~", "~0").replace("/", "~1")} for e in exc.errors]
