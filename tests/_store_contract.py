@@ -14,12 +14,12 @@ class StoreContract:
 
     def test_put_get_versions(self, store: Any) -> None:
         assert store.current_version("s1", "qa") == 0
-        v1 = store.put("s1", "qa", {"demos": [1]}, signature="qa")
-        v2 = store.put("s1", "qa", {"demos": [1, 2]}, signature="qa")
+        v1 = store.put("s1", "qa", {"demos": [{"n": 1}]}, signature="qa")
+        v2 = store.put("s1", "qa", {"demos": [{"n": 1}, {"n": 2}]}, signature="qa")
         assert (v1, v2) == (1, 2)
         rec = store.get("s1", "qa")
-        assert rec.version == 2 and rec.state == {"demos": [1, 2]} and rec.signature == "qa"
-        assert store.get("s1", "qa", 1).state == {"demos": [1]}
+        assert rec.version == 2 and rec.state == {"demos": [{"n": 1}, {"n": 2}]} and rec.signature == "qa"
+        assert store.get("s1", "qa", 1).state == {"demos": [{"n": 1}]}
         assert store.history("s1", "qa") == [1, 2]
         assert store.current_version("s1", "qa") == 2
 

@@ -94,7 +94,8 @@ def predictor_states(state: dict[str, Any], predictors: Sequence[str], *,
     Raises:
         ValidationError: naming each key that holds the state of a predictor the module does not have
             (e.g. ``retrieve`` of a saved RAG program) with the predictors it has, and each predictor's
-            key that holds something other than an object, and, for several predictors, each one missing.
+            key that holds something other than an object, and, for several predictors, each one missing;
+            demos that are not a list of objects, instructions that are not a string.
     """
     names = list(predictors)
     single = len(names) == 1
@@ -132,6 +133,15 @@ def predictor_states(state: dict[str, Any], predictors: Sequence[str], *,
             parts[name] = (own, state[own])
         elif top:
             parts[name] = ("", state)
+    for key, part in {key: part for key, part in parts.values()}.items():
+        where = f"{key}." if key else ""
+        demos = part.get("demos", [])
+        if not isinstance(demos, list) or not all(isinstance(d, dict) for d in demos):
+            errs.append({"field": f"{where}demos", "message": "expected a list of objects (one per demo)"})
+        if "instructions" in part and not isinstance(part["instructions"], str):
+            errs.append({"field": f"{where}instructions", "message": "expected a string"})
+    if errs:
+        raise ValidationError.from_errors("program state", errs)
     return parts
 
 

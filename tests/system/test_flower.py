@@ -279,9 +279,10 @@ def test_optimization_stages_show_in_flower_with_progress_meta(stack: Stack) -> 
             state = stack.request(f"/api/task/result/{task_id}").json()["state"]
             states.setdefault(task_id, set()).add(state)
             if state == "PROGRESS":
-                backend = stack.client.app.AsyncResult(task_id)
-                if backend.state == "PROGRESS" and isinstance(backend.info, dict):
-                    progress.append(backend.info)
+                # one read, state and meta together: two reads race the stage finishing in between
+                meta = stack.client.app.backend.get_task_meta(task_id, cache=False)
+                if meta.get("status") == "PROGRESS" and isinstance(meta.get("result"), dict):
+                    progress.append(meta["result"])
         time.sleep(0.02)
     summary = run.get(timeout=30)
     assert {"baseline_score", "score", "promoted"} <= set(summary)

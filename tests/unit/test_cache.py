@@ -29,10 +29,10 @@ def build(program: str, record: ProgramRecord | None) -> Any:
 
 def test_warm_hits_do_not_touch_the_store() -> None:
     store = CountingStore()
-    store.put("s", "qa", {"demos": [1]})
+    store.put("s", "qa", {"demos": [{"n": 1}]})
     cache = ProgramCache(store, build, verify_s=60)
     module, version = cache.get("s", "qa")
-    assert version == 1 and module[3] == {"demos": [1]}
+    assert version == 1 and module[3] == {"demos": [{"n": 1}]}
     reads = store.reads
     for _ in range(100):
         assert cache.get("s", "qa")[1] == 1

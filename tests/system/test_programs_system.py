@@ -1,0 +1,89 @@
+"""Layer 3: programs (any dspy.Module) on real worker processes, through dspy -> LiteLLM -> the HTTP mock LM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dspex_tasks import errors
+from dspex_tasks.client import Client
+from dspex_tasks.testing.mock_server import MockLMServer
+from tests._procs import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def mock_lm() -> Iterator[MockLMServer]:
+    server = MockLMServer(port=0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(redis_base_url: str, mock_lm: MockLMServer, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[Client, WorkerProcess]]:
+    ns = "progsys"
+    env = {"DSPEX_LM": "openai/mock", "DSPEX_LM_API_BASE": mock_lm.url, "DSPEX_LM_API_KEY": "sk-test-not-real",
+           "DSPEX_SIGNATURE_MODULES": "tests.system._programs", "DSPEX_PREDICT_QUEUE": f"{ns}.predict",
+           "DSPEX_CACHE_VERIFY_S": "0.2"}
+    w = WorkerProcess(redis_base_url, ns, queues=f"{ns}.predict", concurrency=8, env=env, name="progsys",
+                      log_dir=tmp_path_factory.mktemp("progsys"))
+    from dspex_tasks.settings import Settings
+
+    client = Client(settings=Settings(redis_url=redis_base_url, namespace=ns, predict_queue=f"{ns}.predict"))
+    try:
+        w.wait_ready(timeout_s=60)
+        wait_for(lambda: "sys_people" in client.signatures(refresh=True), what="programs published")
+        yield client, w
+    finally:
+        client.close()
+        w.stop()
+
+
+def test_programs_are_published_with_kind_predictors_and_typed_schemas(served: tuple[Client, WorkerProcess]) -> None:
+    client, _ = served
+    sigs = client.signatures(refresh=True)
+    assert sigs["sys_hop"]["kind"] == "program" and sigs["sys_hop"]["predictors"] == [
+        "generate_query.predict", "answer"]
+    assert sigs["sys_rag"]["predictors"] == ["respond.predict"]
+    assert sigs["sys_people"]["output_schema"]["$defs"]["Person"]["properties"]["role"]["enum"] == [
+        "author", "editor"]
+    with pytest.raises(errors.ValidationError, match="claim"):
+        client.submit("sys_hop", {"question": "not the interface"})  # validated before enqueue, without dspy
+
+
+def test_each_program_serves_typed_outputs(served: tuple[Client, WorkerProcess], mock_lm: MockLMServer) -> None:
+    client, _ = served
+    rag = client.submit("sys_rag", {"question": "Where is the Eiffel Tower?"}).get(timeout=60)
+    assert isinstance(rag.outputs["response"], str) and rag.lm == "openai/mock"
+    people = client.submit("sys_people", {"text": "Ann wrote it and Bob edited it."}).get(timeout=60)
+    assert people.outputs["people"] and all(p["role"] in ("author", "editor") for p in people.outputs["people"])
+    before = mock_lm.stats()["requests"]
+    hop = client.submit("sys_hop", {"claim": "Mount Fuji is in Japan."}).get(timeout=60)
+    assert isinstance(hop.outputs["verdict"], bool)
+    # a multi-hop job makes all its LM calls (two queries, one answer) in one task, and each is counted
+    assert hop.usage["lm_calls"] == 3 == mock_lm.stats()["requests"] - before
+
+
+def test_a_stored_state_changes_the_prompts_and_a_mismatched_one_is_refused(
+        served: tuple[Client, WorkerProcess]) -> None:
+    client, _ = served
+    claim = {"claim": "The Nile flows through Egypt."}
+    plain = client.submit("sys_hop", claim, session="p1").get(timeout=60)
+    assert plain.program_version == 0
+    long_demo = {"claim": "c", "notes": [], "reasoning": "r", "query": "nile " * 200}
+    state = {"generate_query.predict": {"demos": [long_demo]}, "answer": {"demos": []}}
+    for bad, field in (({**state, "retrieve": {"demos": []}}, "retrieve"),
+                       ({"generate_query.predict": {"demos": [long_demo]}}, "answer"),
+                       ({**state, "answer": {"demos": "notalist"}}, "answer.demos")):
+        with pytest.raises(errors.ValidationError) as info:
+            client.programs.put("p2", "sys_hop", bad)
+        assert field in [e["field"] for e in info.value.errors]
+    assert client.programs.history("p2", "sys_hop") == []  # nothing written
+    assert client.programs.put("p2", "sys_hop", state) == 1
+    stored = client.submit("sys_hop", claim, session="p2").get(timeout=60)
+    assert stored.program_version == 1
+    assert stored.usage["prompt_tokens"] > plain.usage["prompt_tokens"] + 300  # the demo is in both query prompts
