@@ -87,3 +87,23 @@ def test_a_stored_state_changes_the_prompts_and_a_mismatched_one_is_refused(
     stored = client.submit("sys_hop", claim, session="p2").get(timeout=60)
     assert stored.program_version == 1
     assert stored.usage["prompt_tokens"] > plain.usage["prompt_tokens"] + 300  # the demo is in both query prompts
+
+
+def test_the_gateway_serves_a_program_with_typed_routes(served: tuple[Client, WorkerProcess]) -> None:
+    from fastapi.testclient import TestClient
+
+    from dspex_tasks.gateway import create_gateway
+
+    client, _ = served
+    settings = client.settings.model_copy(update={"gateway_auth": False})
+    with TestClient(create_gateway(settings, client=client), client=("127.0.0.1", 50000)) as http:
+        doc = http.get("/openapi.json").json()
+        assert "/v1/signatures/sys_people:run" in doc["paths"]
+        outputs = doc["components"]["schemas"]["sys_people.outputs"]
+        person = outputs["properties"]["people"]["items"]["$ref"]  # the model's $defs became components
+        assert person.startswith("#/components/schemas/") and person.split("/")[-1] in doc["components"]["schemas"]
+        r = http.post("/v1/signatures/sys_people:run", json={"inputs": {"text": "Ann wrote it."}})
+        assert r.status_code == 200, r.text
+        assert all(p["role"] in ("author", "editor") for p in r.json()["result"]["outputs"]["people"])
+        bad = http.post("/v1/signatures/sys_hop:run", json={"inputs": {"question": "wrong"}})
+        assert bad.status_code == 422 and "claim" in bad.text
