@@ -107,3 +107,30 @@ def test_the_gateway_serves_a_program_with_typed_routes(served: tuple[Client, Wo
         assert all(p["role"] in ("author", "editor") for p in r.json()["result"]["outputs"]["people"])
         bad = http.post("/v1/signatures/sys_hop:run", json={"inputs": {"question": "wrong"}})
         assert bad.status_code == 422 and "claim" in bad.text
+
+
+def test_a_file_saved_by_dspy_is_stored_with_the_cli(served: tuple[Client, WorkerProcess], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import dspy
+
+    from tests._procs import ROOT, worker_env
+    from tests.system._programs import Hop
+
+    client, _ = served
+    module = Hop()
+    module.answer.demos = [dspy.Example(claim="c", notes=["n"], verdict=True)]
+    module.save(str(tmp_path / "hop.json"))  # DSPy's own file: every predictor, and its metadata
+    env = worker_env(client.settings.redis_url, client.settings.namespace)
+    cli = [sys.executable, "-m", "dspex_tasks", "programs", "put", "p3", "sys_hop"]
+    proc = subprocess.run([*cli, str(tmp_path / "hop.json")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "v1" in proc.stdout and "1 demos" in proc.stdout
+    assert client.submit("sys_hop", {"claim": "x"}, session="p3").get(timeout=60).program_version == 1
+    (tmp_path / "rag.json").write_text('{"retrieve": {"demos": []}, "respond.predict": {"demos": []}}')
+    refused = subprocess.run([*cli, str(tmp_path / "rag.json")], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert refused.returncode == 2 and "retrieve" in refused.stderr, refused.stderr
+    assert client.programs.history("p3", "sys_hop") == [1]
