@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     lm_retry_backoff_s: float = Field(0.5, ge=0)  # first in-thread retry delay (doubles; Retry-After wins)
 
     # signatures and programs
-    signature_modules: str = "signatures"
+    signature_modules: str = "signatures,signatures.programs"
     prewarm_sessions: int = Field(100, ge=0)
     program_cache_size: int = Field(1024, ge=1)
     cache_verify_s: float = Field(1.0, gt=0)

@@ -1,4 +1,8 @@
-"""Reference signatures, registered on import so workers serve them.
+"""Reference signatures, registered on import so workers serve them (without importing dspy).
+
+The reference programs are in ``signatures.programs`` (``rag``, ``multihop``, ``agent``, ``best_answer``,
+``extract``): DSPy modules, so that package imports dspy. Workers import both by default
+(``DSPEX_SIGNATURE_MODULES=signatures,signatures.programs``).
 
 Example:
     >>> import signatures

@@ -1,9 +1,10 @@
-"""``dspex demo``: real worker processes serving the reference signatures, end to end, then a clean exit.
+"""``dspex demo``: real worker processes serving the reference signatures and programs, end to end, then a clean exit.
 
 It uses ``DSPEX_REDIS_URL`` when that Redis answers, else a private
 redis-server; starts N ``celery worker`` processes; stores a few versioned
 session programs; submits a realistic batch across sessions and signatures;
-prints results and throughput; and stops everything it started, also on Ctrl-C,
+prints results and throughput; then serves two reference programs (a RAG program and a ReAct
+agent) across sessions, one session on a stored program version; and stops everything it started, also on Ctrl-C,
 SIGTERM or an error. With ``DSPEX_LM`` set the workers call that LM (the
 environment is passed through).
 
@@ -41,6 +42,7 @@ from .common import esc, preview, redacted_url
 __all__ = ["run_demo"]
 
 DEMO_SIGNATURES = ("qa", "classify", "summarize", "complex_analysis")
+DEMO_PROGRAMS = ("rag", "agent")  # signatures/programs/: composed modules, served the same way
 _READY_TIMEOUT_S = 90.0
 _STOP_TIMEOUT_S = 10.0
 
@@ -60,7 +62,7 @@ def run_demo(*, workers: int = 2, tasks: int = 200, sessions: int = 8, concurren
 
     Returns:
         ``{"tasks", "ok", "failed", "seconds", "tasks_per_s", "redis": "private" | "configured", "workers",
-        "run_id", "lm"}``.
+        "run_id", "lm", "programs": {"jobs", "ok", "stored_version"}}``.
 
     Raises:
         ConfigurationError: no Redis could be started, or the workers did not come up.
@@ -100,18 +102,19 @@ def run_demo(*, workers: int = 2, tasks: int = 200, sessions: int = 8, concurren
             t0 = time.monotonic()
             group = WorkerGroup(argv, env=env, cwd=PACKAGE_ROOT, log_dir=log_dir).start()
             c = client
-            group.wait(lambda: set(DEMO_SIGNATURES) <= set(c.signatures(refresh=True))
+            group.wait(lambda: {*DEMO_SIGNATURES, *DEMO_PROGRAMS} <= set(c.signatures(refresh=True))
                        and set(names) <= ping_names(c.app), timeout_s=_READY_TIMEOUT_S)
             out.print(f"[bold]●[/] workers: {workers} × {concurrency} threads, LM {settings.lm}, "
                       f"ready in {time.monotonic() - t0:.1f} s (pids {', '.join(map(str, group.pids.values()))})")
             _store_programs(client, session_ids, out)
             results, seconds = _run_batch(client, tasks, session_ids, timeout_s, out, jobs)
             ok = sum(1 for _, _, r in results if not isinstance(r, BaseException))
-            summary = {"tasks": tasks, "ok": ok, "failed": tasks - ok, "seconds": round(seconds, 3),
+            summary: dict[str, Any] = {"tasks": tasks, "ok": ok, "failed": tasks - ok, "seconds": round(seconds, 3),
                        "tasks_per_s": round(tasks / seconds, 1) if seconds > 0 else 0.0,
                        "redis": "private" if server is not None else "configured", "workers": workers,
                        "run_id": run_id, "lm": settings.lm}
             _report(out, results, summary, concurrency)
+            summary["programs"] = _serve_programs(client, session_ids, timeout_s, out, jobs)
         finally:
             _shutdown(out, group, server, client, configured_redis=server is None, jobs=jobs)
             shutil.rmtree(log_dir, ignore_errors=True)
@@ -137,7 +140,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _env(url: str, namespace: str, queue: str, modules: list[str], concurrency: int) -> dict[str, str]:
     env = worker_env({"DSPEX_REDIS_URL": url, "DSPEX_NAMESPACE": namespace, "DSPEX_PREDICT_QUEUE": queue,
-                      "DSPEX_SIGNATURE_MODULES": ",".join(dict.fromkeys([*modules, "signatures"])),
+                      "DSPEX_SIGNATURE_MODULES": ",".join(dict.fromkeys([*modules, "signatures", "signatures.programs"])),
                       "DSPEX_WORKER_POOL": "threads", "DSPEX_WORKER_CONCURRENCY": str(concurrency)})
     for var in ("DSPEX_BROKER_URL", "DSPEX_RESULT_BACKEND"):  # the demo keeps everything on one Redis
         env.pop(var, None)
@@ -189,6 +192,37 @@ def _run_batch(client: Any, tasks: int, sessions: list[str], timeout_s: float, o
             progress.advance(running)
         seconds = time.monotonic() - t0
     return results, seconds
+
+
+def _serve_programs(client: Any, sessions: list[str], timeout_s: float, out: Console,
+                    jobs: list[tuple[str, str, Any]]) -> dict[str, Any]:
+    """RAG and agent jobs across sessions; the first session's RAG runs a stored version (its demos)."""
+    predictors = client.signatures()["rag"]["predictors"]
+    version = client.programs.put(sessions[0], "rag", {p: {"demos": demo_data.RAG_DEMOS} for p in predictors})
+    plan = [(name, sessions[i % min(4, len(sessions))], demo_data.inputs_for(name, i))
+            for name, count in (("rag", 8), ("agent", 4)) for i in range(count)]
+    start = len(jobs)
+    for name, session, inputs in plan:
+        jobs.append((name, session, client.submit(name, inputs, session=session)))
+    table = Table(title=f"programs (rag: {sessions[0]} on stored v{version}, predictors {', '.join(predictors)})",
+                  title_justify="left")
+    for col in ("program", "session", "version", "LM calls", "ms"):
+        table.add_column(col, justify="left" if col in ("program", "session") else "right", no_wrap=True)
+    table.add_column("output", no_wrap=True, overflow="ellipsis", max_width=max(20, out.width - 56))
+    deadline = time.monotonic() + timeout_s
+    ok = 0
+    for name, session, job in jobs[start:]:
+        try:
+            res = job.get(timeout=max(0.1, deadline - time.monotonic()))
+        except DspexError as exc:
+            table.add_row(name, session, "-", "-", "-", f"[red]{type(exc).__name__}: {esc(preview(str(exc), 70))}[/]")
+            continue
+        ok += 1
+        text = ", ".join(f"{k}={preview(v, 60)}" for k, v in res.outputs.items())
+        table.add_row(name, session, f"v{res.program_version}", str(res.usage.get("lm_calls", "-")),
+                      f"{res.duration_ms:.0f}", esc(text))
+    out.print(table)
+    return {"jobs": len(plan), "ok": ok, "stored_version": version}
 
 
 def _shutdown(out: Console, group: WorkerGroup | None, server: Any, client: Any, *, configured_redis: bool,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CLASSIFY_DEMOS", "QA_DEMOS", "QA_INSTRUCTIONS", "inputs_for", "session_names"]
+__all__ = ["CLASSIFY_DEMOS", "QA_DEMOS", "QA_INSTRUCTIONS", "RAG_DEMOS", "inputs_for", "session_names"]
 
 _SESSIONS = ("acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka", "tyrell", "cyberdyne",
              "soylent", "aperture")
@@ -83,6 +83,27 @@ CLASSIFY_DEMOS = [
 ]
 
 
+# The reference programs (signatures/programs/) answer questions about the Veshan Isles corpus.
+RAG_QUESTIONS = (
+    "What is the capital of the Veshan Isles?",
+    "Which island is known for sheep farming?",
+    "How many people live on the Veshan Isles?",
+    "What is the name of the volcano on Veshan Major?",
+)
+
+AGENT_QUESTIONS = (
+    "How many years passed between the founding of Port Ellery and 2024?",
+    "Which Veshan island is the largest, and what is its capital?",
+)
+
+RAG_DEMOS = [  # one demo for the RAG program's one predictor (ChainOfThought: reasoning, then response)
+    {"context": ["Veshan Major | Veshan Major is the largest of the Veshan Isles. It holds the capital, Port Ellery."],
+     "question": "Where is the capital of the Veshan Isles?",
+     "reasoning": "The passage says Veshan Major holds the capital, Port Ellery.",
+     "response": "Port Ellery, on Veshan Major."},
+]
+
+
 def session_names(count: int) -> list[str]:
     """``count`` distinct, readable session ids (``acme``, ``globex``, ..., ``acme-2``, ...)."""
     return [_SESSIONS[i % len(_SESSIONS)] + (f"-{i // len(_SESSIONS) + 1}" if i >= len(_SESSIONS) else "")
@@ -100,4 +121,8 @@ def inputs_for(signature: str, i: int) -> dict[str, Any]:
     if signature == "complex_analysis":
         text, context = ANALYSES[i % len(ANALYSES)]
         return {"text": text, "context": list(context)}
+    if signature == "rag":
+        return {"question": RAG_QUESTIONS[i % len(RAG_QUESTIONS)]}
+    if signature == "agent":
+        return {"question": AGENT_QUESTIONS[i % len(AGENT_QUESTIONS)]}
     raise ValueError(f"no demo inputs for signature {signature!r}")

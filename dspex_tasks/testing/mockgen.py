@@ -4,10 +4,16 @@ Shared by :class:`dspex_tasks.testing.mock_lm.MockLM` (in process) and
 :mod:`dspex_tasks.testing.mock_server` (over HTTP). Every value is derived from a
 blake2b hash of a key built from the seed, the field name and the current
 inputs, so the same prompt always gets the same answer, in any process.
+
+``dspy.ReAct`` turns (outputs ``next_thought``, ``next_tool_name``, ``next_tool_args``) get a
+short plan instead of random values: one or two calls of tools listed in the prompt's
+instructions, with arguments that fit each tool's argument schema, then ``finish``
+(see :func:`react_step`).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import json
@@ -25,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Prompt", "Scripted", "answer", "answer_for_schema", "count_tokens", "follow_demos", "message_text",
-    "mock_text", "parse_prompt", "prompt_tokens", "value_for",
+    "mock_text", "parse_prompt", "prompt_tokens", "react_step", "react_tools", "value_for",
 ]
 
 JsonSchema = dict[str, Any]
@@ -132,7 +138,8 @@ def _from_schema(schema: Any, key: str, root: Mapping[str, Any], depth: int) -> 
     if kind is None:
         kind = "object" if "properties" in s else "array" if "items" in s else "string"
     if kind == "string":
-        return mock_text(key)
+        fmt = s.get("format")
+        return _FORMATS[fmt](_digest(key)) if isinstance(fmt, str) and fmt in _FORMATS else mock_text(key)
     if kind == "integer":
         lo = int(s.get("minimum", s["exclusiveMinimum"] + 1 if "exclusiveMinimum" in s else 0))
         hi = int(s.get("maximum", s["exclusiveMaximum"] - 1 if "exclusiveMaximum" in s else lo + 99))
@@ -152,6 +159,31 @@ def _from_schema(schema: Any, key: str, root: Mapping[str, Any], depth: int) -> 
     if kind == "object":
         return _object(s, key, root, depth)
     return mock_text(key)
+
+
+def _date(h: int) -> str:
+    return f"{1900 + h % 200:04d}-{1 + (h >> 8) % 12:02d}-{1 + (h >> 16) % 28:02d}"
+
+
+def _time(h: int) -> str:
+    return f"{(h >> 24) % 24:02d}:{(h >> 32) % 60:02d}:{(h >> 40) % 60:02d}"
+
+
+def _uuid(h: int) -> str:
+    x = f"{h:016x}{(h * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return f"{x[:8]}-{x[8:12]}-4{x[13:16]}-8{x[17:20]}-{x[20:32]}"
+
+
+#: Values for JSON schema string ``format``s (what pydantic emits for date, datetime, time, UUID, ...).
+_FORMATS: dict[str, Callable[[int], str]] = {
+    "date": _date,
+    "date-time": lambda h: f"{_date(h)}T{_time(h)}Z",
+    "time": _time,
+    "duration": lambda h: f"PT{h % 86_400}S",
+    "email": lambda h: f"mock-{h & 0xFFFFFF:06x}@example.com",
+    "uri": lambda h: f"https://example.com/mock-{h & 0xFFFFFF:06x}",
+    "uuid": _uuid,
+}
 
 
 def _array(s: Mapping[str, Any], key: str, root: Mapping[str, Any], depth: int) -> list[Any]:
@@ -402,6 +434,78 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+# -- dspy.ReAct ------------------------------------------------------------------------------------
+_REACT_OUTPUTS = {"next_tool_name", "next_tool_args"}
+_FINISH = "finish"
+_TOOL_LINE = re.compile(
+    r"^\s*\((\d+)\) (\S+?)(?:, whose description is <desc>.*?</desc>\.|\.) It takes arguments (\{.*\})\.\s*$",
+    re.MULTILINE,
+)
+_TRAJECTORY_STEP = re.compile(r"\[\[ ## tool_name_(\d+) ## \]\]")
+
+
+def react_tools(p: Prompt) -> dict[str, JsonSchema] | None:
+    """For a ``dspy.ReAct`` turn, ``{tool name: its arguments' JSON schemas}`` as the instructions list them.
+
+    DSPy lists each tool as ``(N) name, whose description is <desc>...</desc>. It takes arguments {...}.``
+    (the arguments as a Python dict repr); the valid names are those of ``next_tool_name``'s literal.
+    Returns None for any other prompt.
+    """
+    if not set(p.output_fields) >= _REACT_OUTPUTS:
+        return None
+    tools: dict[str, JsonSchema] = {}
+    for m in _TOOL_LINE.finditer(p.system):
+        try:
+            args = ast.literal_eval(m.group(3))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            args = {}
+        tools[m.group(2)] = args if isinstance(args, dict) else {}
+    names = p.hints.get("next_tool_name", {}).get("enum")
+    if isinstance(names, list) and names:
+        tools = {str(n): tools.get(str(n), {}) for n in names}
+    return tools or None
+
+
+def _tool_args(args: Mapping[str, Any], p: Prompt, key: str) -> dict[str, Any]:
+    """Arguments for one tool call: plain strings come from the task's inputs (a search gets the question),
+    everything else is generated from the argument's schema; arguments with a default are left out."""
+    texts = [v for k, v in p.inputs.items() if k != "trajectory" and isinstance(v, str) and v.strip()]
+    out: dict[str, Any] = {}
+    for name, sub in args.items():
+        schema = sub if isinstance(sub, Mapping) else {}
+        if "default" in schema:
+            continue
+        plain = _deref(schema, schema)
+        if plain.get("type") == "string" and not {"enum", "const", "format", "pattern"} & set(plain):
+            given = p.inputs.get(name)
+            out[name] = given if isinstance(given, str) else texts[0] if texts else mock_text(f"{key}.{name}")
+        else:
+            out[name] = _from_schema(schema, f"{key}.{name}", schema, 0)
+    return out
+
+
+def react_step(p: Prompt, seed: int = 0) -> dict[str, Any] | None:
+    """``next_tool_name`` and ``next_tool_args`` for a ``dspy.ReAct`` turn, or None for other prompts.
+
+    The plan depends on the seed and the task's inputs (not the trajectory): one or two calls of tools
+    picked among those listed (never ``finish`` first), each with arguments fitting its schema, then
+    ``finish`` with ``{}``. The step is read from the trajectory (``[[ ## tool_name_N ## ]]``).
+    """
+    tools = react_tools(p)
+    if tools is None:
+        return None
+    steps = [int(i) for i in _TRAJECTORY_STEP.findall(p.inputs_text)]
+    step = max(steps) + 1 if steps else 0
+    task = json.dumps({k: v for k, v in p.inputs.items() if k != "trajectory"}, sort_keys=True, default=str)
+    key = f"{seed}|react|{task}"
+    callable_tools = [name for name in tools if name != _FINISH]
+    if callable_tools and step < 1 + _digest(key + "|steps") % 2:
+        name = _pick(callable_tools, f"{key}|tool|{step}")
+        return {"next_tool_name": name, "next_tool_args": _tool_args(tools[name], p, f"{key}|args|{step}")}
+    name = _FINISH if _FINISH in tools else next(iter(tools))
+    return {"next_tool_name": name, "next_tool_args": _tool_args(tools[name], p, f"{key}|args|{step}")}
+
+
 def generate(
     p: Prompt, *, seed: int = 0, scripted: Scripted | None = None, registry: SignatureRegistry | None = None
 ) -> tuple[dict[str, Any], dict[str, JsonSchema]]:
@@ -413,6 +517,7 @@ def generate(
         name: value_for(types[name] if name in types else schemas[name], f"{seed}|{name}|{p.inputs_text}")
         for name in p.output_fields
     }
+    out.update(react_step(p, seed) or {})
     script = scripted.get(sig.name if sig and sig.name in scripted else "*") if scripted else None
     if script is not None:
         given = _call_script(script, p.inputs, p.demos) if callable(script) else script
@@ -476,7 +581,9 @@ def answer_for_schema(messages: Sequence[Mapping[str, Any]], schema: Mapping[str
     props = schema.get("properties")
     if not isinstance(props, Mapping):
         return json.dumps(_from_schema(schema, f"{seed}|$|{key_text}", schema, 0), ensure_ascii=False)
-    return json.dumps({k: _from_schema(v, f"{seed}|{k}|{key_text}", schema, 0) for k, v in props.items()}, ensure_ascii=False)
+    out = {k: _from_schema(v, f"{seed}|{k}|{key_text}", schema, 0) for k, v in props.items()}
+    out.update({k: v for k, v in (react_step(p, seed) or {}).items() if k in out})
+    return json.dumps(out, ensure_ascii=False)
 
 
 def count_tokens(text: str) -> int:

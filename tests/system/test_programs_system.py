@@ -134,3 +134,51 @@ def test_a_file_saved_by_dspy_is_stored_with_the_cli(served: tuple[Client, Worke
                              timeout=60, check=False)
     assert refused.returncode == 2 and "retrieve" in refused.stderr, refused.stderr
     assert client.programs.history("p3", "sys_hop") == [1]
+
+
+REFERENCE_INPUTS = {
+    "rag": {"question": "What is the capital of the Veshan Isles?"},
+    "multihop": {"claim": "The volcano on the largest Veshan island erupted before Port Ellery was founded."},
+    "agent": {"question": "How many years passed between the founding of Port Ellery and 2024?"},
+    "best_answer": {"question": "Which island is known for sheep farming?"},
+    "extract": {"text": "In 1821 the harbour master Ida Brenn founded Port Ellery with the trader Olav Sund."},
+}
+
+
+@pytest.fixture(scope="module")
+def reference(redis_base_url: str, mock_lm: MockLMServer, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[Client]:
+    """A worker started with the default modules: the reference signatures and programs."""
+    from dspex_tasks.settings import Settings
+
+    ns = "refprog"
+    env = {"DSPEX_LM": "openai/mock", "DSPEX_LM_API_BASE": mock_lm.url, "DSPEX_LM_API_KEY": "sk-test-not-real",
+           "DSPEX_PREDICT_QUEUE": f"{ns}.predict"}
+    w = WorkerProcess(redis_base_url, ns, queues=f"{ns}.predict", concurrency=8, env=env, name="refprog",
+                      log_dir=tmp_path_factory.mktemp("refprog"))
+    client = Client(settings=Settings(redis_url=redis_base_url, namespace=ns, predict_queue=f"{ns}.predict"))
+    try:
+        w.wait_ready(timeout_s=60)
+        wait_for(lambda: set(REFERENCE_INPUTS) <= set(client.signatures(refresh=True)), what="programs published")
+        yield client
+    finally:
+        client.close()
+        w.stop()
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_INPUTS))
+def test_each_reference_program_serves_typed_outputs(reference: Client, name: str) -> None:
+    from jsonschema import Draft202012Validator
+
+    published = reference.signatures()[name]
+    assert published["kind"] == "program" and published["predictors"]
+    res = reference.submit(name, REFERENCE_INPUTS[name], trace=True).get(timeout=90)
+    assert not list(Draft202012Validator(published["output_schema"]).iter_errors(res.outputs)), res.outputs
+    assert res.usage["lm_calls"] >= 1 and res.lm == "openai/mock"
+    # every predictor call, named as named_predictors() names it (Refine's own feedback step is not one of them)
+    assert res.trace and {t["predictor"] for t in res.trace} & set(published["predictors"])
+    if name == "agent":  # the trajectory shows a real tool call and its observation
+        react = [t for t in res.trace if "trajectory" in t["inputs"]]
+        assert any("observation_0" in str(t["inputs"]["trajectory"]) for t in react[1:]), res.trace
+    if name == "multihop":
+        assert res.usage["lm_calls"] > 2  # the loop ran in the one task
