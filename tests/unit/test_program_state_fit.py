@@ -11,13 +11,12 @@ import dspy
 import pytest
 
 from dspex_tasks import errors
-from dspex_tasks.dsl.signature import MODULES, Signature, SignatureRegistry, registry, signature
+from dspex_tasks.dsl.signature import MODULE_PREDICTORS, MODULES, Signature, SignatureRegistry, registry, signature
 from dspex_tasks.gateway.models import ProgramPut
 from dspex_tasks.gateway.problems import Problem
 from dspex_tasks.gateway.routers.programs import put_program
 from dspex_tasks.programs.bridge import build_module
 from dspex_tasks.programs.state import load_program
-from dspex_tasks.dsl.signature import MODULE_PREDICTORS
 from dspex_tasks.programs.store import MemoryProgramStore
 from dspex_tasks.testing.mock_lm import MockLM
 from dspex_tasks.testing.mockgen import follow_demos
