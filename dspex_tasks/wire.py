@@ -9,11 +9,15 @@ metrics all read the same definitions.
   optimization run. Program names that would collide with them are reserved (:func:`check_program_name`).
 - Kwargs are JSON objects (:class:`PredictKwargs`, :class:`MapKwargs`); results are JSON objects
   (:class:`PredictResult`, :class:`MapResult`). Nothing else is accepted, and nothing is pickled.
+- Per-request options (:class:`Options`: ``trace``, ``lm_config``) travel as ``kwargs["options"]``, only
+  when one is set; :func:`check_options` is the one check the client, the gateway and the worker apply.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from typing import Any, NotRequired, TypedDict
 
 from .errors import SignatureError, ValidationError
@@ -21,9 +25,10 @@ from .errors import SignatureError, ValidationError
 __all__ = [
     "PREFIX", "MAP_TASK", "OPTIMIZE_PREFIX", "STAGE_TASK", "EVAL_CHUNK_TASK", "EVAL_MERGE_TASK", "FAIL_TASK",
     "SCHEDULED_TASK", "PREDICT_QUEUE", "OPTIMIZE_QUEUE", "CELERY_DEFAULT_QUEUE", "DEFAULT_REDIS_URL", "SENT_AT_HEADER", "REQUEUE_HEADER", "SLOT_HEADER",
-    "RESERVED_NAMES", "PredictKwargs", "MapKwargs", "PredictResult", "MapResult", "ItemError",
-    "json_numbers", "task_name", "program_of", "check_program_name", "predict_kwargs", "map_kwargs", "sent_headers",
-    "check_task_args", "task_routes", "item_error",
+    "RESERVED_NAMES", "PredictKwargs", "MapKwargs", "PredictResult", "MapResult", "ItemError", "Options",
+    "TraceEntry", "LM_CONFIG_KEYS", "OPTION_NAMES", "json_numbers", "task_name", "program_of", "check_program_name",
+    "predict_kwargs", "map_kwargs", "sent_headers", "check_task_args", "check_options", "request_options",
+    "lm_config_schema", "task_routes", "item_error",
 ]
 
 PREFIX = "dspex."
@@ -58,22 +63,42 @@ RESERVED_NAMES = frozenset({"map", "optimize"})
 _RESERVED_PREFIX = "optimize."
 
 
+class Options(TypedDict, total=False):
+    """Per-request options (ARCHITECTURE 3.6), as :func:`check_options` returns them: only the ones set.
+
+    ``trace``: the result carries ``"trace"`` (:class:`TraceEntry` per predictor call). ``lm_config``:
+    LM settings for every LM call of the job, from :data:`LM_CONFIG_KEYS` only.
+    """
+
+    trace: bool
+    lm_config: dict[str, Any]
+
+
 class PredictKwargs(TypedDict):
-    """Kwargs of ``dspex.<name>`` (ARCHITECTURE 3.2)."""
+    """Kwargs of ``dspex.<name>`` (ARCHITECTURE 3.2); ``options`` only when one is set."""
 
     inputs: dict[str, Any]
     session: str | None
     program: str | None
-    options: NotRequired[dict[str, Any]]
+    options: NotRequired[Options]
 
 
 class MapKwargs(TypedDict):
-    """Kwargs of ``dspex.map``: many inputs of one program."""
+    """Kwargs of ``dspex.map``: many inputs of one program (the options apply to every item)."""
 
     signature: str
     items: list[dict[str, Any]]
     session: str | None
     program: str | None
+    options: NotRequired[Options]
+
+
+class TraceEntry(TypedDict):
+    """One predictor call of a traced job: the predictor's ``named_predictors()`` name, its inputs and outputs."""
+
+    predictor: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
 
 
 class PredictResult(TypedDict):
@@ -88,6 +113,7 @@ class PredictResult(TypedDict):
     duration_ms: float
     worker: str
     task_id: NotRequired[str | None]
+    trace: NotRequired[list[TraceEntry]]
 
 
 class ItemError(TypedDict):
@@ -132,14 +158,142 @@ def check_program_name(name: str) -> str:
     return name
 
 
-def predict_kwargs(inputs: dict[str, Any], session: str | None, program: str | None) -> PredictKwargs:
-    """The kwargs of one prediction."""
-    return {"inputs": inputs, "session": session, "program": program}
+def predict_kwargs(inputs: dict[str, Any], session: str | None, program: str | None,
+                   options: Options | None = None) -> PredictKwargs:
+    """The kwargs of one prediction; ``options`` only when one is set (older workers never see the key)."""
+    kwargs: PredictKwargs = {"inputs": inputs, "session": session, "program": program}
+    if options:
+        kwargs["options"] = options
+    return kwargs
 
 
-def map_kwargs(name: str, items: list[dict[str, Any]], session: str | None, program: str | None) -> MapKwargs:
-    """The kwargs of one ``dspex.map`` chunk."""
-    return {"signature": name, "items": items, "session": session, "program": program}
+def map_kwargs(name: str, items: list[dict[str, Any]], session: str | None, program: str | None,
+               options: Options | None = None) -> MapKwargs:
+    """The kwargs of one ``dspex.map`` chunk; ``options`` only when one is set."""
+    kwargs: MapKwargs = {"signature": name, "items": items, "session": session, "program": program}
+    if options:
+        kwargs["options"] = options
+    return kwargs
+
+
+# -- per-request options -------------------------------------------------------------------------------------
+# The LM settings a request may set, and their bounds. Never api_base, api_key, model or anything else: those
+# are the worker's (ARCHITECTURE 4), and a client choosing them could send the worker's key elsewhere.
+# name -> (JSON type, minimum, maximum); "id" is an integer or a 1-128 character string.
+_LM_CONFIG: dict[str, tuple[str, float | None, float | None]] = {
+    "max_tokens": ("integer", 1, None),
+    "n": ("integer", 1, 128),  # each completion is billed: OpenAI's own ceiling
+    "rollout_id": ("id", None, None),
+    "temperature": ("number", 0.0, 2.0),
+    "top_p": ("number", 0.0, 1.0),
+}
+#: The keys ``lm_config`` accepts.
+LM_CONFIG_KEYS = tuple(sorted(_LM_CONFIG))
+_MAX_ROLLOUT_ID_CHARS = 128
+
+
+def _lm_param_problem(name: str, value: Any) -> str | None:
+    kind, low, high = _LM_CONFIG[name]
+    if kind == "id":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if isinstance(value, str) and 0 < len(value) <= _MAX_ROLLOUT_ID_CHARS:
+            return None
+        return f"expected an integer or a string of 1-{_MAX_ROLLOUT_ID_CHARS} characters"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"expected {'an integer' if kind == 'integer' else 'a number'}"
+    if kind == "integer" and not isinstance(value, int):
+        return "expected an integer"
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+        return f"expected {'an integer' if kind == 'integer' else 'a number'} {bounds}"
+    return None
+
+
+def _check_lm_config(value: Any, field: str) -> tuple[Any, list[dict[str, str]]]:
+    if not isinstance(value, dict):
+        return None, [{"field": field, "message": "expected an object"}]
+    errors = []
+    for key, item in value.items():
+        if key not in _LM_CONFIG:
+            errors.append({"field": f"{field}.{key}", "message": f"not allowed; allowed: {', '.join(LM_CONFIG_KEYS)}"})
+        elif (problem := _lm_param_problem(key, item)) is not None:
+            errors.append({"field": f"{field}.{key}", "message": problem})
+    return (dict(value) or None), errors
+
+
+def _check_trace(value: Any, field: str) -> tuple[Any, list[dict[str, str]]]:
+    if not isinstance(value, bool):
+        return None, [{"field": field, "message": "expected true or false"}]
+    return (value or None), []
+
+
+# One checker per option: (value, field) -> (the value to keep, or None for "not set"; errors).
+_OPTIONS: dict[str, Callable[[Any, str], tuple[Any, list[dict[str, str]]]]] = {
+    "lm_config": _check_lm_config,
+    "trace": _check_trace,
+}
+#: The options a request may carry (the gateway takes them as top-level body fields).
+OPTION_NAMES = tuple(_OPTIONS)
+
+
+def check_options(options: Any, *, prefix: str = "options.") -> Options:
+    """Validate per-request options; returns the ones set (``{}`` for None, ``trace: false`` or ``{}``).
+
+    The one check for every sender and reader: the client before it enqueues, the gateway (``prefix=""``:
+    its body fields are ``trace`` and ``lm_config``), and the worker, which trusts no sender. An option
+    whose value is None counts as not set.
+
+    Raises:
+        ValidationError: naming each bad field, e.g. ``options.lm_config.api_base: not allowed; allowed:
+            max_tokens, n, rollout_id, temperature, top_p``.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValidationError.from_errors("options", [{"field": prefix.rstrip(".") or "options",
+                                                       "message": "expected an object"}])
+    kept: dict[str, Any] = {}
+    errors: list[dict[str, str]] = []
+    for key, value in options.items():
+        check = _OPTIONS.get(key)
+        if check is None:
+            errors.append({"field": f"{prefix}{key}", "message": f"unknown option; known: {', '.join(_OPTIONS)}"})
+            continue
+        if value is None:
+            continue
+        value, problems = check(value, f"{prefix}{key}")
+        errors.extend(problems)
+        if value is not None:
+            kept[key] = value
+    if errors:
+        raise ValidationError.from_errors("options", errors)
+    return kept  # type: ignore[return-value]  # the keys are Options' own (checked above)
+
+
+def request_options(*, trace: bool = False, lm_config: dict[str, Any] | None = None) -> Options:
+    """The options of a request from its keyword arguments, checked (``{}`` when none is set).
+
+    Integral floats become ints first (``max_tokens=50.0`` is 50), as :func:`json_numbers` does for inputs.
+    """
+    return check_options({"trace": trace, "lm_config": json_numbers(lm_config)})
+
+
+def lm_config_schema() -> dict[str, Any]:
+    """JSON Schema of ``lm_config`` (for the gateway's OpenAPI document), from the same table as the check."""
+    props: dict[str, Any] = {}
+    for name, (kind, low, high) in _LM_CONFIG.items():
+        if kind == "id":
+            props[name] = {"anyOf": [{"type": "integer"},
+                                     {"type": "string", "minLength": 1, "maxLength": _MAX_ROLLOUT_ID_CHARS}]}
+            continue
+        schema: dict[str, Any] = {"type": kind}
+        if low is not None:
+            schema["minimum"] = int(low) if kind == "integer" else low
+        if high is not None:
+            schema["maximum"] = int(high) if kind == "integer" else high
+        props[name] = schema
+    return {"type": "object", "properties": props, "additionalProperties": False}
 
 
 def sent_headers(now: float | None = None) -> dict[str, Any]:

@@ -138,15 +138,21 @@ def submit(
     json_text: Annotated[str | None, typer.Option("--json", help="All inputs as one JSON object.")] = None,
     session: Annotated[str | None, typer.Option("--session", "-s")] = None,
     program: Annotated[str | None, typer.Option("--program", "-p")] = None,
+    trace: Annotated[bool, typer.Option("--trace", help="Show each predictor call (inputs, outputs, "
+                                                        "reasoning) after the result.")] = False,
+    lm_config_text: Annotated[str | None, typer.Option("--lm-config", help="LM settings for this job as a JSON "
+                                                       "object: temperature, top_p, max_tokens, n, "
+                                                       "rollout_id.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for and print the result.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", "-t", help="Seconds to wait.")] = 60.0,
 ) -> None:
     """Validate inputs against the published schema, enqueue one prediction, and (by default) wait for it."""
+    lm_config = json_object(lm_config_text, "--lm-config") or None
     with open_client() as client:
         published = client.signatures()
         properties = published.get(name, {}).get("input_schema", {}).get("properties", {})
         job = client.submit(name, _parse_inputs(inputs or [], json_text, properties), session=session,
-                            program=program)
+                            program=program, trace=trace, lm_config=lm_config)
         err.print(f"job [bold]{job.id}[/]")
         if not wait:
             typer.echo(job.id)
@@ -162,6 +168,24 @@ def submit(
               f"tokens {usage.get('prompt_tokens', '-')}+{usage.get('completion_tokens', '-')}")
     title = f"{name}" + (f" · session {res.session}" if res.session else "")
     console.print(Panel(table, title=title, title_align="left", subtitle=footer, subtitle_align="left"))
+    if res.trace is not None:
+        _print_trace(res.trace)
+
+
+def _print_trace(trace: list[dict[str, Any]]) -> None:
+    """One panel per predictor call, in order: what it was given and what it answered."""
+    if not trace:
+        console.print("[dim]trace: no predictor calls[/]")
+    for i, call in enumerate(trace, 1):
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column(overflow="fold")
+        for side, style in (("inputs", "dim"), ("outputs", "cyan")):
+            for field, value in (call.get(side) or {}).items():
+                text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                grid.add_row(f"[{style}]{esc(field)}[/]", esc(text))
+        console.print(Panel(grid, title=f"trace {i}/{len(trace)} · {esc(call.get('predictor', '?'))}",
+                            title_align="left"))
 
 
 def _result_json(item: Any) -> dict[str, Any]:

@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import Request
 
+from .. import wire
 from ..errors import ValidationError
 from .problems import Problem
 
-__all__ = ["loads", "read_json", "envelope", "check_program_state", "integral"]
+__all__ = ["loads", "read_json", "JobRequest", "envelope", "check_program_state", "integral"]
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_ENVELOPE = ("inputs", "session", "program")
+#: Body fields of a job request; the per-request options (``wire.Options``) are top-level fields too.
+_ENVELOPE = ("inputs", "session", "program", *wire.OPTION_NAMES)
 
 
 def _no_constant(value: str) -> Any:
@@ -61,15 +63,25 @@ def _problem(errs: list[dict[str, str]]) -> Problem:
     return Problem(422, ValidationError.code, f"invalid request: {shown}", errors=errs)
 
 
-def envelope(body: Any) -> tuple[dict[str, Any], str | None, str | None]:
-    """``{"inputs": {...}, "session"?, "program"?}`` -> its parts, or a 422 naming each bad field."""
+class JobRequest(NamedTuple):
+    """A job request's parts; ``options`` as ``wire.check_options`` returns them."""
+
+    inputs: dict[str, Any]
+    session: str | None
+    program: str | None
+    options: wire.Options
+
+
+def envelope(body: Any) -> JobRequest:
+    """``{"inputs": {...}, "session"?, "program"?, "trace"?, "lm_config"?}`` -> its parts, or a 422 naming each
+    bad field (``lm_config.api_base: not allowed; ...``)."""
     errs: list[dict[str, str]] = []
     if not isinstance(body, dict):
         errs.append({"field": "", "message": "expected a JSON object with inputs", "pointer": ""})
         body = {}
     for k in body:
         if k not in _ENVELOPE:
-            errs.append({"field": k, "message": "unexpected field; expected inputs, session, program",
+            errs.append({"field": k, "message": f"unexpected field; expected {', '.join(_ENVELOPE)}",
                          "pointer": f"/{k}"})
     if "inputs" not in body:
         errs.append({"field": "inputs", "message": "'inputs' is a required property", "pointer": "/inputs"})
@@ -79,9 +91,14 @@ def envelope(body: Any) -> tuple[dict[str, Any], str | None, str | None]:
         v = body.get(k)
         if v is not None and not (isinstance(v, str) and _ID.fullmatch(v)):
             errs.append({"field": k, "message": "expected 1-128 characters of [A-Za-z0-9._:-]", "pointer": f"/{k}"})
+    options: wire.Options = {}
+    try:
+        options = wire.check_options({k: body[k] for k in wire.OPTION_NAMES if k in body}, prefix="")
+    except ValidationError as exc:
+        errs += [{**e, "pointer": "/" + e["field"].replace(".", "/")} for e in exc.errors]
     if errs:
         raise _problem(errs)
-    return body["inputs"], body.get("session"), body.get("program")
+    return JobRequest(body["inputs"], body.get("session"), body.get("program"), options)
 
 
 def _demo_lists(state: dict[str, Any]) -> list[tuple[str, Any]]:

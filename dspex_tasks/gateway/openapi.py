@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from ..programs.store import PREDICTOR_KEYS, PROGRAM_KEYS, SINGLE_PREDICTOR_KEYS
+from ..wire import lm_config_schema
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA
 
 __all__ = ["build_document", "PUBLIC", "JOB_SCHEMA", "RUN_SCHEMA", "RUN_EVENT_SCHEMA", "SIGNATURE_SCHEMA", "ref",
@@ -41,9 +42,22 @@ def _result_schema(outputs: dict[str, Any]) -> dict[str, Any]:
             "outputs": outputs, "session": NULLABLE_STR, "program": {"type": "string"},
             "program_version": {"type": "integer"}, "usage": {"type": "object"}, "lm": {"type": "string"},
             "duration_ms": {"type": "number"}, "worker": NULLABLE_STR, "task_id": NULLABLE_STR,
+            "trace": {"type": "array", "items": ref("TraceEntry"),
+                      "description": "with trace: true, each predictor call in order"},
         },
         "required": ["outputs", "program_version"],
     }
+
+
+#: The per-request options of a job request (ARCHITECTURE 3.6); null is "not set", as for session and program.
+OPTION_PROPERTIES: dict[str, Any] = {
+    "trace": {"anyOf": [{"type": "boolean"}, {"type": "null"}], "default": False,
+              "description": "the result carries 'trace': per predictor call, in order, its name (as the module's "
+                             "named_predictors() names it), inputs and outputs (ChainOfThought reasoning included)"},
+    "lm_config": {"anyOf": [lm_config_schema(), {"type": "null"}],
+                  "description": "LM settings for every LM call of this job; only these keys (api_base, api_key, "
+                                 "model and any other are refused)"},
+}
 
 
 def _job_schema(result: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:
@@ -79,6 +93,9 @@ _COMMON: dict[str, Any] = {
     "JobError": {"type": "object", "properties": {
         "type": {"type": "string"}, "code": {"type": "string"}, "message": {"type": "string"},
         "errors": {"type": "array", "items": {"type": "object"}}}, "required": ["type", "code", "message"]},
+    "TraceEntry": {"type": "object", "properties": {
+        "predictor": {"type": "string"}, "inputs": {"type": "object"}, "outputs": {"type": "object"}},
+        "required": ["predictor", "inputs", "outputs"]},
     "Result": _result_schema({"type": "object"}),
     "Job": JOB_SCHEMA,
     "Run": RUN_SCHEMA,
@@ -205,7 +222,7 @@ def _signature_components(name: str, desc: dict[str, Any], components: dict[str,
     components[c + "job_request"] = {
         "type": "object", "title": f"{name} job request",
         "properties": {"inputs": ref(c + "inputs"), "session": {"anyOf": [ID_SCHEMA, {"type": "null"}]},
-                       "program": {"anyOf": [ID_SCHEMA, {"type": "null"}]}},
+                       "program": {"anyOf": [ID_SCHEMA, {"type": "null"}]}, **copy.deepcopy(OPTION_PROPERTIES)},
         "required": ["inputs"], "additionalProperties": False,
     }
     components[c + "result"] = _result_schema(ref(c + "outputs"))
@@ -271,9 +288,11 @@ def _program_state_schema() -> dict[str, Any]:
     ``self``/``predict``; another key holding an object would be a predictor the module does not have."""
     demos = {"type": "array", "items": {"type": "object"}}
     props: dict[str, Any] = {k: {"properties": {"demos": demos}} for k in sorted(PREDICTOR_KEYS | PROGRAM_KEYS)}
-    props.update({"demos": demos, **dict.fromkeys(SINGLE_PREDICTOR_KEYS,
+    props.update({"demos": demos, "instructions": {"type": "string"}, **dict.fromkeys(SINGLE_PREDICTOR_KEYS,
                                                   {"type": "object", "properties": {"demos": demos}})})
-    return {"type": "object", "description": "DSPy dump_state() JSON, or {demos, instructions}",
+    return {"type": "object", "description": "DSPy dump_state() JSON, or {demos, instructions}. A program "
+            "with several predictors takes one entry per predictor (the names GET /v1/signatures lists under "
+            "'predictors'); this schema describes the one-predictor form",
             "properties": props, "additionalProperties": {"not": {"type": "object"}}}
 
 

@@ -18,6 +18,7 @@ legacy interface (supported throughout 3.4).
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 import uuid
@@ -35,11 +36,12 @@ __all__ = ["MockLM"]
 
 
 class _Counter:
-    """A thread-safe call counter, shared by an LM and its copies."""
+    """A thread-safe call counter, shared by an LM and its copies, with the latest requests' parameters."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.value = 0
+        self.params: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
 
     def next(self) -> int:
         with self._lock:
@@ -91,8 +93,21 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
         """How many requests this LM (and its ``copy()``s, which share the count) has received, failed ones too."""
         return self._counter.value
 
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """The generation parameters of the latest 1,000 requests (this LM's and its copies'), oldest first:
+        its own settings (``copy(temperature=...)`` ones included) overridden by the call's, as a provider
+        would receive them."""
+        return list(self._counter.params)
+
     def _start(self) -> int:
         return self._counter.next()
+
+    def _record(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The request's parameters, as :attr:`requests` lists them."""
+        params = {**self.kwargs, **kwargs}  # as dspy.LM sends its own settings with every request
+        self._counter.params.append(params)
+        return params
 
     def _fail_now(self, messages: Sequence[Mapping[str, Any]], attempt: int) -> None:
         if self.failure_rate <= 0.0:
@@ -106,8 +121,8 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
             return [dict(m) for m in messages]
         return [{"role": "user", "content": "" if prompt is None else str(prompt)}]
 
-    def _respond(self, messages: list[dict[str, Any]], kwargs: Mapping[str, Any]) -> Response:
-        n = kwargs.get("n") or 1
+    def _respond(self, messages: list[dict[str, Any]], params: Mapping[str, Any]) -> Response:
+        n = params.get("n") or 1
         texts = [
             mockgen.answer(messages, seed=self.seed + i, scripted=self.scripted, registry=self.registry)
             for i in range(int(n))
@@ -139,20 +154,22 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
             LMError: when the failure knob fires.
         """
         msgs = self._messages(prompt, messages)
+        params = self._record(kwargs)
         attempt = self._start()
         if self.latency_ms > 0:
             time.sleep(self.latency_ms / 1000.0)
         self._fail_now(msgs, attempt)
-        return self._respond(msgs, kwargs)
+        return self._respond(msgs, params)
 
     async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Response:
         """Async :meth:`forward` (sleeps with ``asyncio.sleep``)."""
         msgs = self._messages(prompt, messages)
+        params = self._record(kwargs)
         attempt = self._start()
         if self.latency_ms > 0:
             await asyncio.sleep(self.latency_ms / 1000.0)
         self._fail_now(msgs, attempt)
-        return self._respond(msgs, kwargs)
+        return self._respond(msgs, params)
 
     def dump_state(self) -> dict[str, Any]:
         """The knobs (not ``scripted`` or ``registry``) so ``load_state`` can rebuild an equal mock."""

@@ -5,7 +5,8 @@ type-correct values as :class:`dspex_tasks.testing.mock_lm.MockLM` (via
 :mod:`dspex_tasks.testing.mockgen`), so real workers can talk to it through LiteLLM or
 DSPy's native engines. Knobs: latency, an error rate with a chosen HTTP status
 (429 adds ``Retry-After``; 400 answers ``context_length_exceeded``), and ``POST /_control`` /
-``GET /_stats`` at run time; ``GET /_log`` lists each completion request's arrival time and status.
+``GET /_stats`` at run time; ``GET /_log`` lists each completion request's arrival time, status and
+parameters (``temperature``, ``max_tokens``, ...).
 
 Example:
     >>> with MockLMServer(port=0) as server:  # doctest: +SKIP
@@ -71,7 +72,8 @@ class _State:
         self.seed = seed
         self.rng = random.Random(seed)
         self.requests = self.errors = self.in_flight = self.max_in_flight = 0
-        self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)  # per request: t, status
+        # per request: t, status, and the body's parameters (everything but messages, tools and response_format)
+        self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
 
     def control(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -105,8 +107,11 @@ class _State:
             return {"requests": self.requests, "errors": self.errors, "in_flight": self.in_flight,
                     "max_in_flight": self.max_in_flight}
 
-    def begin(self) -> tuple[bool, float, int, float]:
-        """Count a completion request; decide whether it fails. Returns (fail, latency_ms, status, retry_after)."""
+    def begin(self, params: dict[str, Any] | None = None) -> tuple[bool, float, int, float]:
+        """Count a completion request (logging its ``params``); decide whether it fails.
+
+        Returns (fail, latency_ms, status, retry_after).
+        """
         with self.lock:
             self.requests += 1
             self.in_flight += 1
@@ -119,7 +124,7 @@ class _State:
                 fail = True
             if fail:
                 self.errors += 1
-            self.log.append({"t": time.time(), "status": self.status if fail else 200})
+            self.log.append({"t": time.time(), "status": self.status if fail else 200, "params": params or {}})
             return fail, self.latency_ms, self.status, self.retry_after_s
 
     def request_log(self) -> list[dict[str, Any]]:
@@ -129,6 +134,10 @@ class _State:
     def end(self) -> None:
         with self.lock:
             self.in_flight -= 1
+
+
+#: Request body keys the log leaves out: the bulk of a request, not its settings.
+_UNLOGGED = frozenset({"messages", "tools", "response_format"})
 
 
 def _error_body(message: str, kind: str) -> dict[str, Any]:
@@ -235,7 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _completion(self, body: Any) -> None:
         state = self.server.state
-        fail, latency_ms, status, retry_after = state.begin()
+        params = {k: v for k, v in body.items() if k not in _UNLOGGED} if isinstance(body, dict) else {}
+        fail, latency_ms, status, retry_after = state.begin(params)
         try:  # in_flight drops before the reply goes out, so a client that has its answer sees it dropped
             reply = self._reply(body, fail, latency_ms, status, retry_after)
         finally:
@@ -391,8 +401,9 @@ class MockLMServer:
         return self.state.stats()
 
     def request_log(self) -> list[dict[str, Any]]:
-        """Per completion request, oldest first: ``{"t": unix seconds at arrival, "status": HTTP status}``
-        (the last 10,000; same as ``GET /_log`` or ``GET /_stats?log=1``; cleared by ``reset_stats``)."""
+        """Per completion request, oldest first: ``{"t": unix seconds at arrival, "status": HTTP status,
+        "params": the body but its messages, tools and response_format}`` (the last 10,000; same as
+        ``GET /_log`` or ``GET /_stats?log=1``; cleared by ``reset_stats``)."""
         return self.state.request_log()
 
     def __enter__(self) -> MockLMServer:

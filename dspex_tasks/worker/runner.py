@@ -6,6 +6,11 @@ billed to the program and session it served, whoever made it: a prediction, an e
 optimizer compiling a candidate in threads of its own. Failures inside the module come out as typed
 errors (:mod:`dspex_tasks.lm.errors`); the usage goes to the process's :class:`~dspex_tasks.lm.usage.UsageLedger`
 and so to ``dspex usage``.
+
+Per-request options (``wire.Options``) apply here: ``lm_config`` runs the job on ``lm.copy(**lm_config)``
+(a shallow copy: the governed LM's cache, rate limits, retries and usage recording come along, and its
+changed settings travel with every call of every predictor); ``trace`` returns DSPy's trace of the run as
+JSON (:mod:`.trace`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from ..errors import DspexError, LMParseError
 from ..lm.errors import to_lm_error
 from ..lm.factory import lm_name
 from ..lm.usage import DSPY_KEY, TaskUsage, UsageLedger, task_usage
+from .trace import trace_entries
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dsl.signature import Signature
+    from ..wire import TraceEntry
 
 __all__ = ["DSPY_TASK_SETTINGS", "ModuleRunner", "Run", "classify_lm_error"]
 
@@ -48,11 +55,13 @@ def _short(exc: BaseException, limit: int = 500) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    """One module call: DSPy's prediction, its usage (as a result reports it) and the model that answered."""
+    """One module call: DSPy's prediction, its usage (as a result reports it), the model that answered, and
+    its predictor calls when traced."""
 
     prediction: Any
     usage: dict[str, Any]
     lm: str
+    trace: list[TraceEntry] | None = None
 
 
 class ModuleRunner:
@@ -70,28 +79,45 @@ class ModuleRunner:
 
     @contextlib.contextmanager
     def context(self, sig: Signature, session: str | None, *, callbacks: Sequence[Any] = (),
-                recorded: bool = False) -> Iterator[TaskUsage]:
-        """DSPy's context for running ``sig``'s modules, and the usage scope that counts their LM calls."""
+                recorded: bool = False, lm_config: dict[str, Any] | None = None,
+                trace: list[Any] | None = None) -> Iterator[TaskUsage]:
+        """DSPy's context for running ``sig``'s modules, and the usage scope that counts their LM calls.
+
+        Args:
+            lm_config: Checked per-request LM settings (``wire.check_options``) for every LM call inside.
+            trace: The list DSPy records this block's predictor calls in (default: DSPy's own).
+        """
         import dspy
 
         # A program makes several LM calls per task: each is recorded (DSPy's own usage merges a model's calls).
         lm = self.lm_for(sig, recorded=recorded or sig.kind == "program")
+        if lm_config:
+            lm = lm.copy(**lm_config)
         extra: dict[str, Any] = {"callbacks": list(callbacks)} if callbacks else {}
+        if trace is not None:
+            extra["trace"] = trace
         with task_usage(sig.name, session) as spent:
             spent.default_lm = lm_name(lm)
             with dspy.context(lm=lm, track_usage=True, **{DSPY_KEY: spent}, **extra, **DSPY_TASK_SETTINGS):
                 yield spent
 
     def run(self, sig: Signature, module: Any, inputs: dict[str, Any], session: str | None, *,
-            callbacks: Sequence[Any] = (), count_task: bool = True) -> Run:
-        """Call ``module(**inputs)``; a failure raises as its typed error (and records no usage, as before)."""
-        with self.context(sig, session, callbacks=callbacks) as spent:
+            callbacks: Sequence[Any] = (), count_task: bool = True, lm_config: dict[str, Any] | None = None,
+            trace: bool = False) -> Run:
+        """Call ``module(**inputs)``; a failure raises as its typed error (and records no usage, as before).
+
+        Each run records DSPy's trace in a list of its own, dropped with the run unless ``trace`` asks for
+        it: DSPy's default is one process-wide list (10,000 entries, and ``Refine``/``BestOfN`` extend it past
+        that cap) that would keep other jobs' inputs and outputs alive in the worker.
+        """
+        calls: list[Any] = []
+        with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls) as spent:
             try:
                 prediction = module(**inputs)
             except Exception as exc:
                 raise classify_lm_error(sig, exc) from None
         usage = self.ledger.finish(spent, prediction, sig.name, session, count_task=count_task)
-        return Run(prediction, usage, spent.served or spent.default_lm)
+        return Run(prediction, usage, spent.served or spent.default_lm, trace_entries(module, calls) if trace else None)
 
     def spend(self, spent: TaskUsage, sig: Signature, session: str | None) -> dict[str, Any]:
         """Record what a :meth:`context` block spent outside :meth:`run` (an optimizer's compile step)."""

@@ -262,8 +262,12 @@ class Runtime:
 
     # -- serving ------------------------------------------------------------
     def predict(self, sig: Signature, inputs: Any, session: str | None = None,
-                program: str | None = None) -> wire.PredictResult:
-        """Validate, run and validate again; returns the result JSON of ARCHITECTURE section 2."""
+                program: str | None = None, options: wire.Options | None = None) -> wire.PredictResult:
+        """Validate, run and validate again; returns the result JSON of ARCHITECTURE section 2.
+
+        ``options`` are per-request options already checked by ``wire.check_options`` (the task checks them):
+        ``lm_config`` for every LM call of the run, ``trace`` adds the result's ``"trace"``.
+        """
 
         t0 = time.perf_counter()
         clean = sig.validate_inputs(inputs)
@@ -277,14 +281,16 @@ class Runtime:
             raise ValidationError.from_errors(
                 f"program for '{sig.name}'",
                 [{"field": "program", "message": f"program '{program}' does not serve signature '{sig.name}'"}])
-        run = self.runner.run(sig, module, clean, session)
+        opts = options or {}
+        run = self.runner.run(sig, module, clean, session, lm_config=opts.get("lm_config"),
+                              trace=opts.get("trace", False))
         raw = {name: run.prediction.get(name) for name in sig.output_fields}
         try:
             outputs = sig.validate_outputs(raw)
         except ValidationError as exc:
             raise LMParseError(f"LM output for signature '{sig.name}' does not fit it: {exc.message}",
                                exc.errors) from None
-        return {
+        result: wire.PredictResult = {
             "outputs": outputs,
             "session": session,
             "program": program,
@@ -294,15 +300,18 @@ class Runtime:
             "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
             "worker": self.worker_id,
         }
+        if run.trace is not None:
+            result["trace"] = run.trace
+        return result
 
     def predict_many(self, sig: Signature, items: list[Any], session: str | None = None,
-                     program: str | None = None) -> list[dict[str, Any]]:
-        """Run many predictions concurrently; each item is a result or ``{"error": ...}``."""
+                     program: str | None = None, options: wire.Options | None = None) -> list[dict[str, Any]]:
+        """Run many predictions concurrently (each with ``options``); each item is a result or ``{"error": ...}``."""
 
         def one(inputs: Any) -> Any:  # a wire.PredictResult or {"error": wire.ItemError}
             for _ in range(self.settings.rate_limit_max_requeues + 1):
                 try:
-                    return self.predict(sig, inputs, session, program)
+                    return self.predict(sig, inputs, session, program, options)
                 except RateLimited as exc:  # a map item has no message of its own to re-queue: it waits
                     time.sleep(exc.countdown_s)
                     claim(exc.slot)

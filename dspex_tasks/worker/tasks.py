@@ -26,7 +26,7 @@ EXPECTED_ERRORS = (ValidationError, UnknownSignature, InvalidId)
 #: The longest a task waits before its next LM attempt (a provider's Retry-After included): past the
 #: countdown a worker holds the message, and it must come back well within the visibility timeout.
 MAX_RETRY_COUNTDOWN_S = 300.0
-_PREDICT_ARGS = "inputs, session, program"
+_PREDICT_ARGS = "inputs, session, program, options"
 
 
 def retry_countdown(exc: LMError, retries: int) -> float:
@@ -49,13 +49,14 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
     name = wire.task_name(sig.name)
 
     def run(self: Any, *args: Any, inputs: Any = None, session: str | None = None, program: str | None = None,
-            **extra: Any) -> wire.PredictResult:
+            options: Any = None, **extra: Any) -> wire.PredictResult:
         wire.check_task_args(name, args, extra, _PREDICT_ARGS)
         _check_size(self.app, inputs, "inputs")
+        checked = wire.check_options(options)  # again: a bare send_task is checked by nobody else
         settings = self.app.dspex_settings
         claim_from(self.request)  # a rate-limit slot reserved for this task when it was re-queued
         try:
-            result: wire.PredictResult = self.app.runtime.predict(sig, inputs, session, program)
+            result: wire.PredictResult = self.app.runtime.predict(sig, inputs, session, program, checked)
         except RateLimited as exc:  # re-queued with a countdown, on a budget of its own
             raise requeue(self, exc, max_requeues=settings.rate_limit_max_requeues,
                           max_retries=settings.task_max_retries) from None
@@ -76,15 +77,16 @@ def register_map_task(app: DspexCelery) -> Any:
     """``dspex.map``: many inputs of one signature in one message (``Client.map``)."""
 
     def run_map(self: Any, *args: Any, signature: str = "", items: Any = None, session: str | None = None,
-                program: str | None = None, **extra: Any) -> wire.MapResult:
-        wire.check_task_args(wire.MAP_TASK, args, extra, "signature, items, session, program")
+                program: str | None = None, options: Any = None, **extra: Any) -> wire.MapResult:
+        wire.check_task_args(wire.MAP_TASK, args, extra, "signature, items, session, program, options")
+        checked = wire.check_options(options)
         sig = self.app.dspex_signatures.find(signature)
         if sig is None:
             raise UnknownSignature(f"unknown signature '{signature}' on worker")
         if not isinstance(items, list):
             raise ValidationError.from_errors("map items", [{"field": "items", "message": "expected a list"}])
         _check_size(self.app, items, "items")
-        return {"results": self.app.runtime.predict_many(sig, items, session, program)}
+        return {"results": self.app.runtime.predict_many(sig, items, session, program, checked)}
 
     return app.task(name=wire.MAP_TASK, bind=True, shared=False, typing=False, acks_late=True,
                     reject_on_worker_lost=True, throws=EXPECTED_ERRORS, queue=app.dspex_settings.predict_queue)(run_map)

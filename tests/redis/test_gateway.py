@@ -249,7 +249,12 @@ def test_submit_poll_and_run(gw: Served, api_key: str) -> None:
 
 def test_failed_job_is_a_problem_with_the_job_id(gw: Served, api_key: str) -> None:
     # a state the gateway refuses (demos not a list), stored behind its back through the library
-    gw.app.state.gateway.client.programs.put("fail1", "qa", {"demos": "x"}, signature="qa")
+    from dspex_tasks.dsl.signature import SignatureRegistry
+    from dspex_tasks.programs.store import ProgramStore
+
+    # (a store that knows no signature checks nothing: what an older client may have written)
+    ProgramStore(redis=gw.app.state.gateway.client.redis, namespace=gw.settings.namespace,
+                 signatures=SignatureRegistry()).put("fail1", "qa", {"demos": "x"}, signature="qa")
     with gw.client(api_key) as c:
         assert c.put("/v1/sessions/fail1/programs/qa", json={"state": {"demos": "x"}}).status_code == 422
         r = c.post("/v1/signatures/qa:run", json={"inputs": {"question": "q"}, "session": "fail1"})
@@ -435,3 +440,31 @@ def test_openapi_contract_with_schemathesis(gw: Served, api_key: str, tmp_path: 
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "Tested: " in out.stdout
+
+
+def test_trace_and_lm_config_body_fields(gw: Served, api_key: str) -> None:
+    with gw.client(api_key) as c:
+        # Given options from the allowlist, the job runs with them and its result carries the trace
+        r = c.post("/v1/signatures/qa:run", json={"inputs": {"question": "Why?"}, "trace": True,
+                                                  "lm_config": {"temperature": 0.3, "max_tokens": 50}})
+        assert r.status_code == 200, r.text
+        result = r.json()["result"]
+        assert [call["predictor"] for call in result["trace"]] == ["self"]
+        assert result["trace"][0]["outputs"]["answer"] == result["outputs"]["answer"]
+        # A key outside the allowlist, or a bad value: 422 naming the body field, nothing enqueued
+        r = c.post("/v1/signatures/qa/jobs", json={"inputs": {"question": "Why?"}, "trace": "yes",
+                                                   "lm_config": {"api_base": "http://attacker", "n": 0}})
+        assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+        errs = {e["field"]: e for e in r.json()["errors"]}
+        assert set(errs) == {"trace", "lm_config.api_base", "lm_config.n"}
+        assert errs["lm_config.api_base"]["message"] == ("not allowed; allowed: max_tokens, n, rollout_id, "
+                                                         "temperature, top_p")
+        assert errs["lm_config.api_base"]["pointer"] == "/lm_config/api_base"
+        assert "lm_config.api_base: not allowed" in r.json()["detail"]
+        # documented: the request's options and the result's trace
+        comp = c.get("/openapi.json").json()["components"]["schemas"]
+    props = comp["qa.job_request"]["properties"]
+    lm_config = props["lm_config"]["anyOf"][0]
+    assert sorted(lm_config["properties"]) == ["max_tokens", "n", "rollout_id", "temperature", "top_p"]
+    assert lm_config["additionalProperties"] is False and "trace" in props
+    assert comp["qa.result"]["properties"]["trace"]["items"] == {"$ref": "#/components/schemas/TraceEntry"}

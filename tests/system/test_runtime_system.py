@@ -114,3 +114,25 @@ print(json.dumps({{"outputs": res.outputs, "bad": bad, "dspy": 'dspy' in sys.mod
     # Then it submits, gets typed results and validation errors, without dspy
     assert set(data["outputs"]) == {"answer", "confidence"}
     assert data["bad"] == "question" and data["dspy"] is False
+
+
+def test_trace_and_lm_config_through_litellm_and_http(client: Client, mock_lm: MockLMServer) -> None:
+    # Given real workers on the real dspy -> LiteLLM -> HTTP path, and the mock server's request log
+    before = len(mock_lm.request_log())
+    # When a ChainOfThought job asks for its trace and per-request LM settings
+    res = client.submit("complex_analysis", {"text": "Ada met Alan in London.", "context": ["1843"]},
+                        trace=True, lm_config={"temperature": 0.3, "max_tokens": 50}).get(timeout=30)
+    # Then the trace carries the reasoning the LM produced, and the outputs are the ones it parsed
+    assert [call["predictor"] for call in res.trace] == ["predict"]
+    call = res.trace[0]
+    assert call["inputs"] == {"text": "Ada met Alan in London.", "context": ["1843"]}
+    assert isinstance(call["outputs"]["reasoning"], str) and call["outputs"]["reasoning"]
+    assert call["outputs"]["confidence"] == res.outputs["confidence"]
+    assert res.lm == "openai/mock" and res.usage["total_tokens"] > 0
+    # And the provider received the settings in the request body
+    sent = [entry["params"] for entry in mock_lm.request_log()[before:]]
+    assert len(sent) == 1 and sent[0]["temperature"] == 0.3
+    assert sent[0].get("max_tokens", sent[0].get("max_completion_tokens")) == 50
+    # And the next job without options is back to the worker's own settings
+    client.submit("complex_analysis", {"text": "plain", "context": []}).get(timeout=30)
+    assert mock_lm.request_log()[-1]["params"].get("temperature") != 0.3

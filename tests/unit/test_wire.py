@@ -82,3 +82,82 @@ def test_integral_floats_reach_the_worker_as_ints_so_both_validators_agree() -> 
     assert sig.validate_inputs(sent) == {"n": 3, "x": 2.0, "items": [1, 2]}
     assert wire.json_numbers({"x": 2.5, "s": "3.0", "b": True}) == {"x": 2.5, "s": "3.0", "b": True}
     assert math.isnan(wire.json_numbers(float("nan")))
+
+
+# -- per-request options (ARCHITECTURE 3.6) ------------------------------------------------------------------
+def test_options_travel_only_when_set_so_existing_messages_are_unchanged() -> None:
+    assert wire.request_options() == {}
+    assert wire.request_options(trace=False, lm_config={}) == {}
+    assert "options" not in wire.predict_kwargs({"q": "x"}, None, None, {})
+    assert "options" not in wire.map_kwargs("qa", [], None, None, None)
+    options = wire.request_options(trace=True, lm_config={"temperature": 0.3, "max_tokens": 50.0})
+    assert options == {"trace": True, "lm_config": {"temperature": 0.3, "max_tokens": 50}}
+    assert wire.predict_kwargs({"q": "x"}, "s", None, options)["options"] == options
+    assert wire.map_kwargs("qa", [], None, None, options)["options"] == options
+    # a worker reads a message without options (or with null ones) as no options
+    assert wire.check_options(None) == {} and wire.check_options({"trace": None, "lm_config": None}) == {}
+
+
+@pytest.mark.parametrize("lm_config", [
+    {"temperature": 0}, {"temperature": 2.0}, {"top_p": 0.9}, {"max_tokens": 1}, {"n": 3},
+    {"rollout_id": 7}, {"rollout_id": "run-a"},
+    {"temperature": 0.3, "top_p": 1, "max_tokens": 4096, "n": 1, "rollout_id": 0},
+])
+def test_allowed_lm_config_passes_unchanged(lm_config: dict[str, object]) -> None:
+    assert wire.check_options({"lm_config": lm_config}) == {"lm_config": lm_config}
+
+
+@pytest.mark.parametrize(("lm_config", "field", "message"), [
+    ({"api_base": "http://evil"}, "options.lm_config.api_base",
+     "not allowed; allowed: max_tokens, n, rollout_id, temperature, top_p"),
+    ({"api_key": "sk-x"}, "options.lm_config.api_key", "not allowed"),
+    ({"model": "openai/gpt-4o"}, "options.lm_config.model", "not allowed"),
+    ({"temperature": "0.3"}, "options.lm_config.temperature", "expected a number"),
+    ({"temperature": True}, "options.lm_config.temperature", "expected a number"),
+    ({"temperature": -0.1}, "options.lm_config.temperature", "between 0 and 2"),
+    ({"temperature": 2.5}, "options.lm_config.temperature", "between 0 and 2"),
+    ({"temperature": math.nan}, "options.lm_config.temperature", "between 0 and 2"),
+    ({"top_p": 1.5}, "options.lm_config.top_p", "between 0 and 1"),
+    ({"max_tokens": 0}, "options.lm_config.max_tokens", ">= 1"),
+    ({"max_tokens": 10.5}, "options.lm_config.max_tokens", "expected an integer"),
+    ({"n": 0}, "options.lm_config.n", "between 1 and 128"),
+    ({"n": False}, "options.lm_config.n", "expected an integer"),
+    ({"rollout_id": 1.5}, "options.lm_config.rollout_id", "an integer or a string"),
+    ({"rollout_id": ""}, "options.lm_config.rollout_id", "an integer or a string"),
+])
+def test_bad_lm_config_names_the_field(lm_config: dict[str, object], field: str, message: str) -> None:
+    with pytest.raises(errors.ValidationError) as info:
+        wire.check_options({"lm_config": lm_config})
+    assert [e["field"] for e in info.value.errors] == [field]
+    assert message in info.value.errors[0]["message"]
+    assert f"{field}: {info.value.errors[0]['message']}" in info.value.message
+
+
+def test_bad_options_name_each_field_with_the_caller_prefix() -> None:
+    with pytest.raises(errors.ValidationError) as info:
+        wire.check_options({"trace": "yes", "lm_config": {"api_base": "x", "n": 2}, "stream": True})
+    assert {e["field"]: e["message"] for e in info.value.errors} == {
+        "options.trace": "expected true or false",
+        "options.lm_config.api_base": "not allowed; allowed: max_tokens, n, rollout_id, temperature, top_p",
+        "options.stream": "unknown option; known: lm_config, trace"}
+    with pytest.raises(errors.ValidationError) as info:  # the gateway's body fields are top level
+        wire.check_options({"lm_config": ["temperature"]}, prefix="")
+    assert info.value.errors == [{"field": "lm_config", "message": "expected an object"}]
+    with pytest.raises(errors.ValidationError, match="options: expected an object"):
+        wire.check_options(["trace"])
+
+
+def test_lm_config_schema_agrees_with_the_check() -> None:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(wire.lm_config_schema())
+    samples: list[dict[str, object]] = [
+        {"temperature": 0.3}, {"temperature": 3}, {"top_p": -1}, {"max_tokens": 0}, {"max_tokens": 10},
+        {"n": 129}, {"n": 128}, {"rollout_id": "r"}, {"rollout_id": 2}, {"rollout_id": ""}, {"api_base": "x"}]
+    for sample in samples:
+        try:
+            wire.check_options({"lm_config": sample})
+            accepted = True
+        except errors.ValidationError:
+            accepted = False
+        assert accepted == validator.is_valid(sample), sample

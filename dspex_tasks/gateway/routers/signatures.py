@@ -52,11 +52,12 @@ class _InputsProblem(Exception):
 
 async def _submit(gw: Gateway, name: str, request: Request) -> tuple[str, str]:
     await gw.signature(name)
-    inputs, session, program = envelope(await read_json(request))
+    inputs, session, program, options = envelope(await read_json(request))
     if program is not None and session is not None:
         await run_in_threadpool(gw.check_program, name, session, program)
     try:
-        job = await gw.enqueue(gw.client.submit, name, inputs, session=session, program=program)
+        job = await gw.enqueue(gw.client.submit, name, inputs, session=session, program=program,
+                               trace=options.get("trace", False), lm_config=options.get("lm_config"))
     except ValidationError as exc:
         raise _InputsProblem(exc) from None
     await gw.jobs.record(job.id, name, getattr(request.state, "api_key_id", ""))
