@@ -9,7 +9,6 @@ from typing import Any
 
 import dspy
 import jsonschema
-import pydantic
 import pytest
 
 from dspex_tasks.dsl.signature import SignatureRegistry, registry, signature
@@ -17,6 +16,7 @@ from dspex_tasks.errors import LMError
 from dspex_tasks.programs.bridge import build_module
 from dspex_tasks.testing import mockgen
 from dspex_tasks.testing.mock_lm import MockLM
+from tests._values import plain as _plain
 
 pytestmark = pytest.mark.unit
 
@@ -29,14 +29,6 @@ SPEC = (
 INPUTS = {"text": "The quick brown fox.", "context": ["animals", "colors"]}
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _outputs(pred: dspy.Prediction, sig: Any) -> dict[str, Any]:

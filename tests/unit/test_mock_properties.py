@@ -7,7 +7,6 @@ from typing import Any
 
 import dspy
 import jsonschema
-import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 from dspex_tasks.dsl.signature import RESERVED, SignatureRegistry, signature
 from dspex_tasks.dsl.types import DSPEX_SCALARS, SCALARS
 from dspex_tasks.testing.mock_lm import MockLM
+from tests._values import plain as _plain
 
 pytestmark = pytest.mark.unit
 
@@ -68,14 +68,6 @@ def specs(draw: st.DrawFn) -> tuple[str, str]:
     return py, dx
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _inputs(sig: Any) -> dict[str, Any]:

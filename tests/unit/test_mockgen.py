@@ -17,6 +17,7 @@ import pytest
 from dspex_tasks.dsl.signature import SignatureRegistry, signature
 from dspex_tasks.dsl.types import parse_type
 from dspex_tasks.testing import mockgen
+from tests._values import plain as _plain
 
 pytestmark = pytest.mark.unit
 
@@ -44,14 +45,6 @@ def _messages(sig: Any, adapter: dspy.Adapter, inputs: dict[str, Any], demos: li
     return adapter.format(sig, demos=demos or [], inputs=inputs)  # type: ignore[no-any-return]
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 @pytest.fixture()

@@ -6,7 +6,6 @@ from typing import Any
 
 import dspy
 import jsonschema
-import pydantic
 import pytest
 
 import signatures.programs as programs
@@ -17,6 +16,7 @@ from signatures.programs import agent
 from signatures.programs.corpus import corpus, lookup, search
 from signatures.programs.extract import Event, Person
 from signatures.programs.refine import one_word_answer
+from tests._values import plain as _plain
 
 pytestmark = pytest.mark.unit
 
@@ -38,14 +38,6 @@ ADAPTERS = [dspy.ChatAdapter(use_json_adapter_fallback=False), dspy.JSONAdapter(
 ADAPTER_IDS = ["chat", "json"]
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, pydantic.BaseModel):
-        return value.model_dump()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def run(name: str, lm: Any, adapter: dspy.Adapter, **inputs: Any) -> dspy.Prediction:
