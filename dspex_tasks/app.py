@@ -82,6 +82,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": [_queue(q) for q in settings.queues],
         "task_routes": wire.task_routes(settings.predict_queue, settings.optimize_queue),
         "worker_hijack_root_logger": False,
+        # Dead-letters every message Celery refuses (dspex_tasks.worker.intake).
+        "worker_consumer": "dspex_tasks.worker.intake:Consumer",
         "enable_utc": True,
     }
 

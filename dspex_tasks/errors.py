@@ -30,6 +30,7 @@ __all__ = [
     "LMParseError",
     "LMTimeout",
     "LMContextLengthExceeded",
+    "LMAuthError",
     "LMRetryableError",
     "LMRateLimitError",
     "LMServerError",
@@ -196,6 +197,15 @@ class LMContextLengthExceeded(LMError):
     """Raised when the prompt exceeds the model's context window (never retried)."""
 
     code = "lm_context_length_exceeded"
+
+
+class LMAuthError(LMError):
+    """Raised when the provider refused the credentials (HTTP 401 or 403): never retried, it needs a new key.
+
+    An optimization whose every evaluation call failed this way fails with it instead of scoring 0.
+    """
+
+    code = "lm_auth_error"
 
 
 class LMRetryableError(LMError):

@@ -143,7 +143,7 @@ def deliveries(ns: str, task_id: str) -> str:
 
 
 def dead_letters(ns: str) -> str:
-    """List: messages set aside after too many deliveries (newest first)."""
+    """List: messages set aside after too many deliveries, or refused as malformed (newest first)."""
     return f"{ns}:deadletter"
 
 

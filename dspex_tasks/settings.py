@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     cache_verify_s: float = Field(1.0, gt=0)
     session_ttl_s: int | None = Field(None, gt=0)
     max_state_bytes: int = Field(2_000_000, gt=0)
-    max_payload_bytes: int = Field(1_000_000, gt=0)
+    max_payload_bytes: int = Field(1_000_000, gt=0)  # a message body over twice this is refused undecoded
+    accept_compression: bool = False  # compressed messages are refused unless set (then inflated up to the cap)
 
     # workers and queues
     worker_pool: Literal["threads", "prefork", "solo"] = "threads"

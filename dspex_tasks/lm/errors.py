@@ -12,11 +12,14 @@ provider failure                          dspex error                        the
 connection, DNS, TLS, credential lock     ``LMConnectionError``              yes
 timeout                                   ``LMTimeout``                      no (it already took that long)
 prompt too long for the context window    ``LMContextLengthExceeded``        no
-anything else (auth, invalid request)     ``LMError``                        no
+401/403 credentials refused               ``LMAuthError``                    no
+anything else (invalid request)           ``LMError``                        no
 ========================================  =================================  =========================
 
 The governed LM (:mod:`.governed`) applies the same table to its in-call retries (:func:`classify`), and the
-worker decides a task retry from ``exc.retryable`` alone: nothing reads message text.
+worker decides a task retry from ``exc.retryable`` alone: nothing reads message text. A typed error's message
+never carries a configured secret (a provider's 401 may echo the key): :func:`to_lm_error` redacts it
+(:mod:`dspex_tasks.observability.redact`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..errors import (
+    LMAuthError,
     LMConnectionError,
     LMContextLengthExceeded,
     LMError,
@@ -34,8 +38,9 @@ from ..errors import (
     LMTimeout,
     RateLimited,
 )
+from ..observability.redact import redact, redact_error
 
-__all__ = ["LMError", "LMParseError", "LMTimeout", "LMContextLengthExceeded", "LMRetryableError",
+__all__ = ["LMError", "LMParseError", "LMTimeout", "LMContextLengthExceeded", "LMAuthError", "LMRetryableError",
            "LMRateLimitError", "LMServerError", "LMConnectionError", "RateLimited", "error_class", "classify",
            "to_lm_error", "retry_after_of", "Kind"]
 
@@ -53,6 +58,9 @@ _BY_NAME: dict[str, type[LMError]] = {
     "LMTransportError": LMConnectionError,
     "LMLockTimeoutError": LMConnectionError,
     "ContextWindowExceededError": LMContextLengthExceeded,
+    "AuthenticationError": LMAuthError,  # LiteLLM/OpenAI 401
+    "PermissionDeniedError": LMAuthError,  # LiteLLM/OpenAI 403
+    "LMAuthError": LMAuthError,  # DSPy's (401/403); dspex's own is caught by isinstance first
 }
 _LOCK_TIMEOUT = "LMLockTimeoutError"  # a local credential lock, not a slow provider: retryable, not a timeout
 
@@ -103,10 +111,13 @@ def retry_after_of(exc: BaseException) -> float | None:
 
 
 def to_lm_error(exc: BaseException, message: str) -> LMError:
-    """``exc`` as its dspex class, with ``message`` (and the provider's ``Retry-After`` for retryable ones)."""
+    """``exc`` as its dspex class, with ``message`` (and the provider's ``Retry-After`` for retryable ones).
+
+    Configured secrets are masked in the message: it reaches the stored result, Flower and the logs.
+    """
     if isinstance(exc, LMError):
-        return exc
+        return redact_error(exc)
     cls = error_class(exc)
     if issubclass(cls, LMRetryableError):
-        return cls(message, retry_after_of(exc))
-    return cls(message)
+        return cls(redact(message), retry_after_of(exc))
+    return cls(redact(message))

@@ -24,7 +24,7 @@ Error policy (data: the class table of :mod:`.errors`):
 - timeout (``DSPEX_LM_TIMEOUT_S``): never retried on the same model (the next model may serve);
   ``errors.LMTimeout``, not retried by the task.
 - context window exceeded: ``errors.LMContextLengthExceeded`` at once (no retry, no fallback).
-- anything else (auth, invalid request): ``errors.LMError`` at once, not retried.
+- anything else (auth, invalid request): ``errors.LMError`` at once, not retried (a refused key: ``errors.LMAuthError``).
 
 Thread-safe: no per-call state lives on the object (Redis clients pool their connections).
 """
@@ -42,7 +42,7 @@ from typing import Any
 
 import dspy
 
-from ..errors import ConfigurationError, DspexError, LMContextLengthExceeded, LMError, LMTimeout, RateLimited
+from ..errors import ConfigurationError, DspexError, LMContextLengthExceeded, LMTimeout, RateLimited
 from .cache import IGNORED_PARAMS, LMCache, entry_from_response, request_digest
 from .errors import classify, retry_after_of, to_lm_error
 from .factory import build_lm, lm_name
@@ -261,7 +261,9 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
                     raise LMContextLengthExceeded(f"prompt exceeds the context window of '{model}': {_short(exc)}") \
                         from None
                 if kind == "fatal":
-                    raise LMError(f"LM call to '{model}' failed ({type(exc).__name__}): {_short(exc)}") from None
+                    # typed by class (a refused key is LMAuthError); the message is redacted there
+                    raise to_lm_error(exc, f"LM call to '{model}' failed ({type(exc).__name__}): {_short(exc)}") \
+                        from None
                 if kind == "timeout":
                     raise _Exhausted(model, exc, attempt, timeout=True) from None
                 if attempt > self.retries:

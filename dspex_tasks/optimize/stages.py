@@ -25,8 +25,9 @@ from typing import Any
 from celery import chord
 
 from .. import wire
-from ..errors import DspexError, ProgramNotFound, ValidationError
+from ..errors import DspexError, LMAuthError, ProgramNotFound, ValidationError
 from ..observability.prometheus import record_run
+from ..observability.redact import redact_error
 from ..programs.state import dump_program, load_program
 from .datasets import DatasetStore, split, validate_rows
 from .metrics import get_metric
@@ -140,6 +141,7 @@ class Stages:
         rec = self.runs.get(run_id)
         if rec.status.terminal:
             return
+        redact_error(exc)  # in place: the run record and the task's stored failure both get the masked text
         args = list(exc.args) if isinstance(exc, DspexError) else [f"{type(exc).__name__}: {exc}"]
         err_type = type(exc).__name__ if isinstance(exc, DspexError) else "DspexError"
         self.runs.update(run_id, status=RunStatus.FAILED, stage=Stage.FAILED, finished_at=time.time(),
@@ -259,17 +261,20 @@ class Stages:
         rows = self.runs.checkpoint(run_id, "data")["val"]
         chunk = rows[index * common.eval_chunk_size:(index + 1) * common.eval_chunk_size]
         state = (self.runs.checkpoint(run_id, EVALS[Stage(which)]) or {}).get("state")
-        scores, calls = self._evaluate(sig, rec.session or None, state, chunk, get_metric(rec.metric),
-                                       common.num_threads)
+        scores, calls, refused = self._evaluate(sig, rec.session or None, state, chunk, get_metric(rec.metric),
+                                                common.num_threads)
         self.runs.add_lm_calls(run_id, calls)
-        self.runs.save_checkpoint(run_id, name, {"scores": scores})
+        self.runs.save_checkpoint(run_id, name, {"scores": scores, "auth_failed": len(refused),
+                                                 "auth_error": refused[0].message if refused else None})
         return {"index": index, "n": len(scores)}
 
     def _evaluate(self, sig: Any, session: str | None, state: Any, rows: list[dict[str, Any]], metric: Any,
-                  threads: int) -> tuple[list[float], int]:
+                  threads: int) -> tuple[list[float], int, list[LMAuthError]]:
+        """Scores per row, LM calls made, and the rows' refused-credentials errors (each scored 0 here)."""
         import dspy
 
         module = load_program(sig, state)
+        refused: list[LMAuthError] = []
         progress = _Progress(lambda *a, **k: None, "eval", None)
         runner = self.runtime.runner
 
@@ -279,24 +284,32 @@ class Stages:
                 pred = runner.run(sig, module, dict(example.inputs()), session, callbacks=[progress.callback],
                                   count_task=False).prediction
             except Exception as exc:  # an example the program cannot answer scores 0, as in dspy.Evaluate
+                if isinstance(exc, LMAuthError):
+                    refused.append(exc)  # 0 too, unless every row was refused (eval_merge fails the run then)
                 log.info("evaluation example failed: %s", exc)
                 return 0.0
             # A metric that raises is a bug in the metric: it fails the run instead of scoring 0.
             return float(metric(example, pred))
 
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
-            return list(pool.map(one, rows)), progress.calls
+            return list(pool.map(one, rows)), progress.calls, refused
 
     def eval_merge(self, task: Any, run_id: str, which: str, chunks: int) -> dict[str, Any]:
         if self._cancelled(run_id, self.runs.get(run_id)):
             return {"which": which, "skipped": "cancelled"}
         if self.runs.checkpoint(run_id, f"eval:{which}") is None:
             scores: list[float] = []
+            refused, first = 0, None
             for i in range(chunks):
                 part = self.runs.checkpoint(run_id, f"eval:{which}:{i}")
                 if part is None:
                     raise DspexError(f"evaluation chunk {i} of '{which}' has no result")
                 scores.extend(part["scores"])
+                refused += int(part.get("auth_failed") or 0)
+                first = first or str(part.get("auth_error") or "") or None
+            if scores and refused == len(scores):  # a refused key is not a 0.0 score: the run fails, typed
+                raise LMAuthError(f"every LM call of the {which} evaluation ({len(scores)} examples) was refused "
+                                  f"by the provider: {first}")
             score = sum(scores) / len(scores) if scores else 0.0
             self.runs.save_checkpoint(run_id, f"eval:{which}", {"score": score, "n": len(scores)})
         result = self.runs.checkpoint(run_id, f"eval:{which}")

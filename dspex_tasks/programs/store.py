@@ -133,7 +133,10 @@ def predictor_states(state: dict[str, Any], predictors: Sequence[str], *,
             parts[name] = (own, state[own])
         elif top:
             parts[name] = ("", state)
-    for key, part in {key: part for key, part in parts.values()}.items():
+    checked = {key: part for key, part in parts.values()}
+    if top:  # the short form's fields are checked even where a predictor's own entry wins over them
+        checked.setdefault("", state)
+    for key, part in checked.items():
         where = f"{key}." if key else ""
         demos = part.get("demos", [])
         if not isinstance(demos, list) or not all(isinstance(d, dict) for d in demos):

@@ -4,7 +4,8 @@
 type-correct values as :class:`dspex_tasks.testing.mock_lm.MockLM` (via
 :mod:`dspex_tasks.testing.mockgen`), so real workers can talk to it through LiteLLM or
 DSPy's native engines. Knobs: latency, an error rate with a chosen HTTP status
-(429 adds ``Retry-After``; 400 answers ``context_length_exceeded``), and ``POST /_control`` /
+(429 adds ``Retry-After``; 400 answers ``context_length_exceeded``; 401 with ``echo_key`` puts the request's
+``Authorization`` value in its message, as some providers do), and ``POST /_control`` /
 ``GET /_stats`` at run time; ``GET /_log`` lists each completion request's arrival time, status and
 parameters (``temperature``, ``max_tokens``, ...).
 
@@ -68,6 +69,7 @@ class _State:
         self.status = status
         self.retry_after_s = retry_after_s
         self.fail_next = 0
+        self.echo_key = False
         self.scenario: str | None = None
         self.seed = seed
         self.rng = random.Random(seed)
@@ -87,6 +89,8 @@ class _State:
                 self.fail_next = max(int(body["fail_next"]), 0)
             if "retry_after_s" in body:
                 self.retry_after_s = max(float(body["retry_after_s"]), 0.0)
+            if "echo_key" in body:
+                self.echo_key = bool(body["echo_key"])
             if "scenario" in body:
                 name = body["scenario"] or None
                 if name is not None and name not in mockgen.SCENARIOS:
@@ -100,7 +104,8 @@ class _State:
 
     def knobs(self) -> dict[str, Any]:
         return {"latency_ms": self.latency_ms, "error_rate": self.error_rate, "status": self.status,
-                "fail_next": self.fail_next, "retry_after_s": self.retry_after_s, "scenario": self.scenario}
+                "fail_next": self.fail_next, "retry_after_s": self.retry_after_s, "scenario": self.scenario,
+                "echo_key": self.echo_key}
 
     def stats(self) -> dict[str, int]:
         with self.lock:
@@ -262,6 +267,10 @@ class _Handler(BaseHTTPRequestHandler):
                                                   "messages resulted in 9000 tokens. (mock LM injected error)",
                                        "type": "invalid_request_error", "code": "context_length_exceeded",
                                        "param": "messages"}}, None
+            if status == 401 and self.server.state.echo_key:  # a provider that echoes the refused credential
+                key = self.headers.get("Authorization", "")
+                return 401, _error_body(f"Incorrect API key provided: {key}. (mock LM injected error)",
+                                        "invalid_api_key"), None
             kind = "rate_limit_exceeded" if status == 429 else "server_error"
             headers = {"Retry-After": f"{retry_after:g}"} if status == 429 else None
             return status, _error_body(f"mock LM injected error (status {status})", kind), headers

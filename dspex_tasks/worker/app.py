@@ -15,10 +15,11 @@ from ..app import DspexCelery
 from ..connections import redis_client
 from ..dsl.signature import SignatureRegistry
 from ..errors import ConfigurationError
-from ..observability import prometheus, tracing
+from ..observability import prometheus, redact, tracing
 from ..optimize.schedules import register_scheduled_task
 from ..optimize.stages import register_optimize_tasks
 from ..settings import Settings, load_settings
+from .intake import install_decompression
 from .runtime import check_eviction_policy, import_signature_modules
 from .startup import (
     EXIT_UNAVAILABLE,
@@ -61,7 +62,10 @@ def _connect_prewarm(app: DspexCelery) -> None:
         if getattr(sender, "app", app) is not app:
             return
         settings = app.dspex_settings
+        redact.install(settings)  # secrets masked in logs and errors from here on (docs/reliability.md)
         route_dspy_logging()
+        # kombu inflates a compressed body before any Celery hook sees it: bound it in this process first.
+        install_decompression(settings.accept_compression, settings.max_payload_bytes)
         unmask_logged_urls(app)
         try:
             # Before Celery's consumer starts: it would retry a dead broker for ever, and say little.

@@ -19,7 +19,7 @@ from celery import Task
 from .. import keys
 from ..errors import DeadLettered
 
-__all__ = ["DspexTask", "dead_letters"]
+__all__ = ["DspexTask", "dead_letter", "dead_letters"]
 
 
 def _redelivered(request: Any) -> bool:
@@ -28,7 +28,13 @@ def _redelivered(request: Any) -> bool:
 
 
 class DspexTask(Task):  # type: ignore[misc]
-    """Counts redeliveries and dead-letters a message that keeps killing its worker."""
+    """Counts redeliveries and dead-letters a message that keeps killing its worker.
+
+    Its ``Strategy`` refuses (and dead-letters) a message that does not fit Celery's protocol before a
+    request is built from it (:mod:`dspex_tasks.worker.intake`).
+    """
+
+    Strategy = "dspex_tasks.worker.intake:strategy"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _redelivered(self.request):
@@ -49,10 +55,18 @@ class DspexTask(Task):  # type: ignore[misc]
             record = {"task_id": self.request.id, "task": self.name, "deliveries": count, "at": time.time(),
                       "kwargs": {k: kwargs[k] for k in ("session", "program", "run_id", "stage", "signature")
                                  if k in kwargs}}
-            redis.lpush(keys.dead_letters(settings.namespace), json.dumps(record))
-            redis.ltrim(keys.dead_letters(settings.namespace), 0, 9999)
+            dead_letter(redis, settings.namespace, record)
             raise DeadLettered(f"task {self.name}[{self.request.id}] was delivered {count} times (its worker died "
                                f"each time); set aside after DSPEX_MAX_DELIVERIES={settings.max_deliveries}")
+
+
+def dead_letter(redis: Any, namespace: str, record: dict[str, Any]) -> None:
+    """Set a message aside: ``record`` (``task_id``, ``task``, a ``reason`` or ``deliveries``) heads the list."""
+    key = keys.dead_letters(namespace)
+    pipe = redis.pipeline()
+    pipe.lpush(key, json.dumps({**record, "at": time.time()}))
+    pipe.ltrim(key, 0, 9999)
+    pipe.execute()
 
 
 def dead_letters(redis: Any, namespace: str, limit: int = 100) -> list[dict[str, Any]]:

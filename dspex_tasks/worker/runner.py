@@ -24,6 +24,7 @@ from ..errors import DspexError, LMParseError
 from ..lm.errors import to_lm_error
 from ..lm.factory import lm_name
 from ..lm.usage import DSPY_KEY, TaskUsage, UsageLedger, task_usage
+from ..observability.redact import redact_error
 from .trace import trace_entries
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,12 +40,13 @@ DSPY_TASK_SETTINGS: dict[str, Any] = {"disable_history": True}
 
 
 def classify_lm_error(sig: Signature, exc: BaseException) -> DspexError:
-    """Map a failure inside the DSPy call to the matching typed error."""
+    """Map a failure inside the DSPy call to the matching typed error, configured secrets masked in its text
+    (it is stored as the task's result, shown by Flower and logged)."""
     if isinstance(exc, DspexError):
-        return exc
+        return redact_error(exc)
     name = type(exc).__name__
     if name == "AdapterParseError":
-        return LMParseError(f"LM output for signature '{sig.name}' did not parse: {_short(exc)}")
+        return redact_error(LMParseError(f"LM output for signature '{sig.name}' did not parse: {_short(exc)}"))
     return to_lm_error(exc, f"LM call for signature '{sig.name}' failed ({name}): {_short(exc)}")
 
 

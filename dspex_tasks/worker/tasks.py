@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .. import wire
 from ..errors import InvalidId, LMError, RateLimited, UnknownSignature, ValidationError
 from ..lm.ratelimit import claim_from, lm_retries, requeue
+from ..observability.redact import redact_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import DspexCelery
@@ -36,10 +37,12 @@ def retry_countdown(exc: LMError, retries: int) -> float:
     return min(max(backoff, exc.retry_after or 0.0), MAX_RETRY_COUNTDOWN_S)
 
 
-def _check_size(app: DspexCelery, value: Any, field: str) -> None:
-    limit = app.dspex_settings.max_payload_bytes
+def _check_size(task: Any, value: Any, field: str) -> None:
+    limit = task.app.dspex_settings.max_payload_bytes
     size = len(json.dumps(value, separators=(",", ":"), default=str))
     if size > limit:
+        # result_extended stores the request's arguments with the failure: not those of a refused payload.
+        task.request.args, task.request.kwargs = [], {}
         raise ValidationError.from_errors(
             "payload", [{"field": field, "message": f"{size} bytes exceeds the {limit}-byte payload limit"}])
 
@@ -51,7 +54,7 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
     def run(self: Any, *args: Any, inputs: Any = None, session: str | None = None, program: str | None = None,
             options: Any = None, **extra: Any) -> wire.PredictResult:
         wire.check_task_args(name, args, extra, _PREDICT_ARGS)
-        _check_size(self.app, inputs, "inputs")
+        _check_size(self, inputs, "inputs")
         checked = wire.check_options(options)  # again: a bare send_task is checked by nobody else
         settings = self.app.dspex_settings
         claim_from(self.request)  # a rate-limit slot reserved for this task when it was re-queued
@@ -61,6 +64,7 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
             raise requeue(self, exc, max_requeues=settings.rate_limit_max_requeues,
                           max_retries=settings.task_max_retries) from None
         except LMError as exc:
+            redact_error(exc)  # stored with the retry or the failure, and shown by Flower
             spent = lm_retries(self.request)
             if exc.retryable and spent < settings.task_max_retries:
                 raise self.retry(exc=exc, countdown=retry_countdown(exc, spent)) from None
@@ -85,7 +89,7 @@ def register_map_task(app: DspexCelery) -> Any:
             raise UnknownSignature(f"unknown signature '{signature}' on worker")
         if not isinstance(items, list):
             raise ValidationError.from_errors("map items", [{"field": "items", "message": "expected a list"}])
-        _check_size(self.app, items, "items")
+        _check_size(self, items, "items")
         return {"results": self.app.runtime.predict_many(sig, items, session, program, checked)}
 
     return app.task(name=wire.MAP_TASK, bind=True, shared=False, typing=False, acks_late=True,

@@ -201,19 +201,21 @@ def test_canary_api_key_never_leaks(client: Client, redis_url: str, namespace: s
     server = MockLMServer(port=0, latency_ms=1).start()
     env = {"DSPEX_LM": "openai/mock", "DSPEX_LM_API_BASE": server.url, "DSPEX_LM_API_KEY": canary,
            "DSPEX_LM_NUM_RETRIES": "0", "DSPEX_TASK_MAX_RETRIES": "0"}
-    w = WorkerProcess(redis_url, namespace, log_dir=tmp_path, env=env, name="canary")
+    # both queues: the optimization below must run and fail, not wait unserved until its timeout
+    w = WorkerProcess(redis_url, namespace, queues="dspex.predict,dspex.optimize", log_dir=tmp_path, env=env,
+                      name="canary")
     try:
         w.wait_ready()
         ready(client)
         ok = [client.submit("qa", {"question": f"c{i}"}, session="leak") for i in range(5)]
         assert all(j.get(timeout=30).outputs for j in ok)
-        server.control(error_rate=1.0, status=401)  # auth failures tend to echo credentials
+        server.control(error_rate=1.0, status=401, echo_key=True)  # as providers do: the 401 quotes the key
         bad = [client.submit("qa", {"question": f"e{i}"}, session="leak") for i in range(3)]
         for j in bad:
             with pytest.raises(errors.DspexError):
                 j.get(timeout=30)
         run = client.optimize("qa", [{"question": f"r{i}", "answer": "x"} for i in range(6)], session="leak")
-        with pytest.raises(errors.DspexError):
+        with pytest.raises(errors.LMAuthError):  # the run fails typed, it does not time out
             run.get(timeout=60)
     finally:
         w.stop()

@@ -128,7 +128,7 @@ def test_timeout_is_not_retried_but_falls_back() -> None:
 
 @pytest.mark.parametrize("error, typed", [
     (ContextWindowExceededError(model="m"), LMContextLengthExceeded),
-    (LMAuthError("bad key", status=401), LMError),
+    (LMAuthError("bad key", status=401), errors.LMAuthError),
 ])
 def test_non_retryable_errors_fail_at_once_without_fallback(error: Exception, typed: type[LMError]) -> None:
     first, second = FakeLM("openai/a", forever=error), FakeLM("openai/b")
@@ -160,7 +160,7 @@ class APIConnectionError(Exception):
     (APIConnectionError("refused"), errors.LMConnectionError, True),
     (TimeoutError("slow"), errors.LMTimeout, False),
     (ContextWindowExceededError(model="m"), errors.LMContextLengthExceeded, False),
-    (LMAuthError("bad key", status=401), errors.LMError, False),
+    (LMAuthError("bad key", status=401), errors.LMAuthError, False),
     (ValueError("odd"), errors.LMError, False),
 ])
 def test_error_classes_decide_retries_not_message_text(exc: Exception, cls: type[LMError], retryable: bool) -> None:
