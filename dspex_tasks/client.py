@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,7 @@ from .errors import (
     ValidationError,
     from_remote,
 )
+from .lost import PROBE_AFTER_S, PROBE_EVERY_S, LossProbe, LossWatch
 from .programs.store import ProgramStore
 from .settings import Settings, load_settings
 
@@ -70,8 +72,9 @@ def _raise_remote(exc: BaseException) -> None:
 class Job:
     """A submitted task. ``state`` polls; ``get()`` waits for the :class:`Result`."""
 
-    def __init__(self, async_result: Any) -> None:
+    def __init__(self, async_result: Any, *, probe: LossProbe | None = None) -> None:
         self._r = async_result
+        self._probe = probe
 
     @property
     def id(self) -> str:
@@ -93,25 +96,41 @@ class Job:
 
         Raises:
             TaskTimeout: nothing within ``timeout`` seconds.
+            ResultLost: the task vanished with Redis's data (the server restarted without persistence while
+                the task was queued): raised within a few seconds, not at the timeout.
             errors.*: the worker's failure, as its own class.
         """
         from celery.exceptions import TimeoutError as CeleryTimeout
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeout
 
-        try:
-            value = self._r.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
-        except CeleryTimeout:
-            raise TaskTimeout(f"job {self.id} did not finish within {timeout} s (state {self.state})") from None
-        except (RedisTimeout, RedisConnectionError, OSError, RuntimeError) as exc:
-            # RuntimeError: Celery's result consumer gave up reconnecting.
-            raise BackendUnavailable(f"result backend unavailable while waiting for job {self.id}: {exc}") from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = PROBE_AFTER_S
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = remaining if self._probe is None else (wait if remaining is None else min(wait, remaining))
+            try:
+                value = self._r.get(timeout=step, propagate=False, disable_sync_subtasks=False)
+                break
+            except CeleryTimeout:
+                self._raise_if_lost(force=deadline is not None and time.monotonic() >= deadline)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TaskTimeout(f"job {self.id} did not finish within {timeout} s (state {self.state})") from None
+                wait = PROBE_EVERY_S
+            except (RedisTimeout, RedisConnectionError, OSError, RuntimeError) as exc:
+                # RuntimeError: Celery's result consumer gave up reconnecting.
+                self._raise_if_lost(force=True)
+                raise BackendUnavailable(f"result backend unavailable while waiting for job {self.id}: {exc}") from None
         state = self._r.state
         if state == "FAILURE" or isinstance(value, BaseException):
             _raise_remote(value if isinstance(value, BaseException) else DspexError(str(value)))
         if not isinstance(value, dict) or "outputs" not in value:
             raise ResultLost(f"job {self.id} finished ({state}) but its result is missing or expired")
         return Result.from_json(value)
+
+    def _raise_if_lost(self, *, force: bool = False) -> None:
+        if self._probe is not None and self._probe.lost(force=force):
+            raise ResultLost(self._probe.message())
 
     def forget(self) -> None:
         self._r.forget()
@@ -145,6 +164,7 @@ class Client:
             app = create_app(self.settings)
         self.app = app
         self._redis: Any = None
+        self._loss = LossWatch(self.settings, app)
         self._programs: ProgramStore | None = None
         self._sigs: dict[str, dict[str, Any]] = {}
         self._validators: dict[str, Any] = {}
@@ -230,6 +250,7 @@ class Client:
         if session is not None:
             keys.check_id(session, "session")
         program = keys.check_id(program, "program") if program else signature
+        wire.check_json(params, "params", what="optimization")  # rows: validate_rows checks them
         self._validator(signature)
         desc = self._sigs[signature]
         if trainset is not None and dataset is not None:
@@ -275,6 +296,7 @@ class Client:
             backend.result_consumer.stop()
         if self._redis is not None:
             self._redis.close()
+        self._loss.close()
         self.app.close()
 
     def __enter__(self) -> Client:
@@ -346,13 +368,17 @@ class Client:
             keys.check_id(session, "session")
         if program is not None:
             keys.check_id(program, "program")
+        _check_countdown(countdown)
         options = wire.request_options(trace=trace, lm_config=lm_config)
+        wire.check_json(inputs, "inputs")
         inputs = wire.json_numbers(inputs)
         self.validate(name, inputs)
+        run_id = self._loss.run_id()
+        queue = queue or self.settings.predict_queue
         r = self.app.send_task(wire.task_name(name), kwargs=wire.predict_kwargs(inputs, session, program, options),
-                               queue=queue or self.settings.predict_queue, countdown=countdown,
+                               queue=queue, countdown=countdown,
                                headers=wire.sent_headers())  # queue age for `dspex health`
-        return Job(r)
+        return Job(r, probe=self._loss.probe(str(r.id), queue, run_id))
 
     def job(self, job_id: str) -> Job:
         """A handle on an earlier job by id."""
@@ -369,7 +395,14 @@ class Client:
         otherwise the first failure is raised after all chunks finished.
         ``trace`` and ``lm_config`` apply to every item, as in :meth:`submit`.
         """
-        items = [wire.json_numbers(item) for item in inputs]
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValidationError.from_errors("map", [{"field": "chunk_size",
+                                                       "message": f"expected an integer >= 1, got {chunk_size!r}"}])
+        items = list(inputs)
+        for i, item in enumerate(items):
+            wire.check_json(item, str(i), what=f"inputs for '{name}' (item {i})")
+        items = [wire.json_numbers(item) for item in items]
         if session is not None:
             keys.check_id(session, "session")
         options = wire.request_options(trace=trace, lm_config=lm_config)
@@ -413,6 +446,19 @@ class Client:
                 if isinstance(item, DspexError):
                     raise item
         return out
+
+
+#: The longest ``countdown`` submit accepts (a later start belongs to a schedule).
+MAX_COUNTDOWN_S = 30 * 86400
+
+
+def _check_countdown(countdown: Any) -> None:
+    if countdown is None:
+        return
+    ok = isinstance(countdown, int | float) and not isinstance(countdown, bool) and math.isfinite(countdown)
+    if not ok or not 0 <= countdown <= MAX_COUNTDOWN_S:
+        raise ValidationError.from_errors("submit", [{"field": "countdown", "message": (
+            f"expected a finite number of seconds in 0..{MAX_COUNTDOWN_S}, got {countdown!r}")}])
 
 
 def _check_params(params: dict[str, Any], optimizer: str, caps: dict[str, Any]) -> None:

@@ -93,7 +93,8 @@ class UnknownSignature(DspexError):
 
 
 class InvalidId(DspexError):
-    """Raised when an id (run, dataset, schedule, API key, token) is not 1-128 chars of ``[A-Za-z0-9._:-]``."""
+    """Raised when an id (dataset, schedule, API key, token) is not 1-128 chars of ``[A-Za-z0-9._:-]``, or a run
+    id not 32 lowercase hex characters."""
 
     code = "invalid_id"
 

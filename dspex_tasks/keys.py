@@ -11,7 +11,13 @@ import re
 
 from .errors import InvalidId, InvalidSession
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ID_TEXT = "1-128 characters of [A-Za-z0-9._:-]"
+# Ids of a kind with a known shape get their own pattern: a run id is what RunStore.create generates
+# (uuid4().hex), so ``<id>:ckpt:data`` can never name another key of the run.
+_KIND: dict[str, tuple[re.Pattern[str], str]] = {
+    "run": (re.compile(r"[0-9a-f]{32}"), "32 lowercase hex characters"),
+}
 
 
 def namespace_pattern(ns: str) -> str:
@@ -21,11 +27,14 @@ def namespace_pattern(ns: str) -> str:
 
 def check_id(value: object, what: str = "session") -> str:
     """Return ``value`` if it is a valid id, else raise :class:`~dspex_tasks.errors.InvalidSession` (for a
-    session or program id) or :class:`~dspex_tasks.errors.InvalidId` (a run, dataset, schedule, ... id)."""
-    if not isinstance(value, str) or not _ID.fullmatch(value):
+    session or program id) or :class:`~dspex_tasks.errors.InvalidId` (a run, dataset, schedule, ... id).
+
+    A run id is 32 lowercase hex characters; any other id 1-128 characters of ``[A-Za-z0-9._:-]``."""
+    pattern, expected = _KIND.get(what, (_ID, _ID_TEXT))
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         shown = repr(value)[:80]
         cls = InvalidSession if what in ("session", "program") else InvalidId
-        raise cls(f"invalid {what} id {shown}: expected 1-128 characters of [A-Za-z0-9._:-]")
+        raise cls(f"invalid {what} id {shown}: expected {expected}")
     return value
 
 
@@ -85,31 +94,31 @@ def capabilities(ns: str) -> str:
 
 def run(ns: str, run_id: str) -> str:
     """Hash: one optimization run's record."""
-    return f"{ns}:run:{run_id}"
+    return f"{ns}:run:{check_id(run_id, 'run')}"
 
 
 def run_events(ns: str, run_id: str) -> str:
     """Stream: the run's progress events, replayable from the start."""
-    return f"{ns}:run:{run_id}:events"
+    return f"{ns}:run:{check_id(run_id, 'run')}:events"
 
 
 def run_checkpoint(ns: str, run_id: str, name: str) -> str:
     """String: a stage's stored output (JSON)."""
-    return f"{ns}:run:{run_id}:ckpt:{name}"
+    return f"{ns}:run:{check_id(run_id, 'run')}:ckpt:{name}"
 
 
 def run_flag(ns: str, run_id: str, name: str) -> str:
     """String: a once-only marker (next stage enqueued, chord launched)."""
-    return f"{ns}:run:{run_id}:flag:{name}"
+    return f"{ns}:run:{check_id(run_id, 'run')}:flag:{name}"
 
 
 def run_lease(ns: str, run_id: str) -> str:
     """String: the token of the worker running the run's current stage (expires unless renewed)."""
-    return f"{ns}:run:{run_id}:lease"
+    return f"{ns}:run:{check_id(run_id, 'run')}:lease"
 
 
 def run_pattern(ns: str, run_id: str) -> str:
-    return f"{ns}:run:{run_id}:*"
+    return f"{ns}:run:{check_id(run_id, 'run')}:*"
 
 
 def runs(ns: str) -> str:

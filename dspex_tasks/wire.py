@@ -26,7 +26,7 @@ __all__ = [
     "PREFIX", "MAP_TASK", "OPTIMIZE_PREFIX", "STAGE_TASK", "EVAL_CHUNK_TASK", "EVAL_MERGE_TASK", "FAIL_TASK",
     "SCHEDULED_TASK", "PREDICT_QUEUE", "OPTIMIZE_QUEUE", "CELERY_DEFAULT_QUEUE", "DEFAULT_REDIS_URL", "SENT_AT_HEADER", "REQUEUE_HEADER", "SLOT_HEADER",
     "RESERVED_NAMES", "PredictKwargs", "MapKwargs", "PredictResult", "MapResult", "ItemError", "Options",
-    "TraceEntry", "LM_CONFIG_KEYS", "OPTION_NAMES", "json_numbers", "task_name", "program_of", "check_program_name",
+    "TraceEntry", "LM_CONFIG_KEYS", "OPTION_NAMES", "MAX_JSON_DEPTH", "check_json", "json_numbers", "task_name", "program_of", "check_program_name",
     "predict_kwargs", "map_kwargs", "sent_headers", "check_task_args", "check_options", "request_options",
     "lm_config_schema", "task_routes", "item_error",
 ]
@@ -317,6 +317,35 @@ def check_task_args(task: str, args: tuple[Any, ...], extra: dict[str, Any], exp
 def task_routes(predict_queue: str, optimize_queue: str) -> dict[str, dict[str, str]]:
     """Celery ``task_routes``: optimization stages to their queue, every other dspex task to predictions."""
     return {OPTIMIZE_PREFIX + "*": {"queue": optimize_queue}, PREFIX + "*": {"queue": predict_queue}}
+
+
+#: Deepest nesting of objects and arrays accepted in inputs, rows and program states (Python's own recursion
+#: limit would otherwise surface as a raw ``RecursionError`` from ``json``, ``jsonschema`` or pydantic).
+MAX_JSON_DEPTH = 64
+
+
+def check_json(value: Any, field: str, *, what: str = "payload", finite: bool = False,
+               max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than ``max_depth`` levels (and, with ``finite``, NaN and Infinity).
+
+    Iterative, so it never recurses itself; the one check the client's submit, map and optimize, the program
+    stores and the dataset store apply before anything else walks the value.
+
+    Raises:
+        ValidationError: naming the path of the first offending value, e.g. ``trainset.3.answer``.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, field, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= max_depth:
+                raise ValidationError.from_errors(what, [{
+                    "field": path, "message": f"nested deeper than {max_depth} levels"}])
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend(reversed([(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in children]))
+        elif finite and isinstance(item, float) and not math.isfinite(item):
+            raise ValidationError.from_errors(what, [{
+                "field": path, "message": f"{item} is not a JSON number (NaN and Infinity are refused)"}])
 
 
 def json_numbers(value: Any) -> Any:

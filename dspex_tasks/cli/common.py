@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .. import wire
 from ..connections import redacted_url, unreachable_message
 from ..errors import DspexError, InvalidId, ValidationError
 from ..wire import DEFAULT_REDIS_URL
@@ -25,7 +26,8 @@ from ..wire import DEFAULT_REDIS_URL
 if TYPE_CHECKING:  # pragma: no cover
     from ..client import Client
 
-__all__ = ["console", "err", "cli_errors", "fail", "open_client", "preview", "redacted_url", "echo_json", "esc"]
+__all__ = ["console", "err", "cli_errors", "fail", "open_client", "preview", "redacted_url", "echo_json", "esc",
+           "parse_json", "read_text", "read_jsonl"]
 
 #: Results and tables (stdout).
 console = Console(highlight=False)
@@ -111,23 +113,53 @@ def echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(text: str, where: str) -> Any:
+    """Strict JSON: NaN, Infinity and nesting past ``wire.MAX_JSON_DEPTH`` levels exit 2 naming ``where``."""
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        fail(f"{where}: not JSON: nested deeper than {wire.MAX_JSON_DEPTH} levels", code=EXIT_INVALID)
+    except ValueError as exc:  # JSONDecodeError, NaN and Infinity
+        fail(f"{where}: not JSON: {exc}", code=EXIT_INVALID)
+    try:
+        wire.check_json(data, "", finite=True)
+    except ValidationError as exc:
+        fail(f"{where}: {exc.message}", code=EXIT_INVALID)
+    return data
+
+
+def read_text(path: Path, *, limit: int | None = None) -> str:
+    """A UTF-8 text file ('-' for stdin); unreadable, binary or (past ``limit`` bytes) too large exits 2."""
+    try:
+        if str(path) == "-":
+            raw = sys.stdin.buffer.read(-1 if limit is None else limit + 1)
+        else:
+            with path.open("rb") as f:
+                raw = f.read(-1 if limit is None else limit + 1)
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}", code=EXIT_INVALID)
+    if limit is not None and len(raw) > limit:
+        fail(f"{path} is larger than {limit} bytes (DSPEX_MAX_STATE_BYTES)", code=EXIT_INVALID)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        fail(f"{path} is not UTF-8 text (byte {exc.start})", code=EXIT_INVALID)
+
+
 def read_jsonl(path: Path, what: str = "") -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file ('-' for stdin); a bad line exits 2 naming ``file:line``.
 
     ``what`` completes the message for a line that is not an object (``" of inputs"``).
     """
-    try:
-        lines = sys.stdin.read().splitlines() if str(path) == "-" else path.read_text().splitlines()
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror or exc}", code=EXIT_INVALID)
     rows = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            fail(f"{path}:{n}: not JSON: {exc}", code=EXIT_INVALID)
+        row = parse_json(line, f"{path}:{n}")
         if not isinstance(row, dict):
             fail(f"{path}:{n}: expected a JSON object{what}, got {type(row).__name__}", code=EXIT_INVALID)
         rows.append(row)

@@ -234,6 +234,26 @@ def _check_workers(settings: Any, timeout_s: float, local: bool) -> dict[str, An
     return check
 
 
+def _check_registry(settings: Any, timeout_s: float) -> dict[str, Any]:
+    """Signatures published by workers: none means clients answer ``UnknownSignature`` to every submit."""
+    from .. import keys
+    from ..connections import probe_client
+
+    conn = probe_client(settings.redis_url, timeout_s)
+    try:
+        count = int(conn.hlen(keys.signatures(settings.namespace)))
+    except Exception as exc:
+        return {"ok": False, "signatures": None, "error": f"could not read the registry: {type(exc).__name__}: {exc}"}
+    finally:
+        conn.close()
+    check: dict[str, Any] = {"ok": count > 0, "signatures": count}
+    if not count:
+        check["error"] = (f"no signature published in namespace '{settings.namespace}': start a worker, or Redis "
+                          "may have lost its data (restarted without persistence); running workers republish "
+                          "within seconds")
+    return check
+
+
 def _stuck_queues(settings: Any, queues: dict[str, Any], timeout_s: float) -> dict[str, int]:
     """Queues with messages and no live consumer (asked only when some queue has messages: a broadcast waits)."""
     depths = {q: info["depth"] for q, info in queues.items()}
@@ -276,7 +296,8 @@ def collect_health(settings: Any, *, max_queue_age_s: float = 300.0, timeout_s: 
                        "error": None, "note": "not a Redis broker: queue depth and age unknown"}
     else:
         queue_check = dict(skipped)
-    checks = {"broker": broker, "workers": workers, "queues": queue_check}
+    registry = _check_registry(settings, timeout_s) if broker["ok"] else dict(skipped)
+    checks = {"broker": broker, "workers": workers, "queues": queue_check, "registry": registry}
     # A check skipped because the broker is down is not a failure of its own.
     failed = [name for name, check in checks.items() if not check["ok"] and not check.get("skipped")]
     healthy = all(check["ok"] for check in checks.values())
@@ -307,6 +328,8 @@ def _print_health(data: dict[str, Any]) -> None:
         ("workers", workers, (f"{len(workers['counted'])} answered" + (" on this host" if workers["local"] else "")
                               + f": {', '.join(workers['counted'])}") if workers["ok"] else workers["error"]),
         ("queues", queues, queue_detail),
+        ("registry", data["registry"], f"{data['registry'].get('signatures')} signatures published"
+         if data["registry"]["ok"] else data["registry"]["error"]),
     ]
     for name, check, detail in rows:
         status = "[yellow]skipped[/]" if check.get("skipped") and not check["ok"] else (
@@ -325,7 +348,7 @@ def health(
                                         "@<hostname>).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
 ) -> None:
-    """Probe the deployment: broker PING, a worker answering a ping, queue age. Exit 0 healthy, 1 not.
+    """Probe the deployment: broker PING, a worker answering, queue age, signatures published. Exit 0 healthy, 1 not.
 
     Celery messages carry no send time by default, so a queue's age is known only when producers stamp a
     dspex_sent_at header (or a message's ETA has passed); otherwise the depth is shown and the age passes.

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .. import keys
 from ..errors import ProgramNotFound, SessionNotFound, UnknownSignature
-from .common import EXIT_INVALID, cli_errors, console, echo_json, err, fail, open_client
+from .common import cli_errors, console, echo_json, err, open_client, parse_json, read_text
 
 __all__ = ["programs_app", "sessions_app"]
 
@@ -133,11 +133,10 @@ def programs_put(session: Session, program: Program,
                  signature: Annotated[str | None, typer.Option(help="The signature it serves "
                                                                     "(default: the program name).")] = None) -> None:
     """Store a new version of a program and make it current."""
-    text = sys.stdin.read() if str(file) == "-" else _read(file)
-    try:
-        state = json.loads(text)
-    except json.JSONDecodeError as exc:
-        fail(f"{file} is not JSON: {exc}", code=EXIT_INVALID)
+    # at most DSPEX_MAX_STATE_BYTES + 1 bytes: /dev/zero or a huge file is refused, not read to the end
+    from ..settings import load_settings
+
+    state = parse_json(read_text(file, limit=load_settings().max_state_bytes), str(file))
     with open_client() as client:
         published = client.signatures()
         sig = signature or program
@@ -146,13 +145,6 @@ def programs_put(session: Session, program: Program,
             raise UnknownSignature(f"'{sig}' is not a published signature ({hint})")
         v = client.programs.put(session, program, state, signature=signature)
     console.print(f"stored {session}/{program} [bold]v{v}[/] (signature {sig}, {_demos(state)} demos)")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror or exc}", code=EXIT_INVALID)
 
 
 @sessions_app.command("ls")

@@ -10,16 +10,19 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from .checks import integral
 
 __all__ = [
-    "ID_PATTERN", "IdPath", "JobIdPath", "RunIdPath", "ProgramPut", "ProgramVersion", "ProgramOut", "Names",
+    "ID_PATTERN", "RUN_ID_PATTERN", "IdPath", "JobIdPath", "RunIdPath", "ProgramPut", "ProgramVersion", "ProgramOut", "Names",
     "Versions", "Rollback", "OptimizationRequest", "RunList", "Health",
 ]
 
 # keys.check_id's alphabet; lengths apart so that no regex flavour's "$" lets a trailing newline through.
 ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
+# keys.check_id's run pattern (what RunStore.create generates); the length is given apart, as above.
+RUN_ID_PATTERN = r"^[0-9a-f]+$"
 
 IdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
 JobIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="a job id")]
-RunIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="a run id")]
+RunIdPath = Annotated[str, Path(min_length=32, max_length=32, pattern=RUN_ID_PATTERN,
+                                description="a run id (32 lowercase hex characters)")]
 IdField = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]
 
 

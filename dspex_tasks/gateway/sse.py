@@ -17,13 +17,32 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from .. import keys
+from ..errors import ValidationError
 from ..optimize.runs import END_STAGES, TERMINAL
 from .results import READY, JobReader
 
-__all__ = ["format_event", "run_events", "job_events", "event_stream", "KEEPALIVE_S"]
+__all__ = ["format_event", "parse_stream_id", "run_events", "job_events", "event_stream", "KEEPALIVE_S"]
 
 KEEPALIVE_S = 15.0
-_STREAM_ID = r"^\d{1,20}-\d{1,20}$"
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_U64_MAX = 2**64 - 1
+
+
+def parse_stream_id(value: str | None) -> str:
+    """The Redis stream id ``<ms>-<seq>`` a ``Last-Event-ID`` header names (``"0-0"``, the start, when empty).
+
+    Checked before the response starts: a bad id that reached ``XREAD`` would cut a 200 stream mid-response.
+
+    Raises:
+        ValidationError: not ``<ms>-<seq>`` with both parts at most 2**64-1.
+    """
+    if value is None or not value.strip():
+        return "0-0"
+    m = _STREAM_ID.fullmatch(value.strip())
+    if m is None or int(m.group(1)) > _U64_MAX or int(m.group(2)) > _U64_MAX:
+        raise ValidationError.from_errors("Last-Event-ID", [{
+            "field": "Last-Event-ID", "message": f"{value[:60]!r} is not a stream id <ms>-<seq> (each 0..2**64-1)"}])
+    return f"{int(m.group(1))}-{int(m.group(2))}"
 
 
 def format_event(data: Any, *, event: str | None = None, event_id: str | None = None) -> bytes:
@@ -42,9 +61,10 @@ def _s(v: Any) -> str:
 
 async def run_events(aredis: Any, namespace: str, run_id: str, after: str | None = None,
                      block_ms: int = 1000) -> AsyncIterator[bytes]:
-    """SSE frames of a run's events from the start (or after ``after``), until its last event."""
+    """SSE frames of a run's events from the start (or after ``after``, a :func:`parse_stream_id` result),
+    until its last event."""
     stream = keys.run_events(namespace, run_id)
-    last = after if after and re.match(_STREAM_ID, after) else "0-0"
+    last = after or "0-0"
     quiet_since = time.monotonic()
     yield b": stream of optimization run events\n\n"
     while True:

@@ -9,7 +9,7 @@ import json
 import random
 from typing import Any
 
-from .. import keys
+from .. import keys, wire
 from ..errors import DatasetNotFound, ValidationError
 
 __all__ = ["validate_rows", "split", "DatasetStore"]
@@ -40,6 +40,7 @@ def validate_rows(rows: Any, description: dict[str, Any], *, what: str = "trains
         raise ValidationError.from_errors(what, [{"field": what, "message": "expected a list of objects"}])
     if len(rows) > MAX_ROWS:
         raise ValidationError.from_errors(what, [{"field": what, "message": f"more than {MAX_ROWS} rows"}])
+    wire.check_json(rows, what, what=what, finite=True)
     validator = Draft202012Validator(example_schema(description))
     outputs = list(description["output_schema"].get("properties", {}))
     errors: list[dict[str, str]] = []
@@ -86,6 +87,7 @@ class DatasetStore:
         keys.check_id(name, "dataset")
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValidationError.from_errors("dataset", [{"field": name, "message": "expected a list of objects"}])
+        wire.check_json(rows, name, what="dataset", finite=True)  # names the row and field: ``name.3.answer``
         text = json.dumps(rows, separators=(",", ":"), allow_nan=False)
         if len(text) > self.max_bytes:
             raise ValidationError.from_errors("dataset", [{"field": name, "message": f"over {self.max_bytes} bytes"}])

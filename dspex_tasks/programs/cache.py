@@ -147,9 +147,13 @@ class ProgramCache:
 
     # -- background: pub/sub invalidation and batched use times ---------------
     def start_listener(self, redis: Any, channel: str, *, on_tick: Callable[[], None] | None = None,
-                       tick_s: float = 5.0) -> None:
-        """Follow ``channel`` in a daemon thread, reconnecting with backoff."""
-        t = threading.Thread(target=self._listen, args=(redis, channel, on_tick, tick_s),
+                       tick_s: float = 5.0, on_reconnect: Callable[[], object] | None = None) -> None:
+        """Follow ``channel`` in a daemon thread, reconnecting with backoff.
+
+        ``on_tick`` runs every ``tick_s``; ``on_reconnect`` after each reconnection (not the first connection),
+        when Redis may have restarted and lost its data.
+        """
+        t = threading.Thread(target=self._listen, args=(redis, channel, on_tick, tick_s, on_reconnect),
                              name="dspex-cache-listener", daemon=True)
         t.start()
         self._threads.append(t)
@@ -157,9 +161,11 @@ class ProgramCache:
     def stop(self) -> None:
         self._stop.set()
 
-    def _listen(self, redis: Any, channel: str, on_tick: Callable[[], None] | None, tick_s: float) -> None:
+    def _listen(self, redis: Any, channel: str, on_tick: Callable[[], None] | None, tick_s: float,
+                on_reconnect: Callable[[], object] | None = None) -> None:
         backoff = 0.1
         next_tick = time.monotonic() + tick_s
+        connected_before = False
         while not self._stop.is_set():
             pubsub = None
             try:
@@ -167,6 +173,9 @@ class ProgramCache:
                 pubsub.subscribe(channel)
                 # Anything published while we were away is unknown: re-verify everything.
                 self._expire_all()
+                if connected_before and on_reconnect is not None:
+                    on_reconnect()
+                connected_before = True
                 backoff = 0.1
                 while not self._stop.is_set():
                     msg = pubsub.get_message(timeout=0.5)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .. import keys
+from .. import keys, wire
 from ..connections import register_lua
 from ..dsl.signature import SignatureRegistry
 from ..dsl.signature import registry as default_registry
@@ -55,6 +55,7 @@ def check_state(state: Any, max_bytes: int = DEFAULT_MAX_STATE_BYTES) -> str:
         raise ValidationError.from_errors(
             "program state", [{"field": "state", "message": f"expected a JSON object, got {type(state).__name__}"}]
         )
+    wire.check_json(state, "state", what="program state")  # NaN: json.dumps below refuses it
     try:
         text = json.dumps(state, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:

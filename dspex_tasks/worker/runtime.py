@@ -37,12 +37,18 @@ from ..settings import Settings
 from .dspy_patches import apply_dspy_speedups
 from .runner import ModuleRunner
 
-__all__ = ["Runtime", "import_signature_modules", "publish_signatures", "check_eviction_policy"]
+__all__ = ["Runtime", "import_signature_modules", "publish_signatures", "signatures_missing",
+           "check_eviction_policy"]
 
 log = logging.getLogger(__name__)
 
 # Connections one DSPy LM object keeps (DSPy 3.4's lm15 transport default).
 LM_CONNECTIONS = 100
+
+#: How often a worker checks that its signatures are still published (Redis restarted without persistence).
+REPUBLISH_CHECK_S = 2.0
+#: How often a worker writes its session use times and cache counters.
+FLUSH_S = 5.0
 
 
 def import_signature_modules(modules: list[str]) -> list[str]:
@@ -111,6 +117,17 @@ def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> Non
     pipe.execute()
 
 
+def signatures_missing(redis: Any, namespace: str, names: list[str]) -> bool:
+    """Whether any of ``names`` (or the capabilities) is missing from Redis: it lost its data, or a key."""
+    if not names:
+        return False
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.hexists(keys.signatures(namespace), name)
+    pipe.exists(keys.capabilities(namespace))
+    return not all(pipe.execute())
+
+
 SAFE_EVICTION = frozenset({"noeviction"})
 
 
@@ -161,6 +178,9 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.warmed_at: float | None = None
+        self._published = False
+        self._checked_at = 0.0
+        self._flushed_at = time.monotonic()
         self._plans: dict[str, Any] = {}
         self.ledger = UsageLedger(redis, settings.namespace, session_ttl_s=settings.session_ttl_s)
         self.runner = ModuleRunner(self.ledger, self.lm_for)
@@ -188,14 +208,45 @@ class Runtime:
             loaded = self.cache.prewarm(sessions, self.store.list)
         if publish and self.redis is not None:
             publish_signatures(self.redis, self.settings.namespace, list(self.signatures))
+            self._published = True
         if listen and self.redis is not None:
             self.cache.start_listener(self.redis, keys.program_events(self.settings.namespace),
-                                      on_tick=self.flush)
+                                      on_tick=self.tick, on_reconnect=self.republish, tick_s=1.0)
         self.warmed_at = time.time()
         info = {"signatures": len(self.signatures), "programs": loaded,
                 "ms": round((time.perf_counter() - t0) * 1000, 1)}
         log.info("worker %s warm: %s", self.worker_id, info)
         return info
+
+    def republish(self, *, check: bool = True) -> bool:
+        """Publish this worker's signatures again if Redis lost them; returns whether it did.
+
+        Redis restarted without persistence (or a key deleted) would otherwise leave clients answering
+        ``UnknownSignature`` for as long as the workers live. Called on the listener's reconnect and, every
+        :data:`REPUBLISH_CHECK_S`, from its tick; HSET of the same JSON is idempotent.
+        """
+        if not self._published or self.redis is None:
+            return False
+        names = [s.name for s in self.signatures]
+        try:
+            if check and not signatures_missing(self.redis, self.settings.namespace, names):
+                return False
+            publish_signatures(self.redis, self.settings.namespace, list(self.signatures))
+        except Exception as exc:  # Redis still away: the next tick or reconnect tries again
+            log.warning("could not republish signatures: %s", exc)
+            return False
+        log.warning("worker %s republished %d signatures (Redis had lost them)", self.worker_id, len(names))
+        return True
+
+    def tick(self) -> None:
+        """The listener thread's periodic work: republish lost signatures, flush every :data:`FLUSH_S`."""
+        now = time.monotonic()
+        if self._published and now - self._checked_at >= REPUBLISH_CHECK_S:
+            self._checked_at = now
+            self.republish()
+        if now - self._flushed_at >= FLUSH_S:
+            self._flushed_at = now
+            self.flush()
 
     def flush(self) -> None:
         """Write batched session use times and cache counters (from the listener thread)."""

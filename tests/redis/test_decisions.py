@@ -98,4 +98,4 @@ def test_a_cancelled_run_raises_cancelled(opt_app: Any) -> None:
         with pytest.raises(errors.Cancelled, match="cancelled"):
             run.get(timeout=60)
         with pytest.raises(errors.RunNotFound):
-            client.run("no-such-run")
+            client.run("0" * 32)  # well-formed, unknown (a malformed id is InvalidId)

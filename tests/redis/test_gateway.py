@@ -389,8 +389,8 @@ def test_optimization_routes(gw: Served, api_key: str) -> None:
         assert run_id in c.get("/v1/optimizations", params={"session": "o1"}).json()["items"]
         bad = c.post("/v1/optimizations", json={"signature": "qa", "trainset": [{"question": 1, "answer": "a"}]})
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "trainset.0.question"
-        assert c.get("/v1/optimizations/nope").status_code == 404
-        assert c.get("/v1/optimizations/nope/events").status_code == 404
+        assert c.get(f"/v1/optimizations/{'0' * 32}").status_code == 404
+        assert c.get(f"/v1/optimizations/{'0' * 32}/events").status_code == 404
         assert c.post(f"/v1/optimizations/{run_id}/cancel").status_code == 202
 
 
@@ -421,7 +421,7 @@ def test_optimization_params_are_checked_and_a_dry_run_serves_its_candidate(gw: 
         assert body["run_id"] == run_id and body["signature"] == "qa" and isinstance(body["state"], dict)
         put = c.put("/v1/sessions/cand1/programs/qa", json={"state": body["state"], "signature": "qa"})
         assert put.status_code == 200, put.text
-        missing = c.get("/v1/optimizations/nope/candidate")
+        missing = c.get(f"/v1/optimizations/{'0' * 32}/candidate")
         assert missing.status_code == 404 and missing.json()["code"] == "run_not_found"
 
 

@@ -13,6 +13,8 @@ from dspex_tasks import errors
 from dspex_tasks.optimize.runs import RunStore
 from dspex_tasks.testing.mockgen import rule_answer
 
+RUN_ID = "0123456789abcdef" * 2  # run ids are 32 lowercase hex characters
+
 pytestmark = pytest.mark.redis
 
 
@@ -176,7 +178,7 @@ def test_sessionless_run_is_a_dry_run_returning_its_candidate(oclient: Any, opt_
     with pytest.raises(errors.NotFound, match="no candidate"):
         store.candidate(queued)
     with pytest.raises(errors.RunNotFound):
-        oclient.runs.candidate("nope")
+        oclient.runs.candidate("0" * 32)  # well-formed, unknown
 
 
 def test_named_dataset_and_random_search(oclient: Any) -> None:
@@ -202,13 +204,13 @@ def test_duplicate_stage_delivery_changes_nothing(oclient: Any, opt_app: Any) ->
 
 def test_lease_blocks_a_second_runner(oclient: Any, opt_app: Any) -> None:
     store = RunStore(redis=oclient.redis, namespace=oclient.settings.namespace)
-    assert store.acquire_lease("r1", "a", 5) is True
-    assert store.acquire_lease("r1", "b", 5) is False
-    assert store.renew_lease("r1", "b", 5) is False and store.renew_lease("r1", "a", 5) is True
-    store.release_lease("r1", "b")
-    assert store.acquire_lease("r1", "b", 5) is False
-    store.release_lease("r1", "a")
-    assert store.acquire_lease("r1", "b", 5) is True
+    assert store.acquire_lease(RUN_ID, "a", 5) is True
+    assert store.acquire_lease(RUN_ID, "b", 5) is False
+    assert store.renew_lease(RUN_ID, "b", 5) is False and store.renew_lease(RUN_ID, "a", 5) is True
+    store.release_lease(RUN_ID, "b")
+    assert store.acquire_lease(RUN_ID, "b", 5) is False
+    store.release_lease(RUN_ID, "a")
+    assert store.acquire_lease(RUN_ID, "b", 5) is True
 
 
 def test_many_followers_see_the_same_stream(oclient: Any) -> None:

@@ -87,7 +87,7 @@ def test_dataset_optimize_follow_then_inspect_and_plot(dspex_opt: Dspex, tmp_pat
     # A finished run cannot be cancelled; an unknown one is reported
     cancel = dspex_opt("runs", "cancel", run_id)
     assert cancel.returncode == 1 and "already succeeded" in cancel.stderr
-    missing = dspex_opt("runs", "show", "nope")
+    missing = dspex_opt("runs", "show", "0" * 32)
     assert missing.returncode == 1 and "no optimization run" in missing.stderr
 
 

@@ -107,12 +107,12 @@ def test_queue_age_from_a_send_time_header(empty_redis: str) -> None:
         assert predict["depth"] == 1 and predict["oldest_age_s"] >= 1000 and not predict["ok"]
         assert predict["age_source"] == "headers.dspex_sent_at"
         assert optimize == {"depth": 1, "oldest_age_s": None, "age_source": None, "ok": True}
-        assert set(data["failed"]) == {"workers", "queues"}
+        assert set(data["failed"]) == {"workers", "queues", "registry"}  # no worker ever published here
         assert "dspex.predict" in data["queues"]["error"]
         # A looser bound passes the queue check
         loose = _health_json(_dspex_at(empty_redis, "health", "--json", "--timeout", "0.3",
                                        "--max-queue-age-s", "5000"))
-        assert loose["queues"]["ok"] and loose["failed"] == ["workers"]
+        assert loose["queues"]["ok"] and loose["failed"] == ["workers", "registry"]
     finally:
         app.close()
         r.flushdb()

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ...errors import DatasetNotFound
+from ...errors import DatasetNotFound, ValidationError
 from ..models import OptimizationRequest, RunIdPath, RunList
 from ..openapi import RUN_EVENT_SCHEMA, ref, sse_schema
 from ..problems import Problem
-from ..sse import event_stream, run_events
+from ..sse import event_stream, parse_stream_id, run_events
 from .common import GatewayDep, json_doc
 
 __all__ = ["router"]
@@ -21,7 +21,7 @@ router = APIRouter()
 
 _RUN_SSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "One event per progress step (data: a run event); the last has stage done, failed or cancelled. "
-                   "Reconnect with Last-Event-ID to resume.",
+                   "Reconnect with Last-Event-ID to resume (a malformed one is 422; an empty one starts over).",
     "content": {"text/event-stream": {"schema": sse_schema(RUN_EVENT_SCHEMA)}}}}
 
 
@@ -87,6 +87,10 @@ def cancel_optimization(run_id: RunIdPath, gw: GatewayDep) -> JSONResponse:
 @router.get("/v1/optimizations/{run_id}/events", tags=["optimizations"], responses=_RUN_SSE, response_class=Response,
             summary="Server-Sent Events: every progress event from the start, then live, until the run ends")
 async def optimization_events(run_id: RunIdPath, request: Request, gw: GatewayDep) -> Response:
+    try:  # 422 before the stream starts: XREAD would fail mid-response
+        after = parse_stream_id(request.headers.get("last-event-id"))
+    except ValidationError as exc:
+        raise Problem(422, exc.code, exc.message, errors=[
+            {**e, "pointer": "header:last-event-id"} for e in exc.errors]) from None
     await run_in_threadpool(gw.client.runs.get, run_id)  # 404 before the stream starts
-    after = request.headers.get("last-event-id")
     return event_stream(run_events(gw.aredis, gw.settings.namespace, run_id, after))
