@@ -8,7 +8,7 @@ hooks, is :func:`dspex_tasks.worker.app.create_worker_app` (what ``workers/app.p
 from __future__ import annotations
 
 import threading
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 from celery import Celery
@@ -43,6 +43,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # rather than block a consumer (or a client's get()) for redis-py's default forever.
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": settings.redis_socket_timeout_s,
+        # kombu's pool per connection (default 10, non-blocking: the 11th concurrent publish failed).
+        "max_connections": settings.redis_max_connections,
     }
     return {
         "broker_url": settings.broker,
@@ -69,6 +71,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redis_socket_connect_timeout": settings.redis_socket_timeout_s,
         "redis_retry_on_timeout": False,  # Celery's own retry policy (above) bounds the retries
         "redis_socket_keepalive": True,
+        # The backend's pool (blocking, waiting DSPEX_REDIS_POOL_WAIT_S: DspexCelery._get_backend).
+        "redis_max_connections": settings.redis_max_connections,
         "broker_connection_retry_on_startup": True,
         "result_expires": settings.result_expires_s,
         "result_extended": True,
@@ -129,6 +133,20 @@ class DspexCelery(Celery):  # type: ignore[misc]
         from .worker.startup import DspexWorkerMixin
 
         return self.subclass_with_self(type("Worker", (DspexWorkerMixin, Worker), {}))
+
+    def _get_backend(self) -> Any:
+        """Celery's backend; a Redis one gets a blocking pool (Celery's own raises at its cap instead of waiting)."""
+        from celery.app import backends
+        from celery.backends.redis import RedisBackend, SentinelBackend
+
+        backend_cls, url = backends.by_url(self.backend_cls or self.conf.result_backend, self.loader)
+        if isinstance(backend_cls, type) and issubclass(backend_cls, RedisBackend) \
+                and not issubclass(backend_cls, SentinelBackend):
+            import redis
+
+            pool = partial(redis.BlockingConnectionPool, timeout=self.dspex_settings.redis_pool_wait_s)
+            return backend_cls(app=self, url=url, connection_pool=pool)
+        return backend_cls(app=self, url=url)
 
     def reset_runtime(self) -> None:
         with self._runtime_lock:

@@ -115,10 +115,15 @@ class Job:
             except CeleryTimeout:
                 self._raise_if_lost(force=deadline is not None and time.monotonic() >= deadline)
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TaskTimeout(f"job {self.id} did not finish within {timeout} s (state {self.state})") from None
+                    try:
+                        state = self.state
+                    except (RedisTimeout, RedisConnectionError, OSError):  # the pool's wait ran out, too
+                        state = "unknown: result backend unavailable"
+                    raise TaskTimeout(f"job {self.id} did not finish within {timeout} s (state {state})") from None
                 wait = PROBE_EVERY_S
             except (RedisTimeout, RedisConnectionError, OSError, RuntimeError) as exc:
-                # RuntimeError: Celery's result consumer gave up reconnecting.
+                # RuntimeError: Celery's result consumer gave up reconnecting. RedisConnectionError includes
+                # MaxConnectionsError and a blocking pool's "No connection available" (DSPEX_REDIS_POOL_WAIT_S).
                 self._raise_if_lost(force=True)
                 raise BackendUnavailable(f"result backend unavailable while waiting for job {self.id}: {exc}") from None
         state = self._r.state

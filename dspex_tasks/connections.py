@@ -5,7 +5,10 @@ or stopped, so it fails (and redis-py reconnects on the next command) instead of
 client's ``get()`` or a gateway request forever; idle pooled connections are health-checked before reuse
 (a server restart or a NAT that dropped them is noticed, not hit mid-command); TCP keepalive is on.
 Blocking reads (``XREAD BLOCK``, pub/sub ``get_message(timeout=...)``) always wait less than the socket
-timeout, so the policy holds for them too.
+timeout, so the policy holds for them too. Pools block: at most ``DSPEX_REDIS_MAX_CONNECTIONS`` connections
+per client, and a command over the cap waits up to ``DSPEX_REDIS_POOL_WAIT_S`` for a free one (redis-py's
+default pool raises ``MaxConnectionsError`` at once, which made a busy but healthy Redis look down); a wait
+that runs out raises redis's ``ConnectionError``, which callers map to ``errors.BackendUnavailable``.
 
 Celery's own connections (broker, result backend) follow the same numbers through
 :func:`dspex_tasks.app.celery_config`, which reads them from here.
@@ -30,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .settings import Settings
 
 __all__ = ["HEALTH_CHECK_INTERVAL_S", "redis_client", "async_redis_client", "probe_client", "client_options",
-           "lua", "register_lua", "redacted_url", "unreachable_message", "ping"]
+           "pool_options", "lua", "register_lua", "redacted_url", "unreachable_message", "ping"]
 
 #: Idle pooled connections older than this are PINGed before reuse.
 HEALTH_CHECK_INTERVAL_S = 25
@@ -43,18 +46,27 @@ def client_options(settings: Settings, *, timeout_s: float | None = None) -> dic
             "socket_keepalive": True, "health_check_interval": HEALTH_CHECK_INTERVAL_S}
 
 
+def pool_options(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of every (blocking) pool: its cap and how long a command waits for a free slot."""
+    return {"max_connections": settings.redis_max_connections, "timeout": settings.redis_pool_wait_s}
+
+
 def redis_client(settings: Settings, url: str | None = None, *, timeout_s: float | None = None) -> redis.Redis:
     """A ``redis.Redis`` for ``url`` (default ``DSPEX_REDIS_URL``). Nothing connects until the first command."""
     import redis as redis_lib
 
-    return redis_lib.Redis.from_url(url or settings.redis_url, **client_options(settings, timeout_s=timeout_s))
+    pool = redis_lib.BlockingConnectionPool.from_url(url or settings.redis_url, **pool_options(settings),
+                                                     **client_options(settings, timeout_s=timeout_s))
+    return redis_lib.Redis.from_pool(pool)  # close() disconnects the pool too
 
 
 def async_redis_client(settings: Settings, url: str | None = None) -> redis.asyncio.Redis:
     """The asyncio twin of :func:`redis_client` (the gateway's event streams and result waits)."""
     import redis.asyncio as aioredis
 
-    return aioredis.Redis.from_url(url or settings.redis_url, **client_options(settings))
+    pool = aioredis.BlockingConnectionPool.from_url(url or settings.redis_url, **pool_options(settings),
+                                                    **client_options(settings))
+    return aioredis.Redis.from_pool(pool)
 
 
 def probe_client(url: str, timeout_s: float) -> redis.Redis:

@@ -11,7 +11,7 @@ import os
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
@@ -20,6 +20,11 @@ from .wire import CELERY_DEFAULT_QUEUE, DEFAULT_REDIS_URL, OPTIMIZE_QUEUE, PREDI
 __all__ = ["Settings", "load_settings"]
 
 log = logging.getLogger(__name__)
+
+# The in-thread retry delay: DSPEX_LM_RETRY_BACKOFF_S doubling per retry, capped, with +20% jitter at most
+# (dspex_tasks.lm.governed.retry_delay; a Retry-After is slept in-thread only up to DSPEX_RATE_LIMIT_MAX_WAIT_S).
+_MAX_BACKOFF_S = 4.0  # = lm.governed.MAX_BACKOFF_S (not imported: that module imports DSPy)
+_BACKOFF_JITTER = 1.2
 
 
 class Settings(BaseSettings):
@@ -84,6 +89,8 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(30.0, ge=2)
     max_deliveries: int = Field(5, ge=1)
     redis_socket_timeout_s: float = Field(10.0, gt=1)
+    redis_max_connections: int = Field(200, ge=1)  # per pool (each client, the result backend, the broker)
+    redis_pool_wait_s: float = Field(5.0, gt=0)  # a command waits this long for a free pooled connection
     allow_unsafe_eviction: bool = False
     track_started: bool = False
     log_each_task: bool = False
@@ -116,6 +123,41 @@ class Settings(BaseSettings):
         for model, spec in v.items():
             parse_limits(spec, f"model:{model}")  # raises ValueError naming the bad key
         return v
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_lm_calls(self) -> Settings:
+        """Refuse a visibility timeout a running prediction can outlast: its message would be redelivered
+        and run again at the same time (issue 13: 3 and 5 concurrent runs, then a false DeadLettered)."""
+        budget = self.longest_lm_call_s
+        if self.visibility_timeout_s <= budget:
+            models = len(self._fallbacks) + 1
+            formula = (f"DSPEX_LM_TIMEOUT_S={self.lm_timeout_s:g} x (DSPEX_LM_NUM_RETRIES={self.lm_num_retries} + 1)"
+                       " + backoff")
+            if models > 1:
+                formula = f"({formula}) x {models} models (DSPEX_LM_FALLBACKS)"
+            raise ValueError(
+                f"DSPEX_VISIBILITY_TIMEOUT_S={self.visibility_timeout_s} is shorter than the longest LM call a task "
+                f"may make ({formula} = {budget:g} s): a running task's message would be redelivered and run again "
+                f"at the same time; raise DSPEX_VISIBILITY_TIMEOUT_S above {budget:g} or lower the LM timeout")
+        return self
+
+    @property
+    def _fallbacks(self) -> list[str]:
+        return [m for m in (f.strip() for f in (self.lm_fallbacks or "").split(",")) if m and m != self.lm.strip()]
+
+    @property
+    def longest_lm_call_s(self) -> float:
+        """The longest one LM call of a task may take, retries and fallbacks included (seconds).
+
+        Per model: ``DSPEX_LM_TIMEOUT_S x (DSPEX_LM_NUM_RETRIES + 1)`` plus the in-thread delays before
+        each retry (``DSPEX_LM_RETRY_BACKOFF_S`` doubling per retry, capped at 4 s, +20% jitter; or a
+        ``Retry-After`` up to ``DSPEX_RATE_LIMIT_MAX_WAIT_S``), times the models of ``DSPEX_LM_FALLBACKS``.
+        Per-endpoint ``timeout`` overrides and routes given per signature (``lm=[...]``) are not counted.
+        """
+        backoff = sum(max(min(self.lm_retry_backoff_s * 2 ** min(i, 8), _MAX_BACKOFF_S) * _BACKOFF_JITTER,
+                          self.rate_limit_max_wait_s) for i in range(self.lm_num_retries))
+        per_model = self.lm_timeout_s * (self.lm_num_retries + 1) + backoff
+        return float(round(per_model * (len(self._fallbacks) + 1), 3))
 
     @property
     def broker(self) -> str:
@@ -160,7 +202,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:  # one line per bad setting, named as the user sets it
-        problems = "; ".join(
-            f"DSPEX_{'_'.join(str(p) for p in e['loc']).upper() or '?'}: "
-            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors(include_url=False))
+        problems = "; ".join(  # a check across settings (empty loc) names its variables itself
+            (f"DSPEX_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ") for e in exc.errors(include_url=False))
         raise ConfigurationError(f"invalid settings: {problems}") from None

@@ -32,7 +32,7 @@ def mock_lm() -> Iterator[MockLMServer]:
 
 def lm_env(mock_lm: MockLMServer, **extra: str) -> dict[str, str]:
     return {"DSPEX_LM": "openai/mock", "DSPEX_LM_API_BASE": mock_lm.url, "DSPEX_LM_API_KEY": "sk-test-not-real",
-            "DSPEX_LM_NUM_RETRIES": "0", "DSPEX_VISIBILITY_TIMEOUT_S": "10", **extra}
+            "DSPEX_LM_NUM_RETRIES": "0", "DSPEX_LM_TIMEOUT_S": "5", "DSPEX_VISIBILITY_TIMEOUT_S": "10", **extra}
 
 
 def rss_kb(pid: int) -> int:

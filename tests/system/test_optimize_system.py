@@ -33,9 +33,11 @@ def mock_lm() -> Iterator[MockLMServer]:
 
 @pytest.fixture
 def env(mock_lm: MockLMServer) -> dict[str, str]:
-    # A short visibility timeout and lease so a killed worker's stage is redelivered within seconds.
+    # A short visibility timeout and lease so a killed worker's stage is redelivered within seconds (and an
+    # LM timeout below it: settings refuse a visibility timeout an LM call can outlast).
     return {"DSPEX_LM": "openai/mock", "DSPEX_LM_API_BASE": mock_lm.url, "DSPEX_LM_API_KEY": "sk-test-not-real",
-            "DSPEX_VISIBILITY_TIMEOUT_S": "10", "DSPEX_LEASE_TTL_S": "4", "DSPEX_LM_NUM_RETRIES": "0"}
+            "DSPEX_VISIBILITY_TIMEOUT_S": "10", "DSPEX_LEASE_TTL_S": "4", "DSPEX_LM_NUM_RETRIES": "0",
+            "DSPEX_LM_TIMEOUT_S": "5"}
 
 
 @pytest.fixture

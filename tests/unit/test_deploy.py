@@ -650,6 +650,8 @@ def test_compose_runs_one_worker_service_per_queue(compose: dict[str, Any], comp
     shared = _settings_from(monkeypatch, {k: v for k, v in _env_dict(predict).items() if k.startswith("DSPEX_")})
     opt = _settings_from(monkeypatch, {k: v for k, v in _env_dict(optimize).items() if k.startswith("DSPEX_")})
     assert LONGEST_LM_CALL_S < opt.visibility_timeout_s < shared.visibility_timeout_s
+    # the budget settings enforce (issue 13), with the predict workers' LM settings too
+    assert max(shared.longest_lm_call_s, opt.longest_lm_call_s) < opt.visibility_timeout_s
     for svc in (predict, optimize):
         assert _seconds(svc["stop_grace_period"]) >= LONGEST_LM_CALL_S, "warm shutdown must outlast an LM call"
 
@@ -779,6 +781,7 @@ def test_worker_deployments_serve_one_queue_each_safely(manifests: list[dict[str
         assert env["REDIS_ADDRESS"] == f"dspex-redis.{NAMESPACE}.svc.cluster.local:6379"
         if name == "dspex-worker-optimize":
             assert LONGEST_LM_CALL_S < settings.visibility_timeout_s < DEFAULTS.visibility_timeout_s
+            assert settings.longest_lm_call_s < settings.visibility_timeout_s
         assert "OPENAI_API_KEY" in env
 
 
