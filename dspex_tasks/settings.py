@@ -21,10 +21,6 @@ __all__ = ["Settings", "load_settings"]
 
 log = logging.getLogger(__name__)
 
-# The in-thread retry delay: DSPEX_LM_RETRY_BACKOFF_S doubling per retry, capped, with +20% jitter at most
-# (dspex_tasks.lm.governed.retry_delay; a Retry-After is slept in-thread only up to DSPEX_RATE_LIMIT_MAX_WAIT_S).
-_MAX_BACKOFF_S = 4.0  # = lm.governed.MAX_BACKOFF_S (not imported: that module imports DSPy)
-_BACKOFF_JITTER = 1.2
 
 
 class Settings(BaseSettings):
@@ -154,8 +150,11 @@ class Settings(BaseSettings):
         ``Retry-After`` up to ``DSPEX_RATE_LIMIT_MAX_WAIT_S``), times the models of ``DSPEX_LM_FALLBACKS``.
         Per-endpoint ``timeout`` overrides and routes given per signature (``lm=[...]``) are not counted.
         """
-        backoff = sum(max(min(self.lm_retry_backoff_s * 2 ** min(i, 8), _MAX_BACKOFF_S) * _BACKOFF_JITTER,
-                          self.rate_limit_max_wait_s) for i in range(self.lm_num_retries))
+        from .lm.limits import BACKOFF_JITTER, backoff_s  # the delay lm.governed.retry_delay sleeps
+
+        # a Retry-After is slept in-thread only up to DSPEX_RATE_LIMIT_MAX_WAIT_S
+        backoff = sum(max(backoff_s(self.lm_retry_backoff_s, i) * BACKOFF_JITTER[1], self.rate_limit_max_wait_s)
+                      for i in range(self.lm_num_retries))
         per_model = self.lm_timeout_s * (self.lm_num_retries + 1) + backoff
         return float(round(per_model * (len(self._fallbacks) + 1), 3))
 

@@ -46,7 +46,8 @@ from ..errors import ConfigurationError, DspexError, LMContextLengthExceeded, LM
 from .cache import IGNORED_PARAMS, LMCache, entry_from_response, request_digest
 from .errors import classify, retry_after_of, to_lm_error
 from .factory import build_lm, lm_name
-from .limits import Limit, estimate_tokens, parse_limits
+from .limits import BACKOFF_JITTER, Limit, estimate_tokens, parse_limits
+from .limits import backoff_s as backoff
 from .ratelimit import RateLimiter
 from .response import as_response
 from .usage import prime, record_call
@@ -59,16 +60,13 @@ _ENDPOINT_KEYS = frozenset({"api_base", "api_key_env", "timeout", "max_tokens"})
 _MISSING = object()
 
 
-MAX_BACKOFF_S = 4.0  # in-thread backoff never holds a thread longer (the task's own retries wait longer)
-
-
 def retry_delay(exc: BaseException, attempt: int, backoff_s: float, rng: random.Random | None = None) -> float:
     """Seconds before retry number ``attempt + 1``: the provider's ``Retry-After`` when given, else
-    ``backoff_s * 2**attempt`` with +-20% jitter, at most :data:`MAX_BACKOFF_S`."""
+    ``backoff_s * 2**attempt`` with +-20% jitter, at most :data:`~dspex_tasks.lm.limits.MAX_BACKOFF_S`."""
     hint = retry_after_of(exc)
     if hint is not None and math.isfinite(hint):
         return hint
-    return float(min(backoff_s * (2 ** min(attempt, 8)), MAX_BACKOFF_S) * (rng or random).uniform(0.8, 1.2))
+    return backoff(backoff_s, attempt) * (rng or random).uniform(*BACKOFF_JITTER)
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -12,7 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Unit", "Limit", "parse_limits", "gcra_reserve", "estimate_tokens", "requeue_countdown"]
+__all__ = ["Unit", "Limit", "parse_limits", "gcra_reserve", "estimate_tokens", "requeue_countdown", "MAX_BACKOFF_S",
+           "BACKOFF_JITTER", "backoff_s"]
+
+#: In-thread backoff never holds a thread longer (the task's own retries wait longer).
+MAX_BACKOFF_S = 4.0
+#: The in-thread backoff is multiplied by a uniform factor in this range.
+BACKOFF_JITTER = (0.8, 1.2)
+
+
+def backoff_s(base_s: float, attempt: int) -> float:
+    """The in-thread delay before retry ``attempt + 1``, before jitter: ``base_s * 2**attempt``, at most
+    :data:`MAX_BACKOFF_S` (what ``lm.governed.retry_delay`` sleeps and ``Settings.longest_lm_call_s`` budgets)."""
+    return float(min(base_s * (2 ** min(attempt, 8)), MAX_BACKOFF_S))
 
 Unit = Literal["requests", "tokens"]
 _RATES: dict[str, tuple[Unit, float]] = {"rpm": ("requests", 60.0), "rps": ("requests", 1.0),

@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from dspex_tasks.client import Client
 from tests._procs import ROOT, WorkerProcess, wait_for
 from tests.system._cli import CliTarget, Dspex
+
+
+@pytest.fixture
+def client(redis_url: str, namespace: str) -> Iterator[Client]:
+    """A client on the test's flushed DB and namespace (closed afterwards)."""
+    c = Client(redis_url=redis_url, namespace=namespace)
+    yield c
+    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,6 @@ from tests._procs import ROOT, WorkerProcess, wait_for
 pytestmark = pytest.mark.system
 
 POISON_ENV = {"DSPEX_SIGNATURE_MODULES": "signatures,tests.poison", "DSPEX_MOCK_SCENARIO": "crash_on_poison"}
-
-
-@pytest.fixture
-def client(redis_url: str, namespace: str) -> Iterator[Client]:
-    c = Client(redis_url=redis_url, namespace=namespace)
-    yield c
-    c.close()
 
 
 def ready(client: Client, name: str = "qa") -> None:

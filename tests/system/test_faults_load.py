@@ -17,13 +17,6 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture
-def client(redis_url: str, namespace: str) -> Iterator[Client]:
-    c = Client(redis_url=redis_url, namespace=namespace)
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def mock_lm() -> Iterator[MockLMServer]:
     server = MockLMServer(port=0, latency_ms=300).start()
     yield server

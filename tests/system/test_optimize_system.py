@@ -40,13 +40,6 @@ def env(mock_lm: MockLMServer) -> dict[str, str]:
             "DSPEX_LM_TIMEOUT_S": "5"}
 
 
-@pytest.fixture
-def client(redis_url: str, namespace: str) -> Iterator[Client]:
-    c = Client(redis_url=redis_url, namespace=namespace)
-    yield c
-    c.close()
-
-
 def start(redis_url: str, namespace: str, env: dict[str, str], tmp_path: Path, name: str) -> WorkerProcess:
     w = WorkerProcess(redis_url, namespace, queues=QUEUES, concurrency=16, log_dir=tmp_path, env=env, name=name)
     w.wait_ready()

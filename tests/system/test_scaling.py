@@ -30,13 +30,6 @@ def env(mock_lm: MockLMServer) -> dict[str, str]:
             "DSPEX_LM_NUM_RETRIES": "0"}
 
 
-@pytest.fixture
-def client(redis_url: str, namespace: str) -> Iterator[Client]:
-    c = Client(redis_url=redis_url, namespace=namespace)
-    yield c
-    c.close()
-
-
 def finished_per_second(jobs: list[Job], start: float, end: float) -> float:
     done = [j._r.date_done.timestamp() for j in jobs if j._r.date_done is not None]
     return sum(start <= t < end for t in done) / (end - start)

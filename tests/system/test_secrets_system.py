@@ -7,7 +7,6 @@ carries the request's ``Authorization`` header (``echo_key``), as some providers
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,6 @@ from tests._procs import WorkerProcess, wait_for
 from tests.system.test_faults import _dump_redis
 
 pytestmark = pytest.mark.system
-
-
-@pytest.fixture
-def client(redis_url: str, namespace: str) -> Iterator[Client]:
-    c = Client(redis_url=redis_url, namespace=namespace)
-    yield c
-    c.close()
 
 
 def test_a_provider_401_echoing_the_key_leaks_it_nowhere_and_an_optimization_fails_typed(
