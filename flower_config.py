@@ -25,7 +25,17 @@ purge_offline_workers (s)           FLOWER_PURGE_OFFLINE_WORKERS,      600
 tasks_columns                       FLOWER_TASKS_COLUMNS,              name,uuid,state,kwargs,result,
                                     DSPEX_FLOWER_TASKS_COLUMNS         received,runtime,worker
 task_runtime_metric_buckets (s)     FLOWER_TASK_RUNTIME_METRIC_BUCKETS 0.05 ... 600 (LM calls are slow)
+broker_api                          FLOWER_BROKER_API,                 unset: Flower's own guess (below)
+                                    DSPEX_FLOWER_BROKER_API
 ==================================  =================================  ==============================
+
+RabbitMQ broker (``DSPEX_BROKER_URL=amqp://...``): Flower's Broker page and ``/api/queues/length`` read queue
+lengths from RabbitMQ's management plugin (``rabbitmq-plugins enable rabbitmq_management``), not over AMQP.
+Without ``broker_api`` Flower asks ``http://<broker user>:<password>@<broker host>:15672/api/<vhost>``; set
+``DSPEX_FLOWER_BROKER_API=http://user:password@host:15672/api/`` when the management API lives elsewhere.
+Without the plugin the page is empty (Flower logs the failed call); tasks, workers and ``/metrics`` work as
+with Redis. ``dspex status`` and ``dspex health`` read depths over AMQP and need no plugin. A Redis broker
+ignores ``broker_api``.
 
 Authentication: Flower refuses to start (``SystemExit``) unless ``basic_auth`` (``FLOWER_BASIC_AUTH=
 user:password[,user2:password2]`` or ``--basic_auth=``) or Flower's OAuth (``FLOWER_AUTH`` with
@@ -174,6 +184,8 @@ if not _flower_env("purge_offline_workers"):
     purge_offline_workers = _env_int("DSPEX_FLOWER_PURGE_OFFLINE_WORKERS", 600)  # seconds; workers autoscale
 if not _flower_env("tasks_columns"):
     tasks_columns = _env("DSPEX_FLOWER_TASKS_COLUMNS", "name,uuid,state,kwargs,result,received,runtime,worker")
+if not _flower_env("broker_api") and _env("DSPEX_FLOWER_BROKER_API", ""):
+    broker_api = _env("DSPEX_FLOWER_BROKER_API", "")  # RabbitMQ's management API (Flower validates it)
 if not _flower_env("task_runtime_metric_buckets"):
     # Prometheus histogram of task runtimes: a prediction waits on an LM, an optimization stage for minutes.
     task_runtime_metric_buckets = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         from dspex_tasks.gateway.auth import KeyStore
 
         bench = Bench(redis.url, ns, gateway, workers, "", c)
-        bench.key, _ = KeyStore(redis=bench.client.redis, namespace=ns).create("bench")
+        bench.key, _ = KeyStore(redis=bench.client.redis, namespace=ns).create("bench", sessions=["bench-gw"])
         for kind in KINDS:  # warm-up, untimed
             bench.run(kind, min(200, n), 10**8)
         for r in range(rounds):

@@ -7,6 +7,7 @@ hooks, is :func:`dspex_tasks.worker.app.create_worker_app` (what ``workers/app.p
 
 from __future__ import annotations
 
+import ssl
 import threading
 from functools import cached_property, partial
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from celery import Celery
 from kombu import entity
 
-from . import wire
+from . import keys, wire
 from .connections import HEALTH_CHECK_INTERVAL_S
 from .dsl.signature import SignatureRegistry, registry
 from .optimize.schedules import beat_config
@@ -26,6 +27,12 @@ __all__ = ["DspexCelery", "celery_config", "create_app"]
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from ours. JSON only; late acks; LLM-friendly timeouts."""
+    return {**_base_config(settings), **(_redis_broker(settings) if settings.broker_is_redis
+                                         else _amqp_broker(settings))}
+
+
+def _redis_broker(settings: Settings) -> dict[str, Any]:
+    """A Redis broker: kombu's transport options, and our reliable fetch (:mod:`dspex_tasks.worker.fetch`)."""
     transport = {
         # A message unacked this long is redelivered: longer than any single task may run.
         "visibility_timeout": settings.visibility_timeout_s,
@@ -45,7 +52,56 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_connect_timeout": settings.redis_socket_timeout_s,
         # kombu's pool per connection (default 10, non-blocking: the 11th concurrent publish failed).
         "max_connections": settings.redis_max_connections,
+        # where a queue entry that is not a message is set aside (dspex_tasks.worker.fetch)
+        "dead_letter_key": keys.dead_letters(settings.namespace),
     }
+    config: dict[str, Any] = {"broker_transport_options": transport}
+    if settings.reliable_fetch:
+        config["broker_transport"] = "dspex_tasks.worker.fetch:Transport"
+        if settings.broker.startswith("rediss://"):
+            # kombu's own rediss default is CERT_NONE (with a warning); an explicit transport skips even that
+            config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
+
+
+def _amqp_broker(settings: Settings) -> dict[str, Any]:
+    """A RabbitMQ broker: acks without a visibility timeout, publisher confirms, quorum queues on request.
+
+    RabbitMQ hands a consumer's unacknowledged messages back the moment its connection or channel closes (no
+    visibility timeout, no restore scan) and marks them ``redelivered``, which the dead-letter guard counts
+    (:mod:`dspex_tasks.worker.guard`). Publisher confirms: a send returns once the broker has the message.
+
+    ``DSPEX_AMQP_QUEUE_TYPE=quorum`` makes the dspex queues quorum queues (replicated, with a delivery count
+    of their own). Their ``x-delivery-limit`` is a backstop behind the guard: RabbitMQ drops a message returned
+    more often (one that kills its worker before the guard can run); the guard dead-letters a poison message
+    after ``DSPEX_MAX_DELIVERIES``, long before. The limit is a constant, not that setting, because every
+    client declares the queues it sends to and RabbitMQ refuses a declaration whose arguments differ: a
+    setting would have to be the same in every process, and changing it would mean deleting the queues.
+    Their exchanges are topic exchanges, so a countdown (a task retry) waits in RabbitMQ's native delayed
+    delivery (``celery_delayed_*``, set up by each worker) instead of in a worker's memory. Celery's bare
+    queue stays classic and direct: a Celery client with no dspex configuration declares it so.
+    """
+    config: dict[str, Any] = {"broker_transport_options": {"confirm_publish": True}}
+    if settings.amqp_queue_type == "quorum":
+        limit = max(QUORUM_DELIVERY_LIMIT, settings.max_deliveries + 1)  # the guard always gets its turn
+        config["task_queues"] = [_queue(q) if q == settings.bare_queue else _quorum_queue(q, limit)
+                                 for q in settings.queues]
+    return config
+
+
+#: ``x-delivery-limit`` of a quorum queue (RabbitMQ 4's own default): far above ``DSPEX_MAX_DELIVERIES`` (5).
+QUORUM_DELIVERY_LIMIT = 20
+
+
+def _quorum_queue(name: str, delivery_limit: int) -> Any:
+    """A quorum queue bound to a topic exchange of its own name (native delayed delivery needs a topic one)."""
+    queue_cls: Any = entity.Queue
+    exchange_cls: Any = entity.Exchange
+    return queue_cls(name, exchange_cls(name, type="topic"), routing_key=name,
+                     queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": delivery_limit})
+
+
+def _base_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker,
         "result_backend": settings.backend,
@@ -61,7 +117,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_pool": settings.worker_pool,
         "worker_concurrency": settings.worker_concurrency,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "broker_transport_options": transport,
         # Give up on a lost result backend after a few seconds (Celery's default retries for
         # ~20 s), so a client's get() fails clearly instead of seeming to hang.
         "result_backend_transport_options": {"retry_policy": {
@@ -135,7 +190,9 @@ class DspexCelery(Celery):  # type: ignore[misc]
         return self.subclass_with_self(type("Worker", (DspexWorkerMixin, Worker), {}))
 
     def _get_backend(self) -> Any:
-        """Celery's backend; a Redis one gets a blocking pool (Celery's own raises at its cap instead of waiting)."""
+        """Celery's backend; a Redis one gets a blocking pool (Celery's own raises at its cap instead of waiting)
+        and, when it is Celery's own Redis backend, survives a full Redis
+        (:class:`~dspex_tasks.worker.storefull.StoreFullBackend`: writes wait, consumption pauses)."""
         from celery.app import backends
         from celery.backends.redis import RedisBackend, SentinelBackend
 
@@ -145,6 +202,11 @@ class DspexCelery(Celery):  # type: ignore[misc]
             import redis
 
             pool = partial(redis.BlockingConnectionPool, timeout=self.dspex_settings.redis_pool_wait_s)
+            if backend_cls is RedisBackend:
+                from .worker.storefull import StoreFullBackend
+
+                return StoreFullBackend(app=self, url=url, connection_pool=pool,
+                                        store_full_wait_s=self.dspex_settings.store_full_wait_s)
             return backend_cls(app=self, url=url, connection_pool=pool)
         return backend_cls(app=self, url=url)
 

@@ -18,7 +18,7 @@ from dataclasses import field as dc_field
 from typing import Any
 
 from . import keys, wire
-from .connections import redis_client
+from .connections import redis_client, typed_store_full
 from .dsl.signature import MODULE_PREDICTORS
 from .errors import (
     BackendUnavailable,
@@ -100,6 +100,20 @@ class Job:
                 the task was queued): raised within a few seconds, not at the timeout.
             errors.*: the worker's failure, as its own class.
         """
+        value = self.wait(timeout)
+        state = self._r.state
+        if state == "FAILURE" or isinstance(value, BaseException):
+            _raise_remote(value if isinstance(value, BaseException) else DspexError(str(value)))
+        if not isinstance(value, dict) or "outputs" not in value:
+            raise ResultLost(f"job {self.id} finished ({state}) but its result is missing or expired")
+        return Result.from_json(value)
+
+    def wait(self, timeout: float | None = 60.0) -> Any:
+        """Wait for the task to finish and return its raw result (a failure's exception is returned, not raised).
+
+        Raises:
+            TaskTimeout, ResultLost, BackendUnavailable: as :meth:`get`.
+        """
         from celery.exceptions import TimeoutError as CeleryTimeout
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeout
@@ -126,12 +140,7 @@ class Job:
                 # MaxConnectionsError and a blocking pool's "No connection available" (DSPEX_REDIS_POOL_WAIT_S).
                 self._raise_if_lost(force=True)
                 raise BackendUnavailable(f"result backend unavailable while waiting for job {self.id}: {exc}") from None
-        state = self._r.state
-        if state == "FAILURE" or isinstance(value, BaseException):
-            _raise_remote(value if isinstance(value, BaseException) else DspexError(str(value)))
-        if not isinstance(value, dict) or "outputs" not in value:
-            raise ResultLost(f"job {self.id} finished ({state}) but its result is missing or expired")
-        return Result.from_json(value)
+        return value
 
     def _raise_if_lost(self, *, force: bool = False) -> None:
         if self._probe is not None and self._probe.lost(force=force):
@@ -281,8 +290,9 @@ class Client:
 
         spec = {"signature": signature, "session": session, "program": program, "metric": metric,
                 "optimizer": optimizer, "params": params or {}, "dataset": dataset, "scheduled": scheduled}
-        run_id = start_run(self.app, self.runs, spec, trainset=trainset, valset=valset,
-                           queue=self.settings.optimize_queue)
+        with typed_store_full(self.settings.broker):  # a full Redis: errors.StoreFull, not a raw Redis error
+            run_id = start_run(self.app, self.runs, spec, trainset=trainset, valset=valset,
+                               queue=self.settings.optimize_queue)
         return OptimizationRun(run_id, self.runs)
 
     def close(self) -> None:
@@ -366,6 +376,9 @@ class Client:
             lm_config: LM settings for every LM call of this job: ``temperature``, ``top_p``, ``max_tokens``,
                 ``n``, ``rollout_id``; any other key (``api_base``, ``model``, ...) is a ``ValidationError``.
 
+        Raises:
+            StoreFull: Redis is full (its ``maxmemory``): nothing was enqueued.
+
         Example:
             >>> client.submit("qa", {"question": "Why?"}, trace=True, lm_config={"temperature": 0.3})  # doctest: +SKIP
         """
@@ -380,14 +393,21 @@ class Client:
         self.validate(name, inputs)
         run_id = self._loss.run_id()
         queue = queue or self.settings.predict_queue
-        r = self.app.send_task(wire.task_name(name), kwargs=wire.predict_kwargs(inputs, session, program, options),
-                               queue=queue, countdown=countdown,
-                               headers=wire.sent_headers())  # queue age for `dspex health`
+        with typed_store_full(self.settings.broker):  # a full Redis: errors.StoreFull, nothing enqueued
+            r = self.app.send_task(wire.task_name(name),
+                                   kwargs=wire.predict_kwargs(inputs, session, program, options),
+                                   queue=queue, countdown=countdown,
+                                   headers=wire.sent_headers())  # queue age for `dspex health`
         return Job(r, probe=self._loss.probe(str(r.id), queue, run_id))
 
-    def job(self, job_id: str) -> Job:
-        """A handle on an earlier job by id."""
-        return Job(self.app.AsyncResult(job_id))
+    def job(self, job_id: str, *, queue: str | None = None) -> Job:
+        """A handle on an earlier job by id (sent to ``queue``, default the predict queue).
+
+        Its ``get()`` reports the job lost (:class:`~dspex_tasks.errors.ResultLost`) if Redis loses its data from
+        now on; a loss before this call is not known to it and ends in a timeout.
+        """
+        queue = queue or self.settings.predict_queue
+        return Job(self.app.AsyncResult(job_id), probe=self._loss.probe(job_id, queue, self._loss.run_id()))
 
     def map(self, name: str, inputs: Iterable[dict[str, Any]], *, session: str | None = None,
             program: str | None = None, trace: bool = False, lm_config: dict[str, Any] | None = None,
@@ -419,23 +439,26 @@ class Client:
                 raise ValidationError.from_errors(f"inputs for '{name}' (item {i})", errors) from None
         size = chunk_size or self.settings.map_chunk_size
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
-        pending = [self.app.send_task(wire.MAP_TASK, kwargs=wire.map_kwargs(name, chunk, session, program, options),
-                                      queue=self.settings.predict_queue, headers=wire.sent_headers())
-                   for chunk in chunks]
+        run_id, queue = self._loss.run_id(), self.settings.predict_queue
+        with typed_store_full(self.settings.broker):  # chunks sent before Redis filled up still run
+            pending = [self.app.send_task(wire.MAP_TASK,
+                                          kwargs=wire.map_kwargs(name, chunk, session, program, options),
+                                          queue=queue, headers=wire.sent_headers())
+                       for chunk in chunks]
+        pending = [Job(r, probe=self._loss.probe(str(r.id), queue, run_id)) for r in pending]
         return self._collect(pending, [len(c) for c in chunks], timeout, return_exceptions, on_progress)
 
     def _collect(self, pending: Sequence[Any], sizes: list[int], timeout: float | None, return_exceptions: bool,
                  on_progress: Any) -> list[Result | DspexError]:
         deadline = None if timeout is None else time.monotonic() + timeout
         out: list[Result | DspexError] = []
-        for r, n in zip(pending, sizes, strict=True):
+        for job, n in zip(pending, sizes, strict=True):
             remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
-            value = Job(r)._r
             try:
-                payload = value.get(timeout=remaining, propagate=False, disable_sync_subtasks=False)
-            except Exception as exc:  # celery TimeoutError
-                raise TaskTimeout(f"map chunk {r.id} did not finish within {timeout} s") from exc
-            if isinstance(payload, BaseException) or value.state == "FAILURE":
+                payload = job.wait(remaining)  # a chunk lost with Redis's data: ResultLost within seconds
+            except TaskTimeout:
+                raise TaskTimeout(f"map chunk {job.id} did not finish within {timeout} s") from None
+            if isinstance(payload, BaseException) or job.state == "FAILURE":
                 err = from_remote(type(payload).__name__, getattr(payload, "args", (str(payload),)))
                 out.extend([err] * n)
             else:

@@ -8,7 +8,9 @@ Blocking reads (``XREAD BLOCK``, pub/sub ``get_message(timeout=...)``) always wa
 timeout, so the policy holds for them too. Pools block: at most ``DSPEX_REDIS_MAX_CONNECTIONS`` connections
 per client, and a command over the cap waits up to ``DSPEX_REDIS_POOL_WAIT_S`` for a free one (redis-py's
 default pool raises ``MaxConnectionsError`` at once, which made a busy but healthy Redis look down); a wait
-that runs out raises redis's ``ConnectionError``, which callers map to ``errors.BackendUnavailable``.
+that runs out raises redis's ``ConnectionError``, which callers map to ``errors.BackendUnavailable``. A write
+Redis refuses because it is full (used memory above ``maxmemory``, policy ``noeviction``) raises
+``errors.StoreFull`` naming the URL (password redacted), never redis's raw ``OutOfMemoryError``.
 
 Celery's own connections (broker, result backend) follow the same numbers through
 :func:`dspex_tasks.app.celery_config`, which reads them from here.
@@ -22,7 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +34,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import redis
     import redis.asyncio
 
+    from .errors import StoreFull
     from .settings import Settings
 
 __all__ = ["HEALTH_CHECK_INTERVAL_S", "redis_client", "async_redis_client", "probe_client", "client_options",
-           "pool_options", "lua", "register_lua", "redacted_url", "unreachable_message", "ping"]
+           "pool_options", "lua", "register_lua", "redacted_url", "unreachable_message", "ping",
+           "amqp_connection", "is_store_full", "store_full_error", "typed_store_full"]
 
 #: Idle pooled connections older than this are PINGed before reuse.
 HEALTH_CHECK_INTERVAL_S = 25
@@ -57,7 +63,9 @@ def redis_client(settings: Settings, url: str | None = None, *, timeout_s: float
 
     pool = redis_lib.BlockingConnectionPool.from_url(url or settings.redis_url, **pool_options(settings),
                                                      **client_options(settings, timeout_s=timeout_s))
-    return redis_lib.Redis.from_pool(pool)  # close() disconnects the pool too
+    client: redis.Redis = _typed_clients()[0].from_pool(pool)  # close() disconnects the pool too
+    client._dspex_url = url or settings.redis_url  # type: ignore[attr-defined]
+    return client
 
 
 def async_redis_client(settings: Settings, url: str | None = None) -> redis.asyncio.Redis:
@@ -66,7 +74,9 @@ def async_redis_client(settings: Settings, url: str | None = None) -> redis.asyn
 
     pool = aioredis.BlockingConnectionPool.from_url(url or settings.redis_url, **pool_options(settings),
                                                     **client_options(settings))
-    return aioredis.Redis.from_pool(pool)
+    client: redis.asyncio.Redis = _typed_clients()[1].from_pool(pool)
+    client._dspex_url = url or settings.redis_url  # type: ignore[attr-defined]
+    return client
 
 
 def probe_client(url: str, timeout_s: float) -> redis.Redis:
@@ -126,8 +136,104 @@ def ping(url: str, timeout_s: float) -> None:
         finally:
             conn.close()
         return
+    with amqp_connection(url, timeout_s) as kconn:
+        kconn.ensure_connection(max_retries=0, timeout=timeout_s)  # one attempt: callers have their own deadline
+
+
+def amqp_connection(url: str, timeout_s: float) -> Any:
+    """A ``kombu.Connection`` to an AMQP broker for a one-off look (a ping, queue depths): the connect and
+    socket reads time out after ``timeout_s``. Nothing connects until it is used; close it (``with``)."""
     from kombu import connection as kombu_connection
 
     connection_cls: Any = kombu_connection.Connection
-    with connection_cls(url, connect_timeout=timeout_s) as kconn:
-        kconn.ensure_connection(max_retries=1, timeout=timeout_s)
+    return connection_cls(url, connect_timeout=timeout_s, transport_options={"read_timeout": timeout_s,
+                                                                              "write_timeout": timeout_s})
+
+
+def is_store_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is Redis refusing a write because it is full (``OOM``)."""
+    from redis.exceptions import OutOfMemoryError
+
+    from .errors import StoreFull
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:  # kombu re-raises redis errors as its own
+        if isinstance(current, OutOfMemoryError | StoreFull):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def store_full_error(url: str) -> StoreFull:
+    """The typed error for a write the Redis at ``url`` refused because it is full (the URL without password)."""
+    from .errors import StoreFull
+
+    return StoreFull(f"Redis at {redacted_url(url)} is full: it refused a write because its used memory is above "
+                     "'maxmemory' (maxmemory-policy noeviction); free memory (expire or delete keys) or raise "
+                     "maxmemory")
+
+
+@contextlib.contextmanager
+def typed_store_full(url: str) -> Iterator[None]:
+    """Raise :func:`store_full_error` instead of a Redis (or kombu) error that says Redis is full."""
+    from .errors import StoreFull
+
+    try:
+        yield
+    except StoreFull:
+        raise
+    except Exception as exc:
+        if is_store_full(exc):
+            raise store_full_error(url) from exc
+        raise
+
+
+@functools.cache
+def _typed_clients() -> tuple[type[redis.Redis], type[redis.asyncio.Redis]]:
+    """``redis.Redis`` and its asyncio twin whose commands, pipelines and scripts raise ``errors.StoreFull``."""
+    import redis as redis_lib
+    import redis.asyncio as aioredis
+    from redis.asyncio.client import Pipeline as AsyncPipeline
+    from redis.client import Pipeline
+
+    class TypedPipeline(Pipeline):
+        _dspex_url = ""
+
+        def execute(self, raise_on_error: bool = True) -> Any:
+            with typed_store_full(self._dspex_url):
+                return super().execute(raise_on_error)
+
+    class TypedRedis(redis_lib.Redis):
+        _dspex_url = ""
+
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            with typed_store_full(self._dspex_url):
+                return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+        def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+            pipe = TypedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+            pipe._dspex_url = self._dspex_url
+            return pipe
+
+    class AsyncTypedPipeline(AsyncPipeline):
+        _dspex_url = ""
+
+        async def execute(self, raise_on_error: bool = True) -> Any:
+            with typed_store_full(self._dspex_url):
+                return await super().execute(raise_on_error)
+
+    class AsyncTypedRedis(aioredis.Redis):
+        _dspex_url = ""
+
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            with typed_store_full(self._dspex_url):
+                return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+        def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+            pipe = AsyncTypedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+            pipe._dspex_url = self._dspex_url
+            return pipe
+
+    return TypedRedis, AsyncTypedRedis

@@ -40,6 +40,7 @@ __all__ = [
     "ResultLost",
     "DeadLettered",
     "BackendUnavailable",
+    "StoreFull",
     "from_remote",
 ]
 
@@ -295,6 +296,15 @@ class BackendUnavailable(DspexError):
     """Raised when Redis (broker or result backend) does not answer within its socket timeout."""
 
     code = "backend_unavailable"
+
+
+class StoreFull(DspexError):
+    """Raised when Redis refused a write because it is full: used memory above its ``maxmemory`` with the
+    ``noeviction`` policy workers require. The refused write did not happen (a submit enqueued nothing); free
+    memory or raise ``maxmemory``.
+    """
+
+    code = "store_full"
 
 
 class DeadLettered(DspexError):

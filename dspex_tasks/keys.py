@@ -151,6 +151,11 @@ def deliveries(ns: str, task_id: str) -> str:
     return f"{ns}:deliveries:{task_id}"
 
 
+def data_lost(ns: str) -> str:
+    """String (JSON, expiring): when a worker found that Redis had restarted without its data."""
+    return f"{ns}:data_lost"
+
+
 def dead_letters(ns: str) -> str:
     """List: messages set aside after too many deliveries, or refused as malformed (newest first)."""
     return f"{ns}:deadletter"
@@ -176,6 +181,11 @@ def gateway_job(ns: str, job_id: str) -> str:
 def ratelimit_bucket(ns: str, scope: str, unit: str) -> str:
     """String: a GCRA bucket's theoretical arrival time in ms (``scope`` e.g. ``model:openai/gpt-4o-mini``)."""
     return f"{ns}:{{#rl}}:{scope}:{unit}"
+
+
+def ratelimit_reservation(ns: str, task_id: str, call: int) -> str:
+    """String: the slot reserved for a task's ``call``-th LM call (in the buckets' hash tag), until it is sent."""
+    return ratelimit_bucket(ns, f"task:{task_id}:{call}", "slot")
 
 
 def lm_cache_entry(ns: str, digest: str) -> str:

@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     # LM control (dspex_tasks.lm.governed): fleet-wide rate limits, shared response cache, fallbacks
     rate_limits: dict[str, dict[str, float]] = Field(default_factory=dict)  # model -> {rpm, tpm, burst, ...}
     rate_limit_max_wait_s: float = Field(1.0, ge=0)  # longest in-thread wait; longer re-queues the task
-    rate_limit_max_requeues: int = Field(200, ge=0)  # re-queues for a full bucket (own budget, not task_max_retries)
+    # No fleet rate-limit slot is reserved further ahead (a longer backlog fails the task: LMRateLimitError); and
+    # a task re-queued for its slot gets countdowns of at most this (and half the visibility timeout).
+    rate_limit_max_queue_s: float = Field(3600.0, gt=0)
+    rate_limit_max_countdown_s: float = Field(1800.0, gt=0)
+    rate_limit_max_requeues: int = Field(200, ge=0)  # deprecated, ignored: the wait is bounded by time (above)
     lm_shared_cache: bool = False  # every signature uses the Redis LM cache (else per signature: cache=True)
     lm_cache_ttl_s: int = Field(86_400, gt=0)
     lm_cache_max_entries: int = Field(100_000, ge=1)
@@ -87,7 +91,16 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(10.0, gt=1)
     redis_max_connections: int = Field(200, ge=1)  # per pool (each client, the result backend, the broker)
     redis_pool_wait_s: float = Field(5.0, gt=0)  # a command waits this long for a free pooled connection
+    # A result write Redis refuses because it is full (maxmemory) is retried this long, with consumption paused,
+    # before the task gives up and its message is requeued (dspex_tasks.worker.storefull).
+    store_full_wait_s: float = Field(180.0, ge=0)
     allow_unsafe_eviction: bool = False
+    # A Redis broker's messages move from the queue to the unacked hash in one Lua script (no kill can lose
+    # one between the two); a living worker keeps extending the visibility of every message it holds.
+    reliable_fetch: bool = True
+    # A RabbitMQ broker's dspex queues: classic, or quorum (replicated; x-delivery-limit = DSPEX_MAX_DELIVERIES,
+    # topic exchanges so countdowns use RabbitMQ's native delayed delivery). Not a Redis broker's concern.
+    amqp_queue_type: Literal["classic", "quorum"] = "classic"
     track_started: bool = False
     log_each_task: bool = False
     predict_queue: str = PREDICT_QUEUE
@@ -107,8 +120,9 @@ class Settings(BaseSettings):
     @field_validator("redis_url", "broker_url", "result_backend")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://", "amqp://", "pyamqp://")):
-            raise ValueError(f"expected a redis://, rediss:// or amqp:// URL, got {v!r}")
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://", "amqp://", "amqps://",
+                                               "pyamqp://")):
+            raise ValueError(f"expected a redis://, rediss://, amqp:// or amqps:// URL, got {v!r}")
         return v
 
     @field_validator("rate_limits")
@@ -161,6 +175,11 @@ class Settings(BaseSettings):
     @property
     def broker(self) -> str:
         return self.broker_url or self.redis_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether the broker is Redis (else RabbitMQ over AMQP)."""
+        return self.broker.startswith(("redis://", "rediss://", "unix://"))
 
     @property
     def backend(self) -> str:

@@ -1,4 +1,9 @@
-"""``dspex gateway`` (the HTTP gateway on uvicorn) and ``dspex keys create|ls|revoke`` (its API keys)."""
+"""``dspex gateway`` (the HTTP gateway on uvicorn) and ``dspex keys create|ls|grant|revoke`` (its API keys).
+
+A key's scopes (:mod:`dspex_tasks.gateway.scopes`): ``--rights`` (read, write, admin) and ``--sessions``
+(``team-a``, ``team-a*``, ``*``, ``@default``). A new key gets ``read,write`` on ``@default`` (the default
+program only) unless told otherwise; ``grant`` adds to an existing key.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,13 @@ from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail
 
 __all__ = ["register", "keys_app", "gateway"]
 
-keys_app = typer.Typer(help="API keys of the HTTP gateway: create, ls, revoke.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of the HTTP gateway: create, ls, grant, revoke.", no_args_is_help=True)
+
+_SESSIONS_HELP = ("Sessions the key may use, comma-separated or repeated: an id (team-a), a prefix ending in '*' "
+                  "(team-a* matches team-a:1, team-ab), '*' (every session) or '@default' (the default program, "
+                  "no session).")
+_RIGHTS_HELP = ("Rights, comma-separated or repeated: read (its jobs; programs, runs of its sessions), write "
+                "(submit, put programs, start/cancel runs), admin (everything, every session, deletes).")
 
 
 def register(app: typer.Typer) -> None:
@@ -82,24 +93,55 @@ def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
 
+def _scope_line(key: Any) -> str:
+    rights, sessions = key.scopes.describe()
+    return f"rights {rights}; sessions {sessions}"
+
+
 @keys_app.command("create")
 @cli_errors
 def keys_create(
     name: Annotated[str, typer.Option("--name", "-n", help="Who the key is for (1-64 chars).")],
     rate_per_min: Annotated[int | None, typer.Option("--rate-per-min", min=0, help="This key's request limit "
                                                      "(0 = none).", show_default="DSPEX_GATEWAY_RATE_PER_MIN")] = None,
+    sessions: Annotated[list[str] | None, typer.Option("--sessions", "-s", help=_SESSIONS_HELP,
+                                                       show_default="@default")] = None,
+    rights: Annotated[list[str] | None, typer.Option("--rights", "-r", help=_RIGHTS_HELP,
+                                                     show_default="read,write")] = None,
 ) -> None:
-    """Create an API key. It is printed once, on stdout; only its SHA-256 hash is stored."""
+    """Create an API key. It is printed once, on stdout; only its SHA-256 hash is stored.
+
+    Least privilege by default: read and write on the default program only; name its sessions with --sessions.
+    """
     with _key_store() as store:
-        raw, record = store.create(name, rate_per_min=rate_per_min)
-    err.print(f"created key [bold]{record.id}[/] for {esc(record.name)}; store it now, it is not shown again")
+        raw, record = store.create(name, rate_per_min=rate_per_min, sessions=sessions, rights=rights)
+    err.print(f"created key [bold]{record.id}[/] for {esc(record.name)} ({esc(_scope_line(record))}); store it "
+              "now, it is not shown again", soft_wrap=True)
     typer.echo(raw)
 
 
+@keys_app.command("grant")
+@cli_errors
+def keys_grant(
+    id_or_name: Annotated[str, typer.Argument(help="A key id, or a name only one key has.")],
+    sessions: Annotated[list[str] | None, typer.Option("--sessions", "-s", help=_SESSIONS_HELP)] = None,
+    rights: Annotated[list[str] | None, typer.Option("--rights", "-r", help=_RIGHTS_HELP)] = None,
+) -> None:
+    """Add sessions and rights to a key (from its next request on). To take some away, create a new key and
+    revoke this one."""
+    with _key_store() as store:
+        key = store.grant(id_or_name, sessions=sessions or (), rights=rights or ())
+    err.print(f"key [bold]{key.id}[/] ({esc(key.name)}) now has {esc(_scope_line(key))}", soft_wrap=True)
+
+
 @keys_app.command("ls")
+@keys_app.command("list", hidden=True)
 @cli_errors
 def keys_ls(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List keys (id, name, created, rate limit); never the keys themselves."""
+    """List keys (id, name, created, rate limit, rights, sessions); never the keys themselves.
+
+    A key stored before scopes existed is marked legacy: it keeps full access until replaced by a scoped key.
+    """
     with _key_store() as store:
         found = store.list()
     if as_json:
@@ -108,11 +150,21 @@ def keys_ls(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     if not found:
         err.print("no API keys; create one with [bold]dspex keys create --name NAME[/]")
         return
-    table = Table("id", "name", "created", "rate/min")
+    table = Table()
+    for column in ("id", "name", "created", "rate/min"):  # kept whole; the scopes wrap when the terminal is narrow
+        table.add_column(column, no_wrap=True)
+    table.add_column("rights")
+    table.add_column("sessions", overflow="fold")
     for k in found:
         rate = "default" if k.rate_per_min is None else str(k.rate_per_min)
-        table.add_row(k.id, esc(k.name), _when(k.created_at), rate)
+        rights, scope = k.scopes.describe()
+        table.add_row(k.id, esc(k.name), _when(k.created_at), rate, esc(rights), esc(scope))
     console.print(table)
+    legacy = [k.id for k in found if k.legacy]
+    if legacy:
+        err.print(f"[yellow]{len(legacy)} legacy key(s)[/] (stored before scopes) keep full access: replace each "
+                  "with [bold]dspex keys create --name NAME --sessions ... --rights ...[/] and revoke it",
+                  soft_wrap=True)
 
 
 @keys_app.command("revoke")

@@ -180,30 +180,43 @@ def _is_redis_url(url: str) -> bool:
 
 
 def _check_broker(url: str, timeout_s: float) -> tuple[dict[str, Any], Any]:
-    """PING the broker; returns the check and, for a Redis broker that answered, the open connection."""
+    """PING the broker; returns the check and, when it answered, the open connection (redis-py or kombu).
+
+    For RabbitMQ, opening the connection (AMQP handshake, login, vhost) is the ping.
+    """
     t0 = time.monotonic()
-    check: dict[str, Any] = {"ok": False, "url": redacted_url(url), "latency_ms": None, "error": None}
+    check: dict[str, Any] = {"ok": False, "url": redacted_url(url), "latency_ms": None, "error": None,
+                             "kind": "redis" if _is_redis_url(url) else "rabbitmq"}
+    conn: Any = None
     try:
         if _is_redis_url(url):
             from ..connections import probe_client
 
             conn = probe_client(url, timeout_s)
-            try:
-                check["ok"] = bool(conn.ping())
-            except Exception:
-                conn.close()
-                raise
-        else:  # amqp: a connection is the ping
-            from ..connections import ping
+            check["ok"] = bool(conn.ping())
+        else:
+            from ..connections import amqp_connection
 
-            conn = None
-            ping(url, timeout_s)
+            conn = amqp_connection(url, timeout_s)
+            conn.ensure_connection(max_retries=0, timeout=timeout_s)
             check["ok"] = True
     except Exception as exc:
+        if conn is not None:
+            conn.close()
         check["error"] = f"{type(exc).__name__}: {exc}"
         return check, None
     check["latency_ms"] = round((time.monotonic() - t0) * 1000, 2)
     return check, conn
+
+
+def _queue_infos(conn: Any, settings: Any, max_age_s: float) -> dict[str, dict[str, Any]]:
+    """Depth (and, on Redis, the oldest stamped message's age) of every queue, on the open broker connection."""
+    if _is_redis_url(settings.broker):
+        return {q: _queue_info(conn, q, max_age_s) for q in settings.queues}
+    from ..observability.status import amqp_queue_depths
+
+    return {q: {"depth": depth, "oldest_age_s": None, "age_source": None, "ok": True}
+            for q, depth in amqp_queue_depths(conn, settings.queues).items()}
 
 
 def _check_workers(settings: Any, timeout_s: float, local: bool) -> dict[str, Any]:
@@ -234,14 +247,19 @@ def _check_workers(settings: Any, timeout_s: float, local: bool) -> dict[str, An
     return check
 
 
-def _check_registry(settings: Any, timeout_s: float) -> dict[str, Any]:
-    """Signatures published by workers: none means clients answer ``UnknownSignature`` to every submit."""
+def _check_registry(settings: Any, timeout_s: float, local: bool = False) -> dict[str, Any]:
+    """Signatures published by workers: none means clients answer ``UnknownSignature`` to every submit.
+
+    Also fails (except with ``--local``, a probe that must not restart workers for it) for a while after a
+    worker found that Redis had restarted without its data: queued tasks and results vanished with it.
+    """
     from .. import keys
     from ..connections import probe_client
 
     conn = probe_client(settings.redis_url, timeout_s)
     try:
         count = int(conn.hlen(keys.signatures(settings.namespace)))
+        lost_raw = conn.get(keys.data_lost(settings.namespace))
     except Exception as exc:
         return {"ok": False, "signatures": None, "error": f"could not read the registry: {type(exc).__name__}: {exc}"}
     finally:
@@ -251,6 +269,16 @@ def _check_registry(settings: Any, timeout_s: float) -> dict[str, Any]:
         check["error"] = (f"no signature published in namespace '{settings.namespace}': start a worker, or Redis "
                           "may have lost its data (restarted without persistence); running workers republish "
                           "within seconds")
+    elif lost_raw is not None:
+        lost = json.loads(lost_raw)
+        check["data_lost"] = lost
+        if not local:
+            ago = max(0.0, time.time() - float(lost.get("at", 0)))
+            check["ok"] = False
+            check["error"] = (f"Redis lost its data {ago:.0f} s ago (restarted without persistence; noticed by "
+                              f"worker {lost.get('worker')}): tasks queued or running then, and stored results, "
+                              "are gone (waiting clients get ResultLost); turn on persistence (appendonly yes). "
+                              "This check clears 10 minutes after the loss")
     return check
 
 
@@ -279,7 +307,7 @@ def collect_health(settings: Any, *, max_queue_age_s: float = 300.0, timeout_s: 
     workers = _check_workers(settings, timeout_s, local) if broker["ok"] else dict(skipped)
     if conn is not None:
         try:
-            queues = {q: _queue_info(conn, q, max_queue_age_s) for q in settings.queues}
+            queues = _queue_infos(conn, settings, max_queue_age_s)
         finally:
             conn.close()
         old = [f"{q} {info['oldest_age_s']:g} s" for q, info in queues.items() if not info["ok"]]
@@ -291,12 +319,9 @@ def collect_health(settings: Any, *, max_queue_age_s: float = 300.0, timeout_s: 
             problems.append(unconsumed_message(stuck))
         if problems:
             queue_check["error"] = "; ".join(problems)
-    elif broker["ok"]:
-        queue_check = {"ok": True, "skipped": True, "max_age_s": max_queue_age_s, "queues": {},
-                       "error": None, "note": "not a Redis broker: queue depth and age unknown"}
     else:
         queue_check = dict(skipped)
-    registry = _check_registry(settings, timeout_s) if broker["ok"] else dict(skipped)
+    registry = _check_registry(settings, timeout_s, local) if broker["ok"] else dict(skipped)
     checks = {"broker": broker, "workers": workers, "queues": queue_check, "registry": registry}
     # A check skipped because the broker is down is not a failure of its own.
     failed = [name for name, check in checks.items() if not check["ok"] and not check.get("skipped")]
@@ -352,6 +377,7 @@ def health(
 
     Celery messages carry no send time by default, so a queue's age is known only when producers stamp a
     dspex_sent_at header (or a message's ETA has passed); otherwise the depth is shown and the age passes.
+    On RabbitMQ only the depth is read (peeking at a message would mark it redelivered).
     """
     from ..settings import load_settings
 

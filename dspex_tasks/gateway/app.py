@@ -6,6 +6,9 @@ against the published schema, and described one by one in the OpenAPI document (
 published set changes), so ``/v1/signatures/qa/jobs`` documents ``question: string``. A signature published
 after startup appears within a moment: the gateway subscribes to ``keys.signature_events`` and also
 re-reads the published hash every 30 seconds and whenever a request names a signature it does not know.
+
+Every route but the public ones (``/healthz``, the OpenAPI document and docs) declares the right it needs
+(:mod:`.routers.access`); the app refuses to be built, or to start, with a route that declares none.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..settings import Settings, load_settings
 from .middleware import GatewayMiddleware
 from .problems import install_handlers
 from .routers import jobs, meta, optimizations, programs, signatures
+from .routers.access import check_routes
 from .state import Gateway
 
 __all__ = ["Gateway", "create_gateway"]
@@ -45,6 +49,7 @@ def create_gateway(settings: Settings | None = None, client: Client | None = Non
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         from ..worker.startup import RedisUnreachable, preflight
 
+        gw.route_rights = check_routes(_app)  # routes added after create_gateway are checked too
         try:  # a gateway that cannot reach Redis at start stops here (later outages are served as 503s)
             await asyncio.to_thread(preflight, settings, what="gateway")
         except RedisUnreachable as exc:
@@ -69,6 +74,7 @@ def create_gateway(settings: Settings | None = None, client: Client | None = Non
     # in this order: routes match in registration order
     for router in (meta.router, signatures.router, jobs.router, programs.router, optimizations.router):
         app.include_router(router)
+    gw.route_rights = check_routes(app)
     app.add_middleware(GatewayMiddleware, gateway=gw)
     app.openapi = lambda: gw.openapi(app)  # type: ignore[method-assign]
     return app

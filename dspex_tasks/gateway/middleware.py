@@ -1,5 +1,8 @@
 """The gateway's outer ASGI layer: request size limit, API key check and per-key rate limit.
 
+The key's scopes travel on to the routes as ``request.state.access`` (a :class:`~.scopes.Access`), where each
+route's declared right and the sessions it touches are checked (:mod:`.routers.access`).
+
 Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses (SSE) pass through untouched. Order: a
 declared ``Content-Length`` over the limit is refused before anything else (413); then the key
 (401, or 429 with ``Retry-After``); then the body is counted while the app reads it, so a chunked body
@@ -18,8 +21,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import StoreFull
 from .auth import key_from_headers
 from .problems import PROBLEM_JSON, problem_body
+from .scopes import Access
 
 if TYPE_CHECKING:
     from .state import Gateway
@@ -83,6 +88,10 @@ class GatewayMiddleware:
         try:
             if path not in PUBLIC_PATHS and not await self._admit(scope, headers, send, path):
                 return
+        except StoreFull as exc:  # the key check takes a rate-limit token: a write a full Redis refuses
+            log.warning("gateway: %s", exc)
+            await _send_problem(send, 507, "store_full", str(exc), path)
+            return
         except (RedisConnectionError, RedisTimeoutError) as exc:
             log.warning("gateway cannot reach Redis: %s", exc)
             await _send_problem(send, 503, "unavailable", "the store is unavailable; retry shortly", path,
@@ -115,7 +124,9 @@ class GatewayMiddleware:
                                 f"more than {result.limit} requests per minute for this key", path,
                                 {"Retry-After": str(result.retry_after_s)}, retry_after=result.retry_after_s)
             return False
-        scope.setdefault("state", {})["api_key_id"] = result.key_id
+        state = scope.setdefault("state", {})
+        state["api_key_id"] = result.key_id
+        state["access"] = Access(result.key_id or "anonymous", result.scopes)
         return True
 
 

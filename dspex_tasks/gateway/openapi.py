@@ -2,7 +2,8 @@
 
 Each signature's published input and output JSON Schemas become components (``qa.inputs``,
 ``qa.outputs``) referenced by its operations, so a generated client has ``question: string`` rather than
-``object``. Every protected operation documents its problem responses and the API-key security schemes.
+``object``. Every protected operation documents its problem responses and the API-key security schemes, and
+the right its key needs (``x-dspex-right``; its 403 says what a refusal names).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ PUBLIC = frozenset({"/healthz"})
 _ERRORS = (400, 401, 403, 404, 413, 415, 422, 429, 503)
 _RUN_ERRORS = (502, 504)
 _DESCRIPTIONS = {400: "Malformed request", 401: "Missing or unknown API key", 403: "Forbidden",
-                 404: "Not found", 409: "The named program serves another signature",
+                 404: "Not found (jobs and runs this key may not see answer 404 too, as if unknown)", 409: "The named program serves another signature",
                  413: "Request body too large", 415: "Unsupported media type",
                  422: "Validation failed (errors[].field names each bad field)", 429: "Rate limited",
                  502: "The job failed on the worker or the LM", 503: "Store unavailable", 504: "Timed out"}
@@ -148,6 +149,30 @@ def _problem(code: int) -> dict[str, Any]:
         out["headers"] = {"Retry-After": {"description": "seconds until a request is allowed",
                                           "schema": {"type": "integer"}}}
     return out
+
+
+_RIGHT_USES = {
+    "read": "the key's 'read' right and, for a session the request names, that session in its scope",
+    "write": "the key's 'write' right and the session the request names (or '@default', the default program, "
+             "when it names none) in its scope",
+    "admin": "the key's 'admin' right",
+}
+
+
+def _forbidden(right: str) -> dict[str, Any]:
+    out = _problem(403)
+    out["description"] = (f"Forbidden: this operation needs {_RIGHT_USES.get(right, repr(right))}. The problem "
+                          "names what is missing ('right', 'session' or 'dataset') and the 'dspex keys grant' "
+                          "command that grants it")
+    return out
+
+
+def _right_of(rights: dict[tuple[str, str], str], method: str, path: str) -> str | None:
+    """The right of an operation; a signature's own paths take their parameterized route's."""
+    found = rights.get((method.upper(), path))
+    if found is None and path.startswith("/v1/signatures/"):
+        found = rights.get((method.upper(), re.sub(r"^/v1/signatures/[^/:]+", "/v1/signatures/{name}", path)))
+    return found
 
 
 def _json(schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
@@ -315,8 +340,13 @@ def _typed_fixed_bodies(doc: dict[str, Any], signatures: dict[str, dict[str, Any
 
 
 def build_document(base: dict[str, Any], signatures: dict[str, dict[str, Any]],
-                   capabilities: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """``base`` (FastAPI's document of the fixed routes) with every signature's operations and the problems."""
+                   capabilities: dict[str, list[str]] | None = None,
+                   rights: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
+    """``base`` (FastAPI's document of the fixed routes) with every signature's operations and the problems.
+
+    ``rights`` (``(METHOD, path template) -> right``, from :func:`.routers.access.route_rights`) marks each
+    operation with ``x-dspex-right`` and says in its 403 what it needs.
+    """
     doc = copy.deepcopy(base)
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
@@ -350,4 +380,8 @@ def build_document(base: dict[str, Any], signatures: dict[str, dict[str, Any]],
                 codes += (409,)
             for code in codes:
                 responses[str(code)] = _problem(code)
+            right = _right_of(rights or {}, method, path)
+            if right is not None:
+                op["x-dspex-right"] = right
+                responses["403"] = _forbidden(right)
     return doc

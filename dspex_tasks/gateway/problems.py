@@ -43,6 +43,7 @@ _STATUS: list[tuple[type[errors.DspexError], int]] = [
     (errors.TaskTimeout, 504),
     (errors.ResultLost, 410),
     (errors.ConfigurationError, 500),
+    (errors.StoreFull, 507),  # Redis is full (maxmemory): Insufficient Storage, nothing written
 ]
 
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -63,6 +64,11 @@ PROBLEM_SCHEMA: dict[str, Any] = {
             "required": ["field", "message"]}},
         "job_id": {"type": "string"},
         "retry_after": {"type": "integer"},
+        "right": {"type": "string", "enum": ["read", "write", "admin"],
+                  "description": "403: the right the API key lacks"},
+        "session": {"type": "string", "description": "403: the session (or '@default', the default program) "
+                                                     "outside the API key's scope"},
+        "dataset": {"type": "string", "description": "403: the dataset outside the API key's scope"},
     },
     "required": ["type", "title", "status", "code"],
 }

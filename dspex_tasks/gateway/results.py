@@ -124,8 +124,10 @@ class JobReader:
     """Job state and results for the gateway (needs a Redis result backend)."""
 
     def __init__(self, *, celery_app: Any, aredis: Any, hub: Hub, namespace: str, record_ttl_s: int) -> None:
+        from celery.backends.redis import RedisBackend
+
         backend = celery_app.backend
-        if not hasattr(backend, "get_key_for_task") or "redis" not in type(backend).__name__.lower():
+        if not isinstance(backend, RedisBackend):  # subclasses too (the worker's StoreFullBackend is one)
             raise errors.ConfigurationError("the HTTP gateway needs a Redis result backend "
                                             f"(DSPEX_RESULT_BACKEND), got {type(backend).__name__}")
         self._backend = backend
@@ -137,8 +139,10 @@ class JobReader:
     def _key(self, job_id: str) -> str:
         return _s(self._backend.get_key_for_task(job_id))
 
-    async def record(self, job_id: str, signature: str, key_id: str) -> None:
-        value = json.dumps({"signature": signature, "key": key_id, "created_at": time.time()})
+    async def record(self, job_id: str, signature: str, key_id: str, session: str | None = None) -> None:
+        """Who submitted a job through the gateway (its owner scope, checked when it is read), for as long as
+        its result is kept."""
+        value = json.dumps({"signature": signature, "key": key_id, "session": session, "created_at": time.time()})
         await self._redis.set(keys.gateway_job(self._ns, job_id), value, ex=self._ttl)
 
     def _decode(self, raw: Any) -> dict[str, Any] | None:

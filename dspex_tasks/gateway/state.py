@@ -23,7 +23,7 @@ from ..client import Client
 from ..connections import async_redis_client
 from ..errors import ProgramNotFound, UnknownSignature, ValidationError, from_remote
 from ..settings import Settings
-from .auth import RequestLimiter
+from .auth import RequestLimiter, legacy_key_ids
 from .openapi import build_document
 from .problems import Problem, status_for
 from .results import READY, Hub, JobReader, job_error
@@ -58,6 +58,9 @@ class Gateway:
         self._doc: dict[str, Any] | None = None
         self._doc_version = -1
         self._senders = ThreadPoolExecutor(max_workers=SENDERS, thread_name_prefix="dspex-gateway-send")
+        #: ``(METHOD, path template) -> right`` of every non-public route (set by the app factory)
+        self.route_rights: dict[tuple[str, str], str] = {}
+        self._legacy_checked = False
 
     @property
     def jobs(self) -> JobReader:
@@ -90,6 +93,17 @@ class Gateway:
             await self.stop()
             raise
         self._loop = loop
+        if not self._legacy_checked and self.settings.gateway_auth:
+            self._legacy_checked = True
+            await self._warn_legacy_keys()
+
+    async def _warn_legacy_keys(self) -> None:
+        """One warning per gateway: keys stored before scopes keep full access until they are replaced."""
+        legacy = legacy_key_ids(await self.aredis.hvals(keys.gateway_api_keys(self.settings.namespace)))
+        if legacy:
+            log.warning("%d legacy API key(s) stored before key scopes keep full access (admin, every session): "
+                        "%s; replace each with a scoped key (dspex keys create --name NAME --sessions ... --rights "
+                        "...) and revoke it (dspex keys revoke ID)", len(legacy), ", ".join(legacy))
 
     async def stop(self) -> None:
         if self._refresh is not None:
@@ -184,6 +198,6 @@ class Gateway:
     def openapi(self, app: FastAPI) -> dict[str, Any]:
         if self._doc is None or self._doc_version != self.version:
             base = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            self._doc = build_document(base, self.signatures, self.capabilities)
+            self._doc = build_document(base, self.signatures, self.capabilities, self.route_rights)
             self._doc_version = self.version
         return self._doc

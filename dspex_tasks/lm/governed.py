@@ -389,8 +389,8 @@ def build_signature_lm(settings: Any, plan: LMPlan, redis: Any) -> Any:
     inners = {m: build_lm(settings, m, num_retries=0) for m in plan.route.models}
     for inner in inners.values():
         prime(lm_name(inner))
-    limiter = RateLimiter(redis, settings.namespace, max_wait_s=settings.rate_limit_max_wait_s) \
-        if plan.limits else None
+    limiter = RateLimiter(redis, settings.namespace, max_wait_s=settings.rate_limit_max_wait_s,
+                          max_queue_s=settings.rate_limit_max_queue_s) if plan.limits else None
     cache = LMCache(redis, settings.namespace, ttl_s=settings.lm_cache_ttl_s,
                     max_entries=settings.lm_cache_max_entries) if plan.cache else None
     return GovernedLM(plan.route, inners, limits=plan.limits, limiter=limiter, shared_cache=cache,

@@ -7,18 +7,22 @@ without importing the limiter or opening anything.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Unit", "Limit", "parse_limits", "gcra_reserve", "estimate_tokens", "requeue_countdown", "MAX_BACKOFF_S",
-           "BACKOFF_JITTER", "backoff_s"]
+__all__ = ["Unit", "Limit", "parse_limits", "gcra_reserve", "estimate_tokens", "MAX_BACKOFF_S", "BACKOFF_JITTER",
+           "backoff_s", "DEFAULT_MAX_QUEUE_S", "DEFAULT_MAX_COUNTDOWN_S"]
 
 #: In-thread backoff never holds a thread longer (the task's own retries wait longer).
 MAX_BACKOFF_S = 4.0
 #: The in-thread backoff is multiplied by a uniform factor in this range.
 BACKOFF_JITTER = (0.8, 1.2)
+#: A task waits at most this long for fleet rate-limit slots, re-queued (``DSPEX_RATE_LIMIT_MAX_QUEUE_S``).
+DEFAULT_MAX_QUEUE_S = 3600.0
+#: The longest countdown a task re-queued for its slot is given (``DSPEX_RATE_LIMIT_MAX_COUNTDOWN_S``): with
+#: the default wait budget, at most two re-queues per task however long the backlog.
+DEFAULT_MAX_COUNTDOWN_S = 1800.0
 
 
 def backoff_s(base_s: float, attempt: int) -> float:
@@ -139,9 +143,3 @@ def estimate_tokens(prompt: Any, messages: Any, max_tokens: Any) -> int:
     answer = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 256
     return chars // 4 + answer
 
-
-def requeue_countdown(wait_s: float, rng: random.Random | None = None) -> float:
-    """A countdown of at least ``wait_s``, spread over [wait, 1.5 wait + 0.2] so the tasks turned
-    away together do not all come back together."""
-    r = rng or random
-    return max(wait_s, 0.0) + r.uniform(0.0, max(wait_s, 0.0) * 0.5 + 0.2)

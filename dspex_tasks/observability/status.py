@@ -14,9 +14,11 @@ import json
 from typing import Any
 
 from .. import keys
-from ..connections import redis_client
+from ..connections import amqp_connection, redacted_url, redis_client, unreachable_message
+from ..errors import ConfigurationError
 
-__all__ = ["collect_status", "queue_depth", "worker_stats", "queue_consumers", "unconsumed", "unconsumed_message"]
+__all__ = ["collect_status", "queue_depth", "amqp_queue_depths", "broker_queue_depths", "worker_stats",
+           "queue_consumers", "unconsumed", "unconsumed_message"]
 
 _CACHE_FIELDS = ("hits", "misses", "evictions", "invalidations", "size")
 
@@ -31,14 +33,64 @@ def queue_depth(redis: Any, queue: str) -> int:
     return int(sum(pipe.execute()))
 
 
+def amqp_queue_depths(connection: Any, queues: list[str]) -> dict[str, int]:
+    """Messages ready in RabbitMQ queues, each from a passive ``queue.declare`` (which creates nothing).
+
+    ``connection`` is a ``kombu.Connection`` (:func:`~dspex_tasks.connections.amqp_connection`). A queue that
+    does not exist yet holds nothing: 0. As with Redis, messages a worker holds unacknowledged are not counted.
+    Nothing is peeked at: a ``basic.get`` put back would mark the message redelivered (a delivery for the
+    dead-letter guard), so a RabbitMQ queue's oldest message has no known age.
+    """
+    from amqp.exceptions import NotFound
+
+    depths: dict[str, int] = {}
+    channel = connection.channel()
+    try:
+        for queue in queues:
+            try:
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except NotFound:  # the broker closed the channel: the next queue gets a new one
+                depths[queue] = 0
+                channel = connection.channel()
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+    return depths
+
+
+def broker_queue_depths(settings: Any, queues: list[str] | None = None, *, redis: Any = None,
+                        timeout_s: float = 2.0) -> dict[str, int]:
+    """Messages waiting in each queue (default: ``settings.queues``) of the broker, Redis or RabbitMQ.
+
+    ``redis``: a client of the broker when it is Redis (default: one opened here, closed after).
+
+    Raises:
+        ConfigurationError: a RabbitMQ broker that did not answer within ``timeout_s``, naming the URL and
+            ``DSPEX_BROKER_URL``.
+    """
+    names = settings.queues if queues is None else queues
+    if settings.broker_is_redis:
+        if redis is not None:
+            return {q: queue_depth(redis, q) for q in names}
+        conn = redis_client(settings, settings.broker)
+        try:
+            return {q: queue_depth(conn, q) for q in names}
+        finally:
+            conn.close()
+    with amqp_connection(settings.broker, timeout_s) as connection:
+        try:
+            connection.ensure_connection(max_retries=0, timeout=timeout_s)
+        except Exception as exc:  # refused, timed out, a bad login or vhost: one line, not a traceback
+            raise ConfigurationError(unreachable_message("cannot reach RabbitMQ", settings.broker, exc,
+                                                         variable="DSPEX_BROKER_URL")) from None
+        return amqp_queue_depths(connection, names)
+
+
 def _queue_depths(client: Any) -> dict[str, int | None]:
-    """Depths from the broker (which may be another Redis than DSPEX_REDIS_URL); None if not Redis."""
+    """Depths from the broker (which may be another Redis than DSPEX_REDIS_URL, or RabbitMQ)."""
     s = client.settings
-    names = s.queues
-    if not s.broker.startswith(("redis://", "rediss://", "unix://")):
-        return dict.fromkeys(names)
-    broker = client.redis if s.broker == s.redis_url else redis_client(s, s.broker)
-    return {q: queue_depth(broker, q) for q in names}
+    redis = client.redis if s.broker == s.redis_url else None
+    return dict(broker_queue_depths(s, redis=redis))
 
 
 def queue_consumers(app: Any, timeout_s: float, workers: list[str] | None = None) -> dict[str, list[str]]:
@@ -170,14 +222,15 @@ def collect_status(client: Any, *, timeout_s: float = 1.0) -> dict[str, Any]:
     s = client.settings
     redis = client.redis
     cache, metrics = worker_stats(redis, s.namespace)
+    depths = _queue_depths(client)  # before the broadcast: a broker that is down is named here, in one line
     workers = _workers(client.app, timeout_s)
-    depths = _queue_depths(client)
     consumers: dict[str, list[str]] = {}
     for w in workers:
         for q in w["queues"]:
             consumers.setdefault(q, []).append(w["name"])
     return {
         "redis_url": s.redis_url,
+        "broker_url": redacted_url(s.broker),
         "namespace": s.namespace,
         "workers": workers,
         "queues": depths,

@@ -5,7 +5,8 @@ worker (a native crash, the OOM killer) goes back to the queue and would kill th
 next worker too, forever. Kombu marks such a message ``redelivered``; only then do we
 count its deliveries in Redis (the first delivery costs nothing), and past
 ``DSPEX_MAX_DELIVERIES`` the message is set aside in a dead-letter list and fails as
-``errors.DeadLettered`` without running.
+``errors.DeadLettered`` without running. A redelivered message whose task already succeeded (its
+worker died between storing the result and the ack) returns the stored result without running again.
 """
 
 from __future__ import annotations
@@ -38,8 +39,19 @@ class DspexTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _redelivered(self.request):
+            finished = self._finished_result()
+            if finished is not None:  # its worker died after storing the result, before the ack
+                return finished[0]
             self._count_delivery(kwargs)
         return super().__call__(*args, **kwargs)
+
+    def _finished_result(self) -> tuple[Any] | None:
+        """The stored result of this task id when it already succeeded (a redelivery then changes nothing)."""
+        try:
+            meta = self.backend.get_task_meta(self.request.id)
+        except Exception:  # noqa: BLE001 - no verdict: run it, as at-least-once delivery allows
+            return None
+        return (meta.get("result"),) if meta.get("status") == "SUCCESS" else None
 
     def _count_delivery(self, kwargs: dict[str, Any]) -> None:
         settings = self.app.dspex_settings
@@ -71,4 +83,5 @@ def dead_letter(redis: Any, namespace: str, record: dict[str, Any]) -> None:
 
 def dead_letters(redis: Any, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
     """The most recent dead-lettered messages."""
-    return [json.loads(r) for r in redis.lrange(keys.dead_letters(namespace), 0, limit - 1)]
+    return [json.loads(r.decode("utf-8", "replace") if isinstance(r, bytes) else r)
+            for r in redis.lrange(keys.dead_letters(namespace), 0, limit - 1)]

@@ -25,7 +25,7 @@ from typing import Any
 from .. import keys, wire
 from ..connections import redis_client
 from ..dsl.signature import Signature, SignatureRegistry, registry
-from ..errors import ConfigurationError, DspexError, LMError, LMParseError, ValidationError
+from ..errors import ConfigurationError, DspexError, LMParseError, LMRateLimitError, ValidationError
 from ..lm.governed import build_signature_lm, plan_lm
 from ..lm.ratelimit import RateLimited, claim
 from ..lm.usage import UsageLedger
@@ -47,6 +47,17 @@ LM_CONNECTIONS = 100
 
 #: How often a worker checks that its signatures are still published (Redis restarted without persistence).
 REPUBLISH_CHECK_S = 2.0
+#: How long ``dspex health`` reports that Redis lost its data (queued tasks and results with it).
+DATA_LOSS_WINDOW_S = 600
+
+
+def _run_id(redis: Any) -> str | None:
+    from ..lost import server_run_id
+
+    try:
+        return server_run_id(redis)
+    except Exception:  # noqa: BLE001 - INFO refused (managed Redis) or Redis away: unknown
+        return None
 #: How often a worker writes its session use times and cache counters.
 FLUSH_S = 5.0
 
@@ -179,6 +190,7 @@ class Runtime:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.warmed_at: float | None = None
         self._published = False
+        self._run_id: str | None = None  # the Redis server's run_id when this worker published
         self._checked_at = 0.0
         self._flushed_at = time.monotonic()
         self._plans: dict[str, Any] = {}
@@ -209,6 +221,7 @@ class Runtime:
         if publish and self.redis is not None:
             publish_signatures(self.redis, self.settings.namespace, list(self.signatures))
             self._published = True
+            self._run_id = _run_id(self.redis)
         if listen and self.redis is not None:
             self.cache.start_listener(self.redis, keys.program_events(self.settings.namespace),
                                       on_tick=self.tick, on_reconnect=self.republish, tick_s=1.0)
@@ -236,7 +249,21 @@ class Runtime:
             log.warning("could not republish signatures: %s", exc)
             return False
         log.warning("worker %s republished %d signatures (Redis had lost them)", self.worker_id, len(names))
+        self._note_data_loss()
         return True
+
+    def _note_data_loss(self) -> None:
+        """When Redis restarted (a new ``run_id``) without the registry, say so for ``dspex health`` a while."""
+        current = _run_id(self.redis)
+        if current is None or self._run_id is None or current == self._run_id:
+            return  # a deleted key, not a restart: queued work is still there
+        self._run_id = current
+        record = {"at": time.time(), "worker": self.worker_id, "run_id": current}
+        try:
+            self.redis.set(keys.data_lost(self.settings.namespace), json.dumps(record), ex=DATA_LOSS_WINDOW_S,
+                           nx=True)  # the first worker to notice keeps its time
+        except Exception as exc:  # noqa: BLE001 - Redis away again: the registry check still tells
+            log.warning("could not record the data loss: %s", exc)
 
     def tick(self) -> None:
         """The listener thread's periodic work: republish lost signatures, flush every :data:`FLUSH_S`."""
@@ -360,15 +387,19 @@ class Runtime:
         """Run many predictions concurrently (each with ``options``); each item is a result or ``{"error": ...}``."""
 
         def one(inputs: Any) -> Any:  # a wire.PredictResult or {"error": wire.ItemError}
-            for _ in range(self.settings.rate_limit_max_requeues + 1):
+            claim(None)  # a pool thread must not keep a previous item's slot
+            deadline = time.monotonic() + self.settings.rate_limit_max_queue_s
+            while True:
                 try:
                     return self.predict(sig, inputs, session, program, options)
                 except RateLimited as exc:  # a map item has no message of its own to re-queue: it waits
+                    if time.monotonic() + exc.countdown_s > deadline:
+                        return {"error": wire.item_error(LMRateLimitError(f"rate limit: no slot within "
+                            f"DSPEX_RATE_LIMIT_MAX_QUEUE_S={self.settings.rate_limit_max_queue_s:g}s: {exc.message}"))}
                     time.sleep(exc.countdown_s)
                     claim(exc.slot)
                 except DspexError as exc:
                     return {"error": wire.item_error(exc)}
-            return {"error": wire.item_error(LMError("fleet rate limit still full (DSPEX_RATE_LIMIT_MAX_REQUEUES)"))}
 
         if len(items) <= 1:
             return [one(i) for i in items]

@@ -48,6 +48,8 @@ def redis_line(settings: Settings) -> str:
 def preflight(settings: Settings, *, wait_s: float | None = None, what: str = "worker") -> None:
     """Wait up to ``wait_s`` (``DSPEX_REDIS_WAIT_S``) for Redis and the broker to answer a PING.
 
+    A RabbitMQ broker answers by accepting a connection (handshake, login and vhost), one attempt at a time.
+
     Raises:
         RedisUnreachable: one line naming the URL, the error, and ``DSPEX_REDIS_URL`` (or ``DSPEX_BROKER_URL``).
     """
@@ -63,7 +65,8 @@ def preflight(settings: Settings, *, wait_s: float | None = None, what: str = "w
                 break
             except Exception as exc:
                 if time.monotonic() >= deadline:
-                    kind = "Redis" if variable == "DSPEX_REDIS_URL" else "the broker"
+                    kind = "Redis" if variable == "DSPEX_REDIS_URL" else (
+                        "the broker" if settings.broker_is_redis else "RabbitMQ")
                     configured = variable != "DSPEX_REDIS_URL" or "redis_url" in settings.model_fields_set
                     raise RedisUnreachable(unreachable_message(
                         f"{what} cannot reach {kind} (waited {wait_s:g} s)", url, exc, variable=variable,

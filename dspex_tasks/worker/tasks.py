@@ -57,12 +57,13 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
         _check_size(self, inputs, "inputs")
         checked = wire.check_options(options)  # again: a bare send_task is checked by nobody else
         settings = self.app.dspex_settings
-        claim_from(self.request)  # a rate-limit slot reserved for this task when it was re-queued
+        claim_from(self.request, max_queue_s=settings.rate_limit_max_queue_s)  # its LM calls' rate-limit slots
         try:
             result: wire.PredictResult = self.app.runtime.predict(sig, inputs, session, program, checked)
         except RateLimited as exc:  # re-queued with a countdown, on a budget of its own
-            raise requeue(self, exc, max_requeues=settings.rate_limit_max_requeues,
-                          max_retries=settings.task_max_retries) from None
+            raise requeue(self, exc, max_retries=settings.task_max_retries, max_queue_s=settings.rate_limit_max_queue_s,
+                          max_countdown_s=settings.rate_limit_max_countdown_s,
+                          visibility_timeout_s=settings.visibility_timeout_s) from None
         except LMError as exc:
             redact_error(exc)  # stored with the retry or the failure, and shown by Flower
             spent = lm_retries(self.request)
@@ -72,7 +73,8 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
         result["task_id"] = self.request.id
         return result
 
-    # max_retries=None: the budgets are ours (DSPEX_TASK_MAX_RETRIES, DSPEX_RATE_LIMIT_MAX_REQUEUES).
+    # max_retries=None: the budgets are ours (DSPEX_TASK_MAX_RETRIES; a full rate-limit bucket: by time,
+    # DSPEX_RATE_LIMIT_MAX_QUEUE_S).
     return app.task(name=name, bind=True, shared=False, typing=False, acks_late=True, throws=EXPECTED_ERRORS,
                     reject_on_worker_lost=True, queue=app.dspex_settings.predict_queue, max_retries=None)(run)
 

@@ -147,7 +147,8 @@ def key_store(redis_module: Any, gw_settings: Any) -> KeyStore:
 
 @pytest.fixture(scope="module")
 def api_key(key_store: KeyStore) -> str:
-    raw, _ = key_store.create("tests")
+    """An admin key: these tests are about everything but scopes (those: ``test_gateway_scopes``)."""
+    raw, _ = key_store.create("tests", rights=["admin"])
     return raw
 
 

@@ -23,7 +23,8 @@ def served(settings: Any, redis_client: Any) -> Iterator[tuple[httpx.Client, Run
     from dspex_tasks.client import Client
 
     client = Client(settings=settings)
-    raw, _ = KeyStore(redis=redis_client, namespace=settings.namespace).create("ids")
+    # admin: the runs here are dry runs made outside the gateway, which only admin keys see
+    raw, _ = KeyStore(redis=redis_client, namespace=settings.namespace).create("ids", rights=["admin"])
     with UvicornThread(create_gateway(settings, client=client)) as server, httpx.Client(
             base_url=f"http://127.0.0.1:{server.port}", headers={"Authorization": f"Bearer {raw}"}, timeout=30) as http:
         yield http, RunStore(redis=redis_client, namespace=settings.namespace)

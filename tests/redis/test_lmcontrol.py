@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
+import math
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,8 +15,9 @@ import pytest
 from dspex_tasks import keys
 from dspex_tasks.cli.usage import collect_usage
 from dspex_tasks.dsl.signature import SignatureRegistry, signature
+from dspex_tasks.errors import LMRateLimitError
 from dspex_tasks.lm.cache import LMCache, cache_stats
-from dspex_tasks.lm.ratelimit import Limit, RateLimited, RateLimiter, claim, parse_limits
+from dspex_tasks.lm.ratelimit import Limit, RateLimited, RateLimiter, claim, claim_from, parse_limits, requeue
 from dspex_tasks.lm.usage import TaskUsage, UsageLedger, usage_report, usage_totals
 
 pytestmark = pytest.mark.redis
@@ -137,6 +141,122 @@ def test_buckets_are_shared_by_limiters(redis_client: Any, namespace: str) -> No
     assert not ok and 0.8 < wait <= 1.0
 
 
+class _Task:
+    """What :func:`requeue` needs of a Celery task: its request, and ``retry`` (recorded, not raised)."""
+
+    def __init__(self, task_id: str, headers: dict[str, Any]) -> None:
+        self.request = SimpleNamespace(id=task_id, retries=0, headers=headers)
+        self.retried: list[dict[str, Any]] = []
+
+    def retry(self, **kwargs: Any) -> BaseException:
+        self.retried.append(kwargs)
+        return RuntimeError("retry")
+
+
+def test_a_task_asking_again_gets_the_same_slot_and_takes_one_unit(redis_client: Any, namespace: str) -> None:
+    # Given a 2/s bucket (burst 1) whose burst is taken: the next slot is 0.5 s away
+    limiter = RateLimiter(redis_client, namespace, max_wait_s=0.2, jitter_s=0.0)
+    (lim,) = parse_limits({"rps": 2, "burst": 1}, "sig:idem")
+    bucket = keys.ratelimit_bucket(namespace, "sig:idem", "requests")
+    claim(None)
+    limiter.acquire([lim])
+    # When task t1 reserves it, and its message is delivered a second time (same task id, same first call)
+    claim_from(SimpleNamespace(id="t1", headers={}))
+    with pytest.raises(RateLimited) as first:
+        limiter.acquire([lim])
+    tat = float(redis_client.get(bucket))
+    claim_from(SimpleNamespace(id="t1", headers={}))
+    with pytest.raises(RateLimited) as second:
+        limiter.acquire([lim])
+    # Then the second delivery is given the same slot, and the bucket holds one unit for both
+    slot = first.value.slot
+    assert slot is not None and second.value.slot is not None and slot["call"] == second.value.slot["call"] == 0
+    assert second.value.slot["at"] == pytest.approx(slot["at"], abs=0.01)
+    assert float(redis_client.get(bucket)) == tat
+    # And its next LM call is another call: a slot of its own, one emission interval later
+    with pytest.raises(RateLimited) as next_call:
+        limiter.acquire([lim])
+    assert next_call.value.slot is not None and next_call.value.slot["call"] == 1
+    assert next_call.value.slot["at"] == pytest.approx(slot["at"] + 500, abs=2)
+    # When both copies come back for the slot, it is sent once: the first redeems it in-thread
+    time.sleep(first.value.countdown_s)
+    claim_from(SimpleNamespace(id="t1", headers={}))
+    assert 0 <= limiter.acquire([lim]) <= 0.2
+    tat = float(redis_client.get(bucket))
+    claim_from(SimpleNamespace(id="t1", headers={}))
+    with pytest.raises(RateLimited) as duplicate:
+        limiter.acquire([lim])  # the other copy sends too: it needs a unit of its own, further back
+    assert duplicate.value.slot is not None and duplicate.value.slot["at"] > slot["at"] + 900
+    assert float(redis_client.get(bucket)) == pytest.approx(tat + 500)
+    claim(None)
+
+
+def test_no_slot_is_reserved_past_the_tasks_wait_budget(redis_client: Any, namespace: str) -> None:
+    limiter = RateLimiter(redis_client, namespace, max_wait_s=0.0, jitter_s=0.0)
+    (lim,) = parse_limits({"rps": 1, "burst": 1}, "sig:budget")
+    bucket = keys.ratelimit_bucket(namespace, "sig:budget", "requests")
+    limiter.acquire([lim])
+    tat = redis_client.get(bucket)
+    # Given a task allowed to wait 0.5 s, when the next slot is 1 s away
+    task = _Task("t-budget", {})
+    claim_from(task.request, max_queue_s=0.5)
+    with pytest.raises(RateLimited) as info:
+        limiter.acquire([lim])
+    claim(None)
+    # Then nothing is reserved, and the task fails typed, naming the setting
+    assert info.value.slot is None and redis_client.get(bucket) == tat
+    err = requeue(task, info.value, max_retries=3, max_queue_s=0.5)
+    assert type(err) is LMRateLimitError and "DSPEX_RATE_LIMIT_MAX_QUEUE_S=0.5s" in err.message
+    assert task.retried == []
+
+
+@pytest.mark.parametrize("cap_s", [60.0, 0.5])
+def test_a_backlog_far_beyond_the_wait_requeues_each_task_a_bounded_number_of_times(
+        redis_client: Any, namespace: str, cap_s: float) -> None:
+    # Given 150 tasks arriving at once on a 50/s bucket (burst 6): a 2.9 s backlog, 29 times the 0.1 s
+    # in-thread wait; each re-queue's countdown is capped at cap_s (60 s: no cap here; 0.5 s: six per backlog)
+    rate, burst, n, max_wait = 50.0, 6, 150, 0.1
+    limiter = RateLimiter(redis_client, namespace, max_wait_s=max_wait, sleep=lambda s: None)
+    (lim,) = parse_limits({"rps": rate, "burst": burst}, "sig:backlog")
+    start = time.monotonic()
+    due: list[tuple[float, int, dict[str, Any]]] = [(start, i, {}) for i in range(n)]
+    requeued = dict.fromkeys(range(n), 0)
+    sends: dict[int, float] = {}
+    waits: list[float] = []
+    # When each task runs at its due time, and re-queues itself as a worker would (requeue's countdown)
+    while due:
+        at, i, headers = heapq.heappop(due)
+        time.sleep(max(at - time.monotonic(), 0.0))
+        task = _Task(f"task-{i}", headers)
+        claim_from(task.request, max_queue_s=60)
+        try:
+            waited = limiter.acquire([lim], what="backlog")
+        except RateLimited as exc:
+            assert exc.slot is not None  # every task has its slot, however far back
+            requeue(task, exc, max_retries=0, max_countdown_s=cap_s)
+            (retry,) = task.retried
+            requeued[i] += 1
+            heapq.heappush(due, (time.monotonic() + retry["countdown"], i, retry["headers"]))
+            continue
+        assert i not in sends
+        sends[i] = time.monotonic() + waited
+        if requeued[i]:
+            waits.append(waited)
+    claim(None)
+    backlog_s = (n - burst) / rate
+    # Then every task was sent, once, never more than burst + rate x W in any window W
+    assert len(sends) == n
+    assert _max_in_window(list(sends.values()), 0.5) <= lim.max_in_window(0.5) + 1
+    assert max(sends.values()) - start >= backlog_s - 0.1
+    # And each was re-queued a bounded number of times, whatever the backlog: once, or once per cap_s of
+    # wait; its last countdown landed at its slot (a short in-thread wait, never late or early)
+    assert max(requeued.values()) <= math.ceil(min(backlog_s, 60) / cap_s)
+    assert sum(requeued.values()) >= n - 10
+    assert all(0 <= w <= max_wait for w in waits)
+    print(f"\nbacklog {backlog_s:.1f}s, countdown cap {cap_s}s: re-queues per task max {max(requeued.values())}, "
+          f"mean {sum(requeued.values()) / n:.2f}; in-thread wait at the slot max {max(waits) * 1000:.0f} ms")
+
+
 @pytest.fixture
 def cache(redis_client: Any, namespace: str) -> LMCache:
     return LMCache(redis_client, namespace, ttl_s=60, max_entries=3)
@@ -222,7 +342,9 @@ def limited_app(settings: Any) -> Iterator[Any]:
     reg = SignatureRegistry()
     reg.add(signature("question: str -> answer: str", name="slowqa", register=False,
                       rate_limit={"rps": 4, "burst": 1}, cache=True))
-    tight = settings.model_copy(update={"rate_limit_max_wait_s": 0.2, "task_max_retries": 0})
+    # re-queue count budget 0 (it no longer bounds anything) and countdowns capped at 0.5 s (several re-queues each)
+    tight = settings.model_copy(update={"rate_limit_max_wait_s": 0.2, "task_max_retries": 0,
+                                        "rate_limit_max_requeues": 0, "rate_limit_max_countdown_s": 0.5})
     app = create_worker_app(tight, signatures=reg, import_modules=False)
     with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING",
                       shutdown_timeout=10):

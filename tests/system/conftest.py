@@ -110,3 +110,94 @@ def dspex_opt(opt_target: CliTarget) -> Dspex:
                               input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False)
 
     return run
+
+
+# -- RabbitMQ (tests/system/test_rabbitmq.py) ----------------------------------------------------------------------
+
+#: The RabbitMQ the broker tests use unless DSPEX_TEST_AMQP_URL names another (or "off").
+AMQP_DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture(scope="session")
+def amqp_base_url() -> str:
+    """The RabbitMQ of the broker tests: ``DSPEX_TEST_AMQP_URL``, else the local default (``guest``).
+
+    One that does not answer fails each test that needs it, saying how to start one: nothing is skipped
+    silently. ``DSPEX_TEST_AMQP_URL=off`` skips them, with that reason in the summary.
+    """
+    import os
+
+    from dspex_tasks.connections import ping, redacted_url
+
+    url = os.environ.get("DSPEX_TEST_AMQP_URL", "").strip() or AMQP_DEFAULT_URL
+    if url.lower() == "off":
+        pytest.skip("RabbitMQ broker tests off (DSPEX_TEST_AMQP_URL=off)")
+    try:
+        ping(url, 3.0)
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ does not answer at {redacted_url(url)} ({type(exc).__name__}: {exc}): start one "
+                    "(rabbitmq-server -detached; .ci/run installs and starts it), point DSPEX_TEST_AMQP_URL at one, "
+                    "or set DSPEX_TEST_AMQP_URL=off to skip the RabbitMQ tests", pytrace=False)
+    return url
+
+
+def _rabbitmqctl(*args: str) -> bool:
+    import shutil
+
+    exe = shutil.which("rabbitmqctl")
+    if exe is None:
+        return False
+    try:
+        return subprocess.run([exe, "-q", *args], capture_output=True, timeout=60, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def amqp_url(amqp_base_url: str) -> Iterator[str]:
+    """A vhost of the module's own, deleted afterwards: no user's queue or worker is touched, and broadcasts
+    (pings, ``active_queues``) reach only this module's workers. It needs ``rabbitmqctl`` on the broker's host;
+    without it the base vhost is used, and each test's queues are its own (``<namespace>.predict``, deleted by
+    the test)."""
+    from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(amqp_base_url)
+    vhost = f"dspex-test-{uuid.uuid4().hex[:10]}"
+    local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    user = unquote(parts.username or "guest")
+    if local and _rabbitmqctl("add_vhost", vhost):
+        try:
+            if _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*"):
+                yield urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
+                return
+        finally:
+            _rabbitmqctl("delete_vhost", vhost)
+    # The shared vhost: Celery's event and broadcast exchanges go afterwards unless they were there before.
+    shared = [name for name in ("celeryev", "celery.pidbox", "reply.celery.pidbox")
+              if not _amqp_exchange_exists(amqp_base_url, name)]
+    try:
+        yield amqp_base_url
+    finally:
+        _amqp_delete_exchanges(amqp_base_url, shared)
+
+
+def _amqp_exchange_exists(url: str, name: str) -> bool:
+    from dspex_tasks.connections import amqp_connection
+
+    with amqp_connection(url, 5.0) as conn:
+        try:
+            conn.channel().exchange_declare(name, "topic", passive=True)
+        except Exception:  # 404 (closes the channel)
+            return False
+    return True
+
+
+def _amqp_delete_exchanges(url: str, names: list[str]) -> None:
+    from dspex_tasks.connections import amqp_connection
+
+    with amqp_connection(url, 5.0) as conn:
+        for name in names:
+            try:
+                conn.channel().exchange_delete(name)
+            except Exception:  # already gone
+                continue

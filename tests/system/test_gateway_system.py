@@ -125,8 +125,9 @@ def gateway(target: Target, worker: Any, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def key(target: Target) -> str:
-    """A key made the way an operator makes one: ``dspex keys create`` prints it once on stdout."""
-    done = target.dspex("keys", "create", "--name", "system-tests")
+    """A key made the way an operator makes one: ``dspex keys create`` prints it once on stdout. Scoped to the
+    sessions these tests use and the default program (read, write: the default rights)."""
+    done = target.dspex("keys", "create", "--name", "system-tests", "--sessions", "sse,node,@default")
     assert done.returncode == 0, done.stderr
     raw = done.stdout.strip()
     assert raw.startswith("dsk_") and "\n" not in raw and "system-tests" in target.dspex("keys", "ls").stdout
@@ -211,6 +212,14 @@ def test_keys_revoke_and_auth_off_refuses_public_bind(target: Target, gateway: s
     assert {"name": "short-lived", "rate_per_min": 5}.items() <= next(
         k for k in listed if k["name"] == "short-lived").items()
     assert raw not in json.dumps(listed)
+    # least privilege by default: the default program only; the refusal names the session and how to grant it
+    body = {"inputs": {"question": "q"}, "session": "elsewhere"}
+    refused = httpx.post(gateway + "/v1/signatures/qa/jobs", headers={"X-API-Key": raw}, json=body)
+    assert refused.status_code == 403 and refused.json()["session"] == "elsewhere"
+    key_id = raw.split("_")[1]
+    assert f"dspex keys grant {key_id} --sessions elsewhere" in refused.json()["detail"]
+    assert target.dspex("keys", "grant", key_id, "--sessions", "elsewhere").returncode == 0
+    assert httpx.post(gateway + "/v1/signatures/qa/jobs", headers={"X-API-Key": raw}, json=body).status_code == 202
     assert target.dspex("keys", "revoke", "short-lived").returncode == 0
     assert httpx.get(gateway + "/v1/signatures", headers={"X-API-Key": raw}).status_code == 401
     refused = target.dspex("gateway", "--no-auth", "--host", "0.0.0.0")

@@ -103,6 +103,18 @@ def test_hostile_messages_are_dead_lettered_and_the_same_worker_keeps_serving(pr
         assert len(bomb) < 300_000
         r.lpush(QUEUE, envelope(bomb, task_id="bad-gzip-bomb", compression="application/x-gzip"))
         sent["gzip_bomb"] = "bad-gzip-bomb"
+        # and entries kombu's own transport cannot even read (it crashed the worker before any hook): not JSON,
+        # a body that is not base64, an unknown body encoding, no delivery_info
+        r.lpush(QUEUE, b"\xff\xfe not json at all")
+        bad_b64 = json.loads(envelope(b"[[], {}, {}]", task_id="bad-base64"))
+        bad_b64["body"] = "%%% not base64 %%%"
+        r.lpush(QUEUE, json.dumps(bad_b64))
+        odd_enc = json.loads(envelope(b"[[], {}, {}]", task_id="bad-encoding"))
+        odd_enc["properties"]["body_encoding"] = "rot13"
+        r.lpush(QUEUE, json.dumps(odd_enc))
+        no_info = json.loads(envelope(b"[[], {}, {}]", task_id="bad-no-info"))
+        del no_info["properties"]["delivery_info"]
+        r.lpush(QUEUE, json.dumps(no_info))
         # and payloads over the cap: 5 MB (past the raw-body cap) and 1.5 MB (past DSPEX_MAX_PAYLOAD_BYTES only)
         huge = bare.send_task("dspex.qa", kwargs={"inputs": {"question": "x" * 5_000_000}}, queue=QUEUE)
         large = bare.send_task("dspex.qa", kwargs={"inputs": {"question": "y" * 1_500_000}}, queue=QUEUE)
@@ -119,10 +131,14 @@ def test_hostile_messages_are_dead_lettered_and_the_same_worker_keeps_serving(pr
         wait_for(lambda: _settled(r), timeout_s=15, what="queue and unacked hash empty")
         letters = dead_letters(r, NS, limit=1000)
         for name, tid in sent.items():
-            found = [d for d in letters if d.get("task_id") == tid and d.get("reason")]
+            found = [d for d in letters if d.get("task_id") == tid and d.get("reason") and d.get("task")]
             assert found, f"{name} not dead-lettered: {letters}"
             assert found[0]["task"] == "dspex.qa"
         assert any(d.get("task_id") == huge.id and "bytes" in d["reason"] for d in letters)
+        assert any(d.get("raw", "").endswith("not json at all") and "not a message" in d["reason"] for d in letters)
+        for tid, reason in (("bad-base64", "not base64"), ("bad-encoding", "body_encoding"),
+                            ("bad-no-info", "not a message")):
+            assert any(d.get("task_id") == tid and reason in d["reason"] for d in letters), (tid, letters[:8])
         # the bomb was never inflated
         assert _rss_peak_mb(pid) < 300, f"worker peaked at {_rss_peak_mb(pid):.0f} MB"
         # refused payloads fail clearly, and their failure records do not hold them

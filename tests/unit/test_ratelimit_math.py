@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,8 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspex_tasks.errors import LMError
+from dspex_tasks.errors import LMError, LMRateLimitError
 from dspex_tasks.lm.ratelimit import (
+    DEFAULT_MAX_COUNTDOWN_S,
+    DEFAULT_MAX_QUEUE_S,
     REQUEUE_HEADER,
     SLOT_HEADER,
     Limit,
@@ -21,7 +24,6 @@ from dspex_tasks.lm.ratelimit import (
     lm_retries,
     parse_limits,
     requeue,
-    requeue_countdown,
     requeues,
 )
 from dspex_tasks.settings import Settings
@@ -131,12 +133,6 @@ def test_jitter_reserve_keeps_the_bound_at_the_provider(rate: float, burst: int,
         assert sum(1 for s in seen[i:] if s < start + width) <= lim.max_in_window(window) + 1e-9
 
 
-def test_countdown_spreads_but_never_shortens() -> None:
-    rng = random.Random(7)
-    values = [requeue_countdown(2.0, rng) for _ in range(200)]
-    assert min(values) >= 2.0 and max(values) <= 3.2 and len({round(v, 3) for v in values}) > 100
-
-
 def test_estimate_tokens() -> None:
     msgs = [{"role": "user", "content": "x" * 400}]
     assert estimate_tokens(None, msgs, None) == 100 + 256
@@ -153,26 +149,58 @@ class _Task:
         return RuntimeError("retry")
 
 
-def test_requeue_has_its_own_budget() -> None:
+def test_requeue_has_its_own_budget_and_carries_the_slot() -> None:
     task = _Task(retries=5, headers={REQUEUE_HEADER: 4, "trace": "x"})
     assert requeues(task.request) == 4 and lm_retries(task.request) == 1
-    out = requeue(task, RateLimited(1.5, "full"), max_requeues=10, max_retries=1)
+    before = time.time()
+    out = requeue(task, RateLimited(1.5, "full"), max_retries=1)
     assert isinstance(out, RuntimeError)
-    assert task.calls == [{"countdown": 1.5, "headers": {REQUEUE_HEADER: 5, SLOT_HEADER: None, "trace": "x"},
-                           "throw": False}]
-    slot = {"key": "k", "at": 123.0}
-    requeue(task, RateLimited(2.0, "full", False, slot), max_requeues=10, max_retries=1)
-    assert task.calls[-1]["headers"][SLOT_HEADER] == slot
-    spent = _Task(retries=10, headers={REQUEUE_HEADER: 10})
-    assert isinstance(requeue(spent, RateLimited(1.0), max_requeues=10, max_retries=3), LMError)
+    (call,) = task.calls
+    assert call["countdown"] == 1.5 and call["throw"] is False and call["headers"]["trace"] == "x"
+    assert call["headers"][REQUEUE_HEADER] == 5
+    assert before <= call["headers"][SLOT_HEADER]["since"] <= time.time()  # when a full bucket first turned it away
+    slot = {"key": "k", "at": 123.0, "call": 0}
+    again = _Task(retries=6, headers=call["headers"])
+    requeue(again, RateLimited(2.0, "full", False, slot), max_retries=1)
+    assert again.calls[-1]["headers"][SLOT_HEADER] == {**slot, "since": call["headers"][SLOT_HEADER]["since"]}
+
+
+def test_the_fleet_wait_is_bounded_by_time_not_by_count() -> None:
+    # Given a task re-queued 10,000 times (the old count budget was 200), first turned away 2 hours ago
+    since = time.time() - 7200
+    task = _Task(retries=10_000, headers={REQUEUE_HEADER: 10_000, SLOT_HEADER: {"since": since}})
+    # Then a slot the limiter reserved is still waited for (however long the task was away: its worker may
+    # have died holding it), with the default bound of an hour on how far ahead a slot may be
+    requeue(task, RateLimited(30.0, "full", False, {"key": "k", "at": 1.0}), max_retries=0)
+    assert task.calls[-1]["countdown"] == 30.0 and task.calls[-1]["headers"][SLOT_HEADER]["since"] == since
+    # But no slot within the bound (the limiter reserved nothing) fails it, typed, naming the setting
+    err = requeue(task, RateLimited(3601.0, "rate limit sig:x requests full"), max_retries=0)
+    assert type(err) is LMRateLimitError and len(task.calls) == 1
+    assert "DSPEX_RATE_LIMIT_MAX_QUEUE_S=3600s" in err.message and "sig:x" in err.message and "7200s" in err.message
+    err = requeue(task, RateLimited(40.0, "full"), max_retries=0, max_queue_s=30)
+    assert type(err) is LMRateLimitError and "DSPEX_RATE_LIMIT_MAX_QUEUE_S=30s" in err.message
+    assert DEFAULT_MAX_QUEUE_S == Settings().rate_limit_max_queue_s == 3600
+
+
+def test_a_countdown_is_capped_by_the_setting_and_half_the_visibility_timeout() -> None:
+    task = _Task(retries=0, headers={})
+    slot = {"key": "k", "at": 1.0}
+    requeue(task, RateLimited(2500.0, "full", False, slot), max_retries=0)
+    requeue(task, RateLimited(2500.0, "full", False, slot), max_retries=0, max_countdown_s=40)
+    requeue(task, RateLimited(2500.0, "full", False, slot), max_retries=0, visibility_timeout_s=600)
+    requeue(task, RateLimited(20.0, "full", False, slot), max_retries=0, visibility_timeout_s=600)
+    assert [c["countdown"] for c in task.calls] == [DEFAULT_MAX_COUNTDOWN_S, 40, 300, 20]
+    assert Settings().rate_limit_max_countdown_s == DEFAULT_MAX_COUNTDOWN_S
 
 
 def test_provider_wait_spends_the_lm_retry_budget() -> None:
-    task = _Task(retries=2, headers={REQUEUE_HEADER: 1})
-    requeue(task, RateLimited(30.0, "429", True), max_requeues=10, max_retries=3)
+    task = _Task(retries=2, headers={REQUEUE_HEADER: 1, SLOT_HEADER: {"since": 5.0}})
+    requeue(task, RateLimited(3000.0, "429", True), max_retries=3, max_countdown_s=10)
+    assert task.calls[0]["countdown"] == 3000.0  # the provider's wait, not capped (nor timed) as a fleet slot
     assert task.calls[0]["headers"][REQUEUE_HEADER] == 1  # not counted as a fleet re-queue
+    assert task.calls[0]["headers"][SLOT_HEADER] == {"since": 5.0}
     done = _Task(retries=4, headers={REQUEUE_HEADER: 1})
-    err = requeue(done, RateLimited(30.0, "429", True), max_requeues=10, max_retries=3)
+    err = requeue(done, RateLimited(30.0, "429", True), max_retries=3)
     assert isinstance(err, LMError) and "(LMRateLimitError)" in err.message and not done.calls
 
 

@@ -1,4 +1,4 @@
-"""What the routers share: the ``Gateway`` dependency, the job lookup, a JSON response doc."""
+"""What the routers share: the ``Gateway`` dependency and a JSON response doc (scopes: :mod:`.access`)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from ...errors import JobNotFound
 from ..openapi import ref
-from ..problems import Problem
 from ..state import Gateway
 
-__all__ = ["GatewayDep", "gateway", "json_doc", "job_or_404"]
+__all__ = ["GatewayDep", "gateway", "json_doc"]
 
 
 async def gateway(request: Request) -> Gateway:
@@ -22,14 +20,6 @@ async def gateway(request: Request) -> Gateway:
 
 # No parameters of its own, so it adds nothing to the OpenAPI document.
 GatewayDep = Annotated[Gateway, Depends(gateway)]
-
-
-async def job_or_404(gw: Gateway, job_id: str) -> dict[str, Any]:
-    """A job as the API shows it, or 404 when it is unknown (or its result expired)."""
-    record, meta = await gw.jobs.lookup(job_id)
-    if record is None and meta is None:
-        raise Problem(404, JobNotFound.code, f"no job '{job_id}' (unknown, or its result expired)")
-    return gw.job_view(job_id, record, meta)
 
 
 def json_doc(name: str, description: str = "OK") -> dict[int | str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Jobs by id: state and result, and a Server-Sent Events stream of state changes."""
+"""Jobs by id: state and result, and a Server-Sent Events stream of state changes (the submitting key's only)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from ..models import JobIdPath
 from ..openapi import sse_schema
 from ..sse import event_stream, job_events
-from .common import GatewayDep, job_or_404, json_doc
+from .access import ReadableJob
+from .common import GatewayDep, json_doc
 
 __all__ = ["router"]
 
@@ -23,13 +23,12 @@ _JOB_SSE: dict[int | str, dict[str, Any]] = {200: {
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"], summary="A job's state and, once done, its result",
             responses=json_doc("Job"))
-async def get_job(job_id: JobIdPath, gw: GatewayDep) -> JSONResponse:
-    return JSONResponse(await job_or_404(gw, job_id))
+async def get_job(job: ReadableJob, gw: GatewayDep) -> JSONResponse:
+    return JSONResponse(gw.job_view(job.id, job.record, job.meta))
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses=_JOB_SSE, response_class=Response,
             summary="Server-Sent Events: 'state' on each change, then 'done' with the job")
-async def job_stream(job_id: JobIdPath, gw: GatewayDep) -> Response:
-    record, _ = await gw.jobs.lookup(job_id)
-    first = await job_or_404(gw, job_id)
-    return event_stream(job_events(gw.jobs, job_id, lambda meta: gw.job_view(job_id, record or first, meta)))
+async def job_stream(job: ReadableJob, gw: GatewayDep) -> Response:
+    first = gw.job_view(job.id, job.record, job.meta)
+    return event_stream(job_events(gw.jobs, job.id, lambda meta: gw.job_view(job.id, job.record or first, meta)))

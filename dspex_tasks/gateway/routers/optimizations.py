@@ -1,18 +1,27 @@
-"""Optimization runs: start, list, get, cancel, the candidate, and a Server-Sent Events stream of a run's progress."""
+"""Optimization runs: start, list, get, cancel, the candidate, and a Server-Sent Events stream of a run's progress.
+
+A run with a session is seen by every key with that session in scope (``read``; starting and cancelling need
+``write``); a dry run (no session) by the key that started it; admin sees every run. A run the key may not see
+is 404, as an unknown one. A named dataset must match one of the key's session patterns.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
+from ... import keys
 from ...errors import DatasetNotFound, ValidationError
-from ..models import OptimizationRequest, RunIdPath, RunList
+from ..models import OptimizationRequest, RunList
 from ..openapi import RUN_EVENT_SCHEMA, ref, sse_schema
 from ..problems import Problem
+from ..scopes import Access
 from ..sse import event_stream, parse_stream_id, run_events
+from ..state import Gateway
+from .access import RUN_KEY_FIELD, ReadableRun, ReadKey, WritableRun, WriteKey, check_session, run_visible
 from .common import GatewayDep, json_doc
 
 __all__ = ["router"]
@@ -29,29 +38,63 @@ _RUN_SSE: dict[int | str, dict[str, Any]] = {200: {
              summary="Start an optimization run",
              responses={202: {"description": "Started", "content": {"application/json": {"schema": ref("Run")}},
                               "headers": {"Location": {"schema": {"type": "string"}}}}})
-def start_optimization(body: OptimizationRequest, gw: GatewayDep) -> JSONResponse:
+def start_optimization(body: OptimizationRequest, gw: GatewayDep, access: WriteKey) -> JSONResponse:
+    check_session(access, body.session)
+    if body.dataset is not None:
+        check_session(access, body.dataset, what="dataset")
     if body.dataset is not None and body.trainset is None and body.dataset not in gw.client.datasets.list():
         raise Problem(404, DatasetNotFound.code, f"no dataset '{body.dataset}'",
                       errors=[{"field": "dataset", "message": "no such dataset", "pointer": "/dataset"}])
     run = gw.client.optimize(body.signature, body.trainset, body.valset, metric=body.metric,
                              optimizer=body.optimizer, session=body.session, program=body.program,
                              params=body.params, dataset=body.dataset)
+    gw.client.runs.update(run.id, **{RUN_KEY_FIELD: access.key_id})  # a dry run is this key's alone
     return JSONResponse(run.status(), status_code=202, headers={"Location": f"/v1/optimizations/{run.id}"})
 
 
 @router.get("/v1/optimizations", response_model=RunList, tags=["optimizations"],
             summary="Recent run ids (of one session, if given)")
-def list_optimizations(gw: GatewayDep,
+def list_optimizations(gw: GatewayDep, access: ReadKey,
                        session: Annotated[str | None, Query(min_length=1, max_length=128,
                                                             pattern=r"^[A-Za-z0-9._:-]+$")] = None,
                        limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> RunList:
-    return RunList(items=gw.client.runs.ids(session, limit))
+    if session is not None:
+        check_session(access, session)
+    if session is not None or access.scopes.admin:
+        return RunList(items=gw.client.runs.ids(session, limit))
+    return RunList(items=_visible_run_ids(gw, access, limit))
+
+
+_PAGE = 500
+_MAX_SCANNED = 20_000
+
+
+def _visible_run_ids(gw: Gateway, access: Access, limit: int) -> list[str]:
+    """The newest ``limit`` runs the key may see, from the newest ``_MAX_SCANNED`` of all sessions."""
+    r, ns = gw.client.redis, gw.settings.namespace
+    out: list[str] = []
+    for start in range(0, _MAX_SCANNED, _PAGE):
+        ids = [i.decode() if isinstance(i, bytes) else str(i)
+               for i in r.zrevrange(keys.runs(ns), start, start + _PAGE - 1)]
+        pipe = r.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hmget(keys.run(ns, run_id), "session", RUN_KEY_FIELD)
+        for run_id, (session, key_id) in zip(ids, pipe.execute(), strict=True):
+            if session is None:  # the record expired
+                continue
+            if run_visible(access, json.loads(session) or None, json.loads(key_id) if key_id else None):
+                out.append(run_id)
+                if len(out) == limit:
+                    return out
+        if len(ids) < _PAGE:
+            break
+    return out
 
 
 @router.get("/v1/optimizations/{run_id}", tags=["optimizations"], response_class=JSONResponse,
             summary="A run's record: status, stage, scores, and the summary once done", responses=json_doc("Run"))
-def get_optimization(run_id: RunIdPath, gw: GatewayDep) -> JSONResponse:
-    return JSONResponse(gw.client.runs.get(run_id).to_json())
+def get_optimization(run: ReadableRun) -> JSONResponse:
+    return JSONResponse(run.to_json())
 
 
 _CANDIDATE_SCHEMA: dict[str, Any] = {
@@ -67,10 +110,9 @@ _CANDIDATE_SCHEMA: dict[str, Any] = {
             summary="The run's compiled candidate program state (404 until the compile stage finished)",
             responses={200: {"description": "The candidate",
                              "content": {"application/json": {"schema": _CANDIDATE_SCHEMA}}}})
-def get_optimization_candidate(run_id: RunIdPath, gw: GatewayDep) -> JSONResponse:
-    state = gw.client.runs.candidate(run_id)  # RunNotFound, NotFound: 404
-    rec = gw.client.runs.get(run_id)
-    return JSONResponse({"run_id": run_id, "signature": rec.signature, "program": rec.program,
+def get_optimization_candidate(rec: ReadableRun, gw: GatewayDep) -> JSONResponse:
+    state = gw.client.runs.candidate(rec.run_id)  # NotFound until compiled: 404
+    return JSONResponse({"run_id": rec.run_id, "signature": rec.signature, "program": rec.program,
                          "promoted": (rec.summary or {}).get("promoted"), "state": state})
 
 
@@ -78,19 +120,18 @@ def get_optimization_candidate(run_id: RunIdPath, gw: GatewayDep) -> JSONRespons
              response_class=JSONResponse, summary="Stop a run at its next stage boundary",
              responses={202: {"description": "Cancel requested",
                               "content": {"application/json": {"schema": ref("Run")}}}})
-def cancel_optimization(run_id: RunIdPath, gw: GatewayDep) -> JSONResponse:
-    run = gw.client.run(run_id)
+def cancel_optimization(rec: WritableRun, gw: GatewayDep) -> JSONResponse:
+    run = gw.client.run(rec.run_id)
     run.cancel()
     return JSONResponse(run.status(), status_code=202)
 
 
 @router.get("/v1/optimizations/{run_id}/events", tags=["optimizations"], responses=_RUN_SSE, response_class=Response,
             summary="Server-Sent Events: every progress event from the start, then live, until the run ends")
-async def optimization_events(run_id: RunIdPath, request: Request, gw: GatewayDep) -> Response:
+async def optimization_events(rec: ReadableRun, request: Request, gw: GatewayDep) -> Response:
     try:  # 422 before the stream starts: XREAD would fail mid-response
         after = parse_stream_id(request.headers.get("last-event-id"))
     except ValidationError as exc:
         raise Problem(422, exc.code, exc.message, errors=[
             {**e, "pointer": "header:last-event-id"} for e in exc.errors]) from None
-    await run_in_threadpool(gw.client.runs.get, run_id)  # 404 before the stream starts
-    return event_stream(run_events(gw.aredis, gw.settings.namespace, run_id, after))
+    return event_stream(run_events(gw.aredis, gw.settings.namespace, rec.run_id, after))

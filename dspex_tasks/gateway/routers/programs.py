@@ -1,6 +1,7 @@
 """Sessions and their stored programs: list, get, put, delete, history, rollback.
 
-Store calls are synchronous: these routes are plain functions, run in the thread pool.
+Store calls are synchronous: these routes are plain functions, run in the thread pool. Reading needs ``read``
+on the session, putting and rolling back ``write``; deleting a program (its history) or a session is ``admin``'s.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ...programs.store import predictor_states
 from ..checks import check_program_state
 from ..models import IdPath, Names, ProgramOut, ProgramPut, ProgramVersion, Rollback, Versions
 from ..problems import Problem
+from .access import AdminSession, ReadKey, ReadSession, WriteSession
 from .common import GatewayDep
 
 __all__ = ["router"]
@@ -23,27 +25,28 @@ __all__ = ["router"]
 router = APIRouter()
 
 
-@router.get("/v1/sessions", response_model=Names, tags=["programs"], summary="Sessions, most recent first")
-def list_sessions(gw: GatewayDep) -> Names:
-    return Names(items=gw.client.programs.sessions())
+@router.get("/v1/sessions", response_model=Names, tags=["programs"],
+            summary="Sessions, most recent first (those in the key's scope)")
+def list_sessions(gw: GatewayDep, access: ReadKey) -> Names:
+    return Names(items=[s for s in gw.client.programs.sessions() if access.scopes.allows(s)])
 
 
 @router.delete("/v1/sessions/{session}", status_code=204, response_class=Response, tags=["programs"],
                summary="Delete a session and all its programs")
-def delete_session(session: IdPath, gw: GatewayDep) -> Response:
+def delete_session(session: AdminSession, gw: GatewayDep) -> Response:
     gw.client.programs.delete_session(session)
     return Response(status_code=204)
 
 
 @router.get("/v1/sessions/{session}/programs", response_model=Names, tags=["programs"],
             summary="Program names stored in a session")
-def list_programs(session: IdPath, gw: GatewayDep) -> Names:
+def list_programs(session: ReadSession, gw: GatewayDep) -> Names:
     return Names(items=gw.client.programs.list(session))
 
 
 @router.get("/v1/sessions/{session}/programs/{program}", response_model=ProgramOut, tags=["programs"],
             summary="The current (or a given) version of a program")
-def get_program(session: IdPath, program: IdPath, gw: GatewayDep,
+def get_program(session: ReadSession, program: IdPath, gw: GatewayDep,
                 version: Annotated[int | None, Query(ge=1)] = None) -> ProgramOut:
     rec = gw.client.programs.get(session, program, version)
     return ProgramOut(session=session, program=program, version=rec.version, signature=rec.signature,
@@ -52,7 +55,7 @@ def get_program(session: IdPath, program: IdPath, gw: GatewayDep,
 
 @router.put("/v1/sessions/{session}/programs/{program}", response_model=ProgramVersion, tags=["programs"],
             summary="Store a new version of a program and make it current")
-def put_program(session: IdPath, program: IdPath, body: ProgramPut, gw: GatewayDep) -> ProgramVersion:
+def put_program(session: WriteSession, program: IdPath, body: ProgramPut, gw: GatewayDep) -> ProgramVersion:
     if body.signature is not None and body.signature not in gw.signatures:
         known = ", ".join(sorted(gw.signatures)) or "none"
         raise Problem(422, ValidationError.code, f"unknown signature '{body.signature}'", errors=[
@@ -82,14 +85,14 @@ def _check_fits(state: dict[str, Any], name: str, published: dict[str, Any] | No
 
 @router.delete("/v1/sessions/{session}/programs/{program}", status_code=204, response_class=Response,
                tags=["programs"], summary="Delete a program and its history")
-def delete_program(session: IdPath, program: IdPath, gw: GatewayDep) -> Response:
+def delete_program(session: AdminSession, program: IdPath, gw: GatewayDep) -> Response:
     gw.client.programs.delete(session, program)
     return Response(status_code=204)
 
 
 @router.get("/v1/sessions/{session}/programs/{program}/history", response_model=Versions, tags=["programs"],
             summary="Stored versions of a program")
-def program_history(session: IdPath, program: IdPath, gw: GatewayDep) -> Versions:
+def program_history(session: ReadSession, program: IdPath, gw: GatewayDep) -> Versions:
     versions = gw.client.programs.history(session, program)
     if not versions:
         raise ProgramNotFound(f"no program '{program}' in session '{session}'")
@@ -98,6 +101,6 @@ def program_history(session: IdPath, program: IdPath, gw: GatewayDep) -> Version
 
 @router.post("/v1/sessions/{session}/programs/{program}/rollback", response_model=ProgramVersion,
              tags=["programs"], summary="Make an earlier version current again")
-def rollback_program(session: IdPath, program: IdPath, body: Rollback, gw: GatewayDep) -> ProgramVersion:
+def rollback_program(session: WriteSession, program: IdPath, body: Rollback, gw: GatewayDep) -> ProgramVersion:
     version = gw.client.programs.rollback(session, program, body.version)
     return ProgramVersion(session=session, program=program, version=version)

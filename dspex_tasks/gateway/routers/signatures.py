@@ -3,7 +3,8 @@
 Per-signature operations are parameterized routes (``/v1/signatures/{name}/jobs``) kept out of FastAPI's
 schema: the OpenAPI document describes each published signature's own operations instead
 (:mod:`..openapi`). Submits validate against the published schema and send from the gateway's sender
-pool; waits are async on Redis.
+pool; waits are async on Redis. Submitting needs the ``write`` right on the body's session (``@default`` when it
+names none); the job is recorded as the key's (:mod:`.access`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from ...errors import JobNotFound, ValidationError
 from ..checks import envelope, read_json
-from ..models import JobIdPath
 from ..openapi import ref
 from ..problems import Problem, problem_for_error, problem_response
+from ..scopes import Access
 from ..state import Gateway
-from .common import GatewayDep, job_or_404
+from .access import ReadableJob, ReadKey, WriteKey, check_session
+from .common import GatewayDep
 
 __all__ = ["router"]
 
@@ -50,9 +52,10 @@ class _InputsProblem(Exception):
         self.exc = exc
 
 
-async def _submit(gw: Gateway, name: str, request: Request) -> tuple[str, str]:
+async def _submit(gw: Gateway, name: str, request: Request, access: Access) -> tuple[str, str]:
     await gw.signature(name)
     inputs, session, program, options = envelope(await read_json(request))
+    check_session(access, session)
     if program is not None and session is not None:
         await run_in_threadpool(gw.check_program, name, session, program)
     try:
@@ -60,7 +63,7 @@ async def _submit(gw: Gateway, name: str, request: Request) -> tuple[str, str]:
                                trace=options.get("trace", False), lm_config=options.get("lm_config"))
     except ValidationError as exc:
         raise _InputsProblem(exc) from None
-    await gw.jobs.record(job.id, name, getattr(request.state, "api_key_id", ""))
+    await gw.jobs.record(job.id, name, access.key_id, session)
     return job.id, f"/v1/signatures/{name}/jobs/{job.id}"
 
 
@@ -69,20 +72,20 @@ async def _submit(gw: Gateway, name: str, request: Request) -> tuple[str, str]:
                 "type": "object", "properties": {"signatures": {
                     "type": "object", "additionalProperties": ref("SignatureDescription")}},
                 "required": ["signatures"]}}}}})
-async def list_signatures(gw: GatewayDep) -> JSONResponse:
+async def list_signatures(gw: GatewayDep, _access: ReadKey) -> JSONResponse:
     await gw.reload()
     return JSONResponse({"signatures": gw.signatures})
 
 
 @router.get("/v1/signatures/{name:dspex_signature}", include_in_schema=False)
-async def describe(name: str, gw: GatewayDep) -> JSONResponse:
+async def describe(name: str, gw: GatewayDep, _access: ReadKey) -> JSONResponse:
     return JSONResponse(await gw.signature(name))
 
 
 @router.post("/v1/signatures/{name:dspex_signature}/jobs", include_in_schema=False)
-async def submit_job(name: str, request: Request, gw: GatewayDep) -> Response:
+async def submit_job(name: str, request: Request, gw: GatewayDep, access: WriteKey) -> Response:
     try:
-        job_id, location = await _submit(gw, name, request)
+        job_id, location = await _submit(gw, name, request, access)
     except _InputsProblem as p:
         return problem_for_error(p.exc, instance=request.url.path, pointer_prefix="inputs")
     return JSONResponse({"id": job_id, "signature": name, "state": "PENDING"}, status_code=202,
@@ -90,10 +93,10 @@ async def submit_job(name: str, request: Request, gw: GatewayDep) -> Response:
 
 
 @router.post("/v1/signatures/{name:dspex_signature}:run", include_in_schema=False)
-async def run_job(name: str, request: Request, gw: GatewayDep,
+async def run_job(name: str, request: Request, gw: GatewayDep, access: WriteKey,
                   timeout: Annotated[float, Query(ge=0, le=300)] = 30.0) -> Response:
     try:
-        job_id, location = await _submit(gw, name, request)
+        job_id, location = await _submit(gw, name, request, access)
     except _InputsProblem as p:
         return problem_for_error(p.exc, instance=request.url.path, pointer_prefix="inputs")
     view = gw.job_view(job_id, {"signature": name}, await gw.jobs.wait(job_id, timeout))
@@ -107,8 +110,8 @@ async def run_job(name: str, request: Request, gw: GatewayDep,
 
 
 @router.get("/v1/signatures/{name:dspex_signature}/jobs/{job_id}", include_in_schema=False)
-async def get_typed_job(name: str, job_id: JobIdPath, gw: GatewayDep) -> JSONResponse:
-    view = await job_or_404(gw, job_id)
+async def get_typed_job(name: str, job: ReadableJob, gw: GatewayDep) -> JSONResponse:
+    view = gw.job_view(job.id, job.record, job.meta)
     if view["signature"] != name:
-        raise Problem(404, JobNotFound.code, f"no {name} job '{job_id}'")
+        raise Problem(404, JobNotFound.code, f"no {name} job '{job.id}'")
     return JSONResponse(view)
