@@ -177,8 +177,12 @@ def store_full_error(url: str) -> StoreFull:
 
 @contextlib.contextmanager
 def typed_store_full(url: str) -> Iterator[None]:
-    """Raise :func:`store_full_error` instead of a Redis (or kombu) error that says Redis is full."""
-    from .errors import StoreFull
+    """Around a publish: raise :func:`store_full_error` instead of a Redis (or kombu) error that says Redis is
+    full, and :class:`~dspex_tasks.errors.BackendUnavailable` naming the broker instead of kombu's
+    ``OperationalError`` when the broker does not answer (nothing was enqueued in either case)."""
+    from kombu.exceptions import OperationalError
+
+    from .errors import BackendUnavailable, StoreFull
 
     try:
         yield
@@ -187,6 +191,11 @@ def typed_store_full(url: str) -> Iterator[None]:
     except Exception as exc:
         if is_store_full(exc):
             raise store_full_error(url) from exc
+        if isinstance(exc, OperationalError):
+            amqp = url.startswith(("amqp", "pyamqp"))
+            raise BackendUnavailable(unreachable_message(
+                "cannot reach RabbitMQ" if amqp else "cannot reach Redis", url, exc,
+                variable="DSPEX_BROKER_URL" if amqp else "DSPEX_REDIS_URL") + "; nothing was enqueued") from exc
         raise
 
 

@@ -73,6 +73,9 @@ def cli_errors(func: F) -> F:
             raise typer.Exit(130) from None
         except Exception as exc:
             if _is_connection_error(exc):
+                broker = os.environ.get("DSPEX_BROKER_URL", "")
+                if broker.startswith(("amqp", "pyamqp")) and type(exc).__module__.startswith(("kombu", "amqp")):
+                    fail(unreachable_message("cannot reach RabbitMQ", broker, exc, variable="DSPEX_BROKER_URL"))
                 configured = os.environ.get("DSPEX_REDIS_URL")
                 fail(unreachable_message("cannot reach Redis", configured or DEFAULT_REDIS_URL, exc,
                                          configured=configured is not None))
