@@ -12,12 +12,12 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
 
-from . import keys, wire
+from . import keys, live, wire
 from .connections import redis_client, typed_store_full
 from .dsl.signature import MODULE_PREDICTORS
 from .errors import (
@@ -33,7 +33,7 @@ from .lost import PROBE_AFTER_S, PROBE_EVERY_S, LossProbe, LossWatch
 from .programs.store import ProgramStore
 from .settings import Settings, load_settings
 
-__all__ = ["Client", "Job", "Result"]
+__all__ = ["Client", "Job", "JobEvents", "Result"]
 
 _SIGNATURE_TTL_S = 5.0
 
@@ -70,11 +70,13 @@ def _raise_remote(exc: BaseException) -> None:
 
 
 class Job:
-    """A submitted task. ``state`` polls; ``get()`` waits for the :class:`Result`."""
+    """A submitted task. ``state`` polls; ``get()`` waits for the :class:`Result`; ``events()`` follows it live;
+    ``cancel()`` stops it."""
 
-    def __init__(self, async_result: Any, *, probe: LossProbe | None = None) -> None:
+    def __init__(self, async_result: Any, *, probe: LossProbe | None = None, client: Client | None = None) -> None:
         self._r = async_result
         self._probe = probe
+        self._client = client
 
     @property
     def id(self) -> str:
@@ -149,8 +151,82 @@ class Job:
     def forget(self) -> None:
         self._r.forget()
 
+    # -- live ---------------------------------------------------------------------------------------------
+    def events(self, *, timeout: float | None = None, after: str = "0-0") -> JobEvents:
+        """The job's live events (ARCHITECTURE 3.6), from the start (or after entry id ``after``) to its last.
+
+        Iterate it (``for event in job.events()``) or, in asyncio code, ``async for event in job.events()``.
+        Each event is a dict with ``"type"`` (``status``, ``step``, ``tool``, ``token``, then ``result`` or
+        ``error``), ``"id"`` and ``"ts"``; see :mod:`dspex_tasks.live`. A job submitted without ``stream=True``
+        (or whose stream expired) yields only its final event, once it has ended.
+
+        Raises (while iterating):
+            TaskTimeout: the job did not end within ``timeout`` seconds.
+        """
+        return JobEvents(self, timeout=timeout, after=after)
+
+    def cancel(self, reason: str = "cancelled by request") -> bool:
+        """Stop the job: a queued one ends when a worker takes it, a running one before its next LM call (or
+        tool), as :class:`~dspex_tasks.errors.Cancelled`. Returns False when it had already finished."""
+        client = self._need_client()
+        if self._r.ready():
+            return False
+        live.request_cancel(client.redis, client.settings.namespace, self.id, ttl_s=client.settings.result_expires_s,
+                            reason=reason)
+        return True
+
+    def final_event(self) -> dict[str, Any] | None:
+        """The job's last event from its stored result (None while it runs)."""
+        if not self._r.ready():
+            return None
+        value = self._r.get(timeout=1.0, propagate=False, disable_sync_subtasks=False)
+        if self._r.state == "SUCCESS" and isinstance(value, dict):
+            return {"type": "result", "result": value, "id": None, "ts": time.time()}
+        error = value if isinstance(value, BaseException) else DspexError(str(value))
+        remote = error if isinstance(error, DspexError) else \
+            from_remote(type(error).__name__, getattr(error, "args", (str(error),)))
+        return {"type": "error", "error": {"type": type(remote).__name__, "message": str(remote),
+                                           "code": getattr(remote, "code", None)}, "id": None, "ts": time.time()}
+
+    def _need_client(self) -> Client:
+        if self._client is None:
+            raise DspexError(f"job {self.id}: live events and cancel need the Client that made this handle")
+        return self._client
+
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
+
+
+class JobEvents:
+    """A job's events, iterable (``for``) and asynchronously iterable (``async for``)."""
+
+    def __init__(self, job: Job, *, timeout: float | None, after: str) -> None:
+        self.job = job
+        self.timeout = timeout
+        self.after = after
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        client = self.job._need_client()
+        return live.read_events(client.redis, client.settings.namespace, self.job.id, after=self.after,
+                                timeout_s=self.timeout, on_idle=self.job.final_event)
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        import asyncio
+
+        from .connections import async_redis_client
+
+        client = self.job._need_client()
+        aredis = async_redis_client(client.settings)
+
+        async def idle() -> dict[str, Any] | None:
+            return await asyncio.to_thread(self.job.final_event)
+
+        try:
+            async for event in live.aread_events(aredis, client.settings.namespace, self.job.id, after=self.after,
+                                                 timeout_s=self.timeout, on_idle=idle):
+                yield event
+        finally:
+            await aredis.aclose()
 
 
 class Client:
@@ -367,7 +443,7 @@ class Client:
     # -- submitting -----------------------------------------------------------
     def submit(self, name: str, inputs: dict[str, Any], *, session: str | None = None, program: str | None = None,
                trace: bool = False, lm_config: dict[str, Any] | None = None, countdown: float | None = None,
-               queue: str | None = None) -> Job:
+               queue: str | None = None, stream: bool = False, timeout_s: float | None = None) -> Job:
         """Validate and enqueue one prediction of signature ``name``.
 
         Args:
@@ -375,6 +451,10 @@ class Client:
                 ``named_predictors()``), inputs and outputs (ChainOfThought's ``reasoning``, ReAct's trajectory).
             lm_config: LM settings for every LM call of this job: ``temperature``, ``top_p``, ``max_tokens``,
                 ``n``, ``rollout_id``; any other key (``api_base``, ``model``, ...) is a ``ValidationError``.
+            stream: The job publishes live events (tokens, steps, tool calls): follow them with
+                ``job.events()``. Jobs without it pay nothing for them.
+            timeout_s: The job's total time from now: past it, it stops before its next LM call and ends as
+                ``errors.Cancelled`` (queued time counts).
 
         Raises:
             StoreFull: Redis is full (its ``maxmemory``): nothing was enqueued.
@@ -387,7 +467,7 @@ class Client:
         if program is not None:
             keys.check_id(program, "program")
         _check_countdown(countdown)
-        options = wire.request_options(trace=trace, lm_config=lm_config)
+        options = wire.request_options(trace=trace, lm_config=lm_config, stream=stream, timeout_s=timeout_s)
         wire.check_json(inputs, "inputs")
         inputs = wire.json_numbers(inputs)
         self.validate(name, inputs)
@@ -398,7 +478,7 @@ class Client:
                                    kwargs=wire.predict_kwargs(inputs, session, program, options),
                                    queue=queue, countdown=countdown,
                                    headers=wire.sent_headers())  # queue age for `dspex health`
-        return Job(r, probe=self._loss.probe(str(r.id), queue, run_id))
+        return Job(r, probe=self._loss.probe(str(r.id), queue, run_id), client=self)
 
     def job(self, job_id: str, *, queue: str | None = None) -> Job:
         """A handle on an earlier job by id (sent to ``queue``, default the predict queue).
@@ -407,7 +487,9 @@ class Client:
         now on; a loss before this call is not known to it and ends in a timeout.
         """
         queue = queue or self.settings.predict_queue
-        return Job(self.app.AsyncResult(job_id), probe=self._loss.probe(job_id, queue, self._loss.run_id()))
+        keys.check_id(job_id, "job")
+        return Job(self.app.AsyncResult(job_id), probe=self._loss.probe(job_id, queue, self._loss.run_id()),
+                   client=self)
 
     def map(self, name: str, inputs: Iterable[dict[str, Any]], *, session: str | None = None,
             program: str | None = None, trace: bool = False, lm_config: dict[str, Any] | None = None,

@@ -151,6 +151,16 @@ def deliveries(ns: str, task_id: str) -> str:
     return f"{ns}:deliveries:{task_id}"
 
 
+def job_events(ns: str, job_id: str) -> str:
+    """Stream: a ``stream=True`` job's live events (bounded, expiring), replayable from the start."""
+    return f"{ns}:job:{check_id(job_id, 'job')}:events"
+
+
+def job_cancel(ns: str, job_id: str) -> str:
+    """String (JSON, expiring): a job's cancellation request, read when it starts and before each LM call."""
+    return f"{ns}:job:{check_id(job_id, 'job')}:cancel"
+
+
 def data_lost(ns: str) -> str:
     """String (JSON, expiring): when a worker found that Redis had restarted without its data."""
     return f"{ns}:data_lost"

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     result_expires_s: int = Field(86_400, ge=60)
     task_max_retries: int = Field(3, ge=0)
     map_chunk_size: int = Field(64, ge=1)
+    # a stream=True job's events: at most this many entries, kept this long after the last one
+    stream_maxlen: int = Field(10_000, ge=10)
+    stream_ttl_s: int = Field(3600, ge=10)
     lease_ttl_s: float = Field(30.0, ge=2)
     max_deliveries: int = Field(5, ge=1)
     redis_socket_timeout_s: float = Field(10.0, gt=1)

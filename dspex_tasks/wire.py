@@ -27,7 +27,7 @@ __all__ = [
     "SCHEDULED_TASK", "PREDICT_QUEUE", "OPTIMIZE_QUEUE", "CELERY_DEFAULT_QUEUE", "DEFAULT_REDIS_URL", "SENT_AT_HEADER", "REQUEUE_HEADER", "SLOT_HEADER",
     "RESERVED_NAMES", "PredictKwargs", "MapKwargs", "PredictResult", "MapResult", "ItemError", "Options",
     "TraceEntry", "LM_CONFIG_KEYS", "OPTION_NAMES", "MAX_JSON_DEPTH", "check_json", "json_numbers", "task_name", "program_of", "check_program_name",
-    "predict_kwargs", "map_kwargs", "sent_headers", "check_task_args", "check_options", "request_options",
+    "predict_kwargs", "map_kwargs", "sent_headers", "header", "check_task_args", "check_options", "request_options",
     "lm_config_schema", "task_routes", "item_error",
 ]
 
@@ -67,11 +67,15 @@ class Options(TypedDict, total=False):
     """Per-request options (ARCHITECTURE 3.6), as :func:`check_options` returns them: only the ones set.
 
     ``trace``: the result carries ``"trace"`` (:class:`TraceEntry` per predictor call). ``lm_config``:
-    LM settings for every LM call of the job, from :data:`LM_CONFIG_KEYS` only.
+    LM settings for every LM call of the job, from :data:`LM_CONFIG_KEYS` only. ``stream``: the job publishes
+    its live events (:mod:`dspex_tasks.live`). ``timeout_s``: the job's total time from its submission; past
+    it the job stops before its next LM call and ends as ``errors.Cancelled``.
     """
 
     trace: bool
     lm_config: dict[str, Any]
+    stream: bool
+    timeout_s: float
 
 
 class PredictKwargs(TypedDict):
@@ -222,16 +226,29 @@ def _check_lm_config(value: Any, field: str) -> tuple[Any, list[dict[str, str]]]
     return (dict(value) or None), errors
 
 
-def _check_trace(value: Any, field: str) -> tuple[Any, list[dict[str, str]]]:
+def _check_flag(value: Any, field: str) -> tuple[Any, list[dict[str, str]]]:
     if not isinstance(value, bool):
         return None, [{"field": field, "message": "expected true or false"}]
     return (value or None), []
 
 
+#: The longest ``timeout_s`` a job may ask for (a day: a result outlives it by ``DSPEX_RESULT_EXPIRES_S``).
+MAX_TIMEOUT_S = 86_400.0
+
+
+def _check_timeout(value: Any, field: str) -> tuple[Any, list[dict[str, str]]]:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 0 < value <= MAX_TIMEOUT_S:
+        return None, [{"field": field, "message": f"expected a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}"}]
+    return float(value), []
+
+
 # One checker per option: (value, field) -> (the value to keep, or None for "not set"; errors).
 _OPTIONS: dict[str, Callable[[Any, str], tuple[Any, list[dict[str, str]]]]] = {
     "lm_config": _check_lm_config,
-    "trace": _check_trace,
+    "trace": _check_flag,
+    "stream": _check_flag,
+    "timeout_s": _check_timeout,
 }
 #: The options a request may carry (the gateway takes them as top-level body fields).
 OPTION_NAMES = tuple(_OPTIONS)
@@ -271,12 +288,14 @@ def check_options(options: Any, *, prefix: str = "options.") -> Options:
     return kept  # type: ignore[return-value]  # the keys are Options' own (checked above)
 
 
-def request_options(*, trace: bool = False, lm_config: dict[str, Any] | None = None) -> Options:
+def request_options(*, trace: bool = False, lm_config: dict[str, Any] | None = None, stream: bool = False,
+                    timeout_s: float | None = None) -> Options:
     """The options of a request from its keyword arguments, checked (``{}`` when none is set).
 
     Integral floats become ints first (``max_tokens=50.0`` is 50), as :func:`json_numbers` does for inputs.
     """
-    return check_options({"trace": trace, "lm_config": json_numbers(lm_config)})
+    return check_options({"trace": trace, "lm_config": json_numbers(lm_config), "stream": stream,
+                          "timeout_s": timeout_s})
 
 
 def lm_config_schema() -> dict[str, Any]:
@@ -299,6 +318,13 @@ def lm_config_schema() -> dict[str, Any]:
 def sent_headers(now: float | None = None) -> dict[str, Any]:
     """Headers every dspex producer adds (the send time, for queue age)."""
     return {SENT_AT_HEADER: time.time() if now is None else now}
+
+
+def header(request: Any, name: str) -> Any:
+    """A message header as a task sees it (Celery puts custom headers in ``request.headers`` or on the request)."""
+    headers = getattr(request, "headers", None)
+    value = headers.get(name) if isinstance(headers, dict) else None
+    return getattr(request, name, None) if value is None else value
 
 
 def check_task_args(task: str, args: tuple[Any, ...], extra: dict[str, Any], expected: str) -> None:

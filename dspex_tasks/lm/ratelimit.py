@@ -50,6 +50,7 @@ from .. import keys
 from ..connections import register_lua
 from ..errors import LMRateLimitError, RateLimited
 from ..wire import REQUEUE_HEADER, SLOT_HEADER
+from ..wire import header as _header
 from .limits import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_QUEUE_S, Limit, estimate_tokens, gcra_reserve, parse_limits
 
 __all__ = ["Limit", "RateLimited", "RateLimiter", "parse_limits", "gcra_reserve", "requeue", "lm_retries", "requeues",
@@ -243,12 +244,6 @@ def _current_task() -> _Queued | None:
 
     running = current_task.request.id if current_task else None
     return task if running is None or running == task.task_id else None
-
-
-def _header(request: Any, name: str) -> Any:
-    headers = getattr(request, "headers", None)
-    value = headers.get(name) if isinstance(headers, dict) else None
-    return getattr(request, name, None) if value is None else value
 
 
 def _since(slot: Any) -> float | None:

@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DspexError, LMParseError
+from ..errors import Cancelled, DspexError, LMParseError
 from ..lm.errors import to_lm_error
 from ..lm.factory import lm_name
 from ..lm.usage import DSPY_KEY, TaskUsage, UsageLedger, task_usage
 from ..observability.redact import redact_error
+from .live import JobControl, JobStopped, make_callback, stream_run, text_outputs
 from .trace import trace_entries
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,17 +106,27 @@ class ModuleRunner:
 
     def run(self, sig: Signature, module: Any, inputs: dict[str, Any], session: str | None, *,
             callbacks: Sequence[Any] = (), count_task: bool = True, lm_config: dict[str, Any] | None = None,
-            trace: bool = False) -> Run:
+            trace: bool = False, control: JobControl | None = None) -> Run:
         """Call ``module(**inputs)``; a failure raises as its typed error (and records no usage, as before).
 
         Each run records DSPy's trace in a list of its own, dropped with the run unless ``trace`` asks for
         it: DSPy's default is one process-wide list (10,000 entries, and ``Refine``/``BestOfN`` extend it past
         that cap) that would keep other jobs' inputs and outputs alive in the worker.
+
+        With ``control`` (:mod:`.live`), the job stops before its next LM call or tool when it is cancelled or
+        out of time (``errors.Cancelled``); a streamed job runs under ``dspy.streamify`` and writes its events.
         """
         calls: list[Any] = []
+        streamed: list[str] = []
+        if control is not None:
+            callbacks = [*callbacks, make_callback(control, module)]
+            streamed = text_outputs(sig.output_fields) if control.streaming else []
         with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls) as spent:
             try:
-                prediction = module(**inputs)
+                prediction = stream_run(module, inputs, control, streamed) if control is not None and streamed \
+                    else module(**inputs)
+            except JobStopped as stop:
+                raise Cancelled(stop.reason) from None
             except Exception as exc:
                 raise classify_lm_error(sig, exc) from None
         usage = self.ledger.finish(spent, prediction, sig.name, session, count_task=count_task)

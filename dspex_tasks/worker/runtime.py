@@ -35,6 +35,7 @@ from ..programs.state import load_program
 from ..programs.store import ProgramRecord, ProgramStore, ProgramStoreProtocol
 from ..settings import Settings
 from .dspy_patches import apply_dspy_speedups
+from .live import JobControl, settle_tokens, text_outputs
 from .runner import ModuleRunner
 
 __all__ = ["Runtime", "import_signature_modules", "publish_signatures", "signatures_missing",
@@ -340,11 +341,13 @@ class Runtime:
 
     # -- serving ------------------------------------------------------------
     def predict(self, sig: Signature, inputs: Any, session: str | None = None,
-                program: str | None = None, options: wire.Options | None = None) -> wire.PredictResult:
+                program: str | None = None, options: wire.Options | None = None,
+                control: JobControl | None = None) -> wire.PredictResult:
         """Validate, run and validate again; returns the result JSON of ARCHITECTURE section 2.
 
         ``options`` are per-request options already checked by ``wire.check_options`` (the task checks them):
-        ``lm_config`` for every LM call of the run, ``trace`` adds the result's ``"trace"``.
+        ``lm_config`` for every LM call of the run, ``trace`` adds the result's ``"trace"``. ``control`` is the
+        job's live side (:mod:`.live`): cancellation, ``timeout_s`` and, when streamed, its events.
         """
 
         t0 = time.perf_counter()
@@ -361,13 +364,15 @@ class Runtime:
                 [{"field": "program", "message": f"program '{program}' does not serve signature '{sig.name}'"}])
         opts = options or {}
         run = self.runner.run(sig, module, clean, session, lm_config=opts.get("lm_config"),
-                              trace=opts.get("trace", False))
+                              trace=opts.get("trace", False), control=control)
         raw = {name: run.prediction.get(name) for name in sig.output_fields}
         try:
             outputs = sig.validate_outputs(raw)
         except ValidationError as exc:
             raise LMParseError(f"LM output for signature '{sig.name}' does not fit it: {exc.message}",
                                exc.errors) from None
+        if control is not None and control.streaming:
+            settle_tokens(control, outputs, text_outputs(sig.output_fields))
         result: wire.PredictResult = {
             "outputs": outputs,
             "session": session,

@@ -12,9 +12,10 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
-from ..errors import InvalidId, LMError, RateLimited, UnknownSignature, ValidationError
+from ..errors import Cancelled, InvalidId, LMError, RateLimited, UnknownSignature, ValidationError
 from ..lm.ratelimit import claim_from, lm_retries, requeue
 from ..observability.redact import redact_error
+from .live import JobControl, control_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import DspexCelery
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["EXPECTED_ERRORS", "register_signature", "register_map_task", "retry_countdown"]
 
 #: Expected failures: recorded as FAILURE and logged without a traceback.
-EXPECTED_ERRORS = (ValidationError, UnknownSignature, InvalidId)
+EXPECTED_ERRORS = (ValidationError, UnknownSignature, InvalidId, Cancelled)
 #: The longest a task waits before its next LM attempt (a provider's Retry-After included): past the
 #: countdown a worker holds the message, and it must come back well within the visibility timeout.
 MAX_RETRY_COUNTDOWN_S = 300.0
@@ -47,6 +48,17 @@ def _check_size(task: Any, value: Any, field: str) -> None:
             "payload", [{"field": field, "message": f"{size} bytes exceeds the {limit}-byte payload limit"}])
 
 
+def _ended(control: JobControl | None, exc: BaseException, state: str | None = None) -> None:
+    """A streamed job's last event (``error``), or its ``status`` when it runs again (``retrying``, ``requeued``)."""
+    if control is None:
+        return
+    if state is not None:
+        control.emit("status", state=state, reason=str(exc)[:500])
+    else:
+        control.emit("error", error={"type": type(exc).__name__, "message": str(exc)[:2000],
+                                     "code": getattr(exc, "code", None)})
+
+
 def register_signature(app: DspexCelery, sig: Signature) -> Any:
     """Register ``dspex.<name>`` for ``sig`` on ``app`` and return the task."""
     name = wire.task_name(sig.name)
@@ -58,19 +70,32 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
         checked = wire.check_options(options)  # again: a bare send_task is checked by nobody else
         settings = self.app.dspex_settings
         claim_from(self.request, max_queue_s=settings.rate_limit_max_queue_s)  # its LM calls' rate-limit slots
+        control = None
         try:
-            result: wire.PredictResult = self.app.runtime.predict(sig, inputs, session, program, checked)
+            control = control_for(self, dict(checked))  # cancelled while queued, or out of time: Cancelled
+            control.emit("status", state="running", attempt=self.request.retries or 0,
+                         worker=self.app.runtime.worker_id)
+            result: wire.PredictResult = self.app.runtime.predict(sig, inputs, session, program, checked, control)
         except RateLimited as exc:  # re-queued with a countdown, on a budget of its own
-            raise requeue(self, exc, max_retries=settings.task_max_retries, max_queue_s=settings.rate_limit_max_queue_s,
-                          max_countdown_s=settings.rate_limit_max_countdown_s,
-                          visibility_timeout_s=settings.visibility_timeout_s) from None
+            retry = requeue(self, exc, max_retries=settings.task_max_retries, max_queue_s=settings.rate_limit_max_queue_s,
+                            max_countdown_s=settings.rate_limit_max_countdown_s,
+                            visibility_timeout_s=settings.visibility_timeout_s)
+            _ended(control, retry, "requeued")
+            raise retry from None
         except LMError as exc:
             redact_error(exc)  # stored with the retry or the failure, and shown by Flower
             spent = lm_retries(self.request)
             if exc.retryable and spent < settings.task_max_retries:
+                _ended(control, exc, "retrying")
                 raise self.retry(exc=exc, countdown=retry_countdown(exc, spent)) from None
+            _ended(control, exc)
+            raise
+        except Exception as exc:
+            _ended(control, exc)
             raise
         result["task_id"] = self.request.id
+        if control is not None:
+            control.emit("result", result=result)
         return result
 
     # max_retries=None: the budgets are ours (DSPEX_TASK_MAX_RETRIES; a full rate-limit bucket: by time,

@@ -1,0 +1,178 @@
+"""Live events and cancellation of jobs (ARCHITECTURE 3.6), for workers, clients and the gateway alike.
+
+A job submitted with ``stream=True`` writes its events to a Redis Stream of its own
+(:func:`dspex_tasks.keys.job_events`), bounded in length (``DSPEX_STREAM_MAXLEN``) and expiring
+``DSPEX_STREAM_TTL_S`` after its last event, so a stream nobody follows goes away by itself. Any number of
+followers replay it from the start (or resume after an entry id: the SSE ``Last-Event-ID``). Every event is
+a JSON object with ``"type"``:
+
+- ``status``: ``{"state": "running" | "retrying" | "requeued", "attempt"?}``
+- ``step``: a module or predictor started or ended: ``{"phase": "start" | "end", "name", "kind":
+  "module" | "predictor", "error"?}``
+- ``tool``: ``{"phase": "start", "name", "arguments"}`` then ``{"phase": "end", "name", "result" | "error"}``
+- ``token``: ``{"field", "chunk", "predictor"}``; with ``"reset": true`` the field starts over (a retried or
+  repeated LM call, ``Refine``/``BestOfN`` attempts): the chunks of a field since its last reset, joined, equal
+  that field of the final output.
+- last, ``result`` (``{"result": <the job's result JSON>}``) or ``error`` (``{"error": {"type", "message",
+  ...}}``).
+
+Events read back carry ``"id"`` (the stream entry id) and ``"ts"`` (unix seconds).
+
+Cancellation: :func:`request_cancel` writes the job's cancel key (expiring with its result); a worker reads
+it when the job starts and before every LM call, and the job ends as ``errors.Cancelled`` with nothing
+written. A job's ``timeout_s`` is checked at the same points.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from . import keys
+
+__all__ = ["EVENT_TYPES", "FINAL_TYPES", "EventWriter", "read_events", "aread_events", "request_cancel",
+           "cancel_reason", "entry_event"]
+
+#: What ``"type"`` an event may have.
+EVENT_TYPES = ("status", "step", "tool", "token", "result", "error")
+#: A stream ends with one of these.
+FINAL_TYPES = frozenset({"result", "error"})
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def entry_event(entry_id: Any, fields: Any) -> dict[str, Any]:
+    """The event of one stream entry, with its ``id``."""
+    raw = fields.get(b"e", fields.get("e"))
+    event: dict[str, Any] = json.loads(raw)
+    event["id"] = _s(entry_id)
+    return event
+
+
+class EventWriter:
+    """Writes one job's events (a worker's side); every write is one pipelined XADD + EXPIRE.
+
+    A failed write is logged by the caller's choice (``strict=False``: events are best effort; the result is
+    what the job promises), never raised into the program.
+    """
+
+    def __init__(self, redis: Any, namespace: str, job_id: str, *, maxlen: int, ttl_s: int) -> None:
+        self.redis = redis
+        self.key = keys.job_events(namespace, job_id)
+        self.maxlen = maxlen
+        self.ttl_s = ttl_s
+
+    def emit(self, event_type: str, **fields: Any) -> None:
+        event = {"type": event_type, **fields, "ts": round(time.time(), 6)}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.key, {"e": json.dumps(event, separators=(",", ":"), default=str)}, maxlen=self.maxlen,
+                  approximate=True)
+        pipe.expire(self.key, self.ttl_s)
+        pipe.execute()
+
+
+def read_events(redis: Any, namespace: str, job_id: str, *, after: str = "0-0", block_ms: int = 1000,
+                timeout_s: float | None = None, on_idle: Callable[[], dict[str, Any] | None] | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """A job's events from the start (or after entry id ``after``), waiting for new ones until the final one.
+
+    ``on_idle`` is asked after every quiet ``block_ms``: it returns a final event when the job has ended
+    without one in the stream (it was not streamed, or its stream expired), which is yielded last.
+
+    Raises:
+        TaskTimeout: no final event within ``timeout_s``.
+    """
+    from .errors import TaskTimeout
+
+    key = keys.job_events(namespace, job_id)
+    last = after
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        block = block_ms
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TaskTimeout(f"job {job_id} did not end within {timeout_s} s")
+            block = max(1, min(block, int(left * 1000)))
+        reply = redis.xread({key: last}, count=500, block=block)
+        if not reply:
+            final = on_idle() if on_idle is not None else None
+            if final is not None:
+                # The job ended: take what raced the check, then the final event if the stream had none.
+                for event in _entries(redis.xread({key: last}, count=10_000)):
+                    yield event
+                    if event["type"] in FINAL_TYPES:
+                        return
+                yield final
+                return
+            continue
+        for event in _entries(reply):
+            last = event["id"]
+            yield event
+            if event["type"] in FINAL_TYPES:
+                return
+
+
+async def aread_events(aredis: Any, namespace: str, job_id: str, *, after: str = "0-0", block_ms: int = 1000,
+                       timeout_s: float | None = None, on_idle: Callable[[], Any] | None = None
+                       ) -> AsyncIterator[dict[str, Any]]:
+    """:func:`read_events` on an asyncio Redis client; ``on_idle`` may be a coroutine function."""
+    import inspect
+
+    from .errors import TaskTimeout
+
+    key = keys.job_events(namespace, job_id)
+    last = after
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        block = block_ms
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TaskTimeout(f"job {job_id} did not end within {timeout_s} s")
+            block = max(1, min(block, int(left * 1000)))
+        reply = await aredis.xread({key: last}, count=500, block=block)
+        if not reply:
+            final = on_idle() if on_idle is not None else None
+            if inspect.isawaitable(final):
+                final = await final
+            if final is not None:
+                for event in _entries(await aredis.xread({key: last}, count=10_000)):
+                    yield event
+                    if event["type"] in FINAL_TYPES:
+                        return
+                yield final
+                return
+            continue
+        for event in _entries(reply):
+            last = event["id"]
+            yield event
+            if event["type"] in FINAL_TYPES:
+                return
+
+
+def _entries(reply: Any) -> Iterator[dict[str, Any]]:
+    for _, entries in reply or ():
+        for entry_id, fields in entries:
+            yield entry_event(entry_id, fields)
+
+
+def request_cancel(redis: Any, namespace: str, job_id: str, *, ttl_s: int, reason: str = "cancelled by request"
+                   ) -> None:
+    """Ask a job to stop: a queued one ends when a worker takes it, a running one before its next LM call."""
+    redis.set(keys.job_cancel(namespace, job_id), json.dumps({"reason": reason, "at": time.time()}), ex=ttl_s)
+
+
+def cancel_reason(redis: Any, namespace: str, job_id: str) -> str | None:
+    """Why the job was cancelled, or None when nobody asked."""
+    raw = redis.get(keys.job_cancel(namespace, job_id))
+    if raw is None:
+        return None
+    try:
+        return str(json.loads(raw).get("reason") or "cancelled by request")
+    except (ValueError, AttributeError):
+        return "cancelled by request"

@@ -1,0 +1,358 @@
+"""Live execution on a worker: a job's events, its cancellation and time bound, and token streaming.
+
+- :class:`JobControl` is one job's control: its event writer (``stream=True`` only), its deadline
+  (``timeout_s`` from submission) and its cancel key. :meth:`JobControl.check` raises :class:`JobStopped` when
+  the job must stop.
+- :class:`LiveCallback` is a DSPy callback (``dspy.utils.callback.BaseCallback``, DSPy's own hooks, not log
+  parsing): ``on_lm_start`` and ``on_tool_start`` check the control, so a cancelled or timed-out job stops
+  before its next LM call or tool; with a stream, module and predictor starts and ends become ``step`` events
+  and tool calls ``tool`` events, and the current predictor becomes the task's ``PROGRESS`` state (Flower).
+- :func:`stream_run` runs a module under ``dspy.streamify`` with one ``StreamListener`` per text output of the
+  interface and per predictor that produces it; the chunks become ``token`` events. DSPy's sync streaming needs
+  an event loop (its LM sends chunks with ``anyio.from_thread``): every streamed job of a process shares one
+  long-lived loop in a daemon thread (:func:`process_loop`), and the job's own thread writes the events.
+
+Cancellation is cooperative (Celery cannot stop a thread): :class:`JobStopped` derives from ``BaseException``
+so that DSPy's ``except Exception`` around callbacks, tools and retries lets it through, and
+:meth:`~dspex_tasks.worker.runner.ModuleRunner.run` turns it into ``errors.Cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import live
+from ..errors import Cancelled
+
+__all__ = ["JobStopped", "JobControl", "LiveCallback", "make_callback", "stream_run", "settle_tokens", "process_loop",
+           "text_outputs", "control_for"]
+
+log = logging.getLogger(__name__)
+
+
+class JobStopped(BaseException):  # noqa: N818 - a control-flow signal, like KeyboardInterrupt
+    """Raised inside a running program when its job was cancelled or ran out of time."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobControl:
+    """One job's live side.
+
+    Args:
+        redis: Where the cancel key and the event stream are (None: only the deadline is checked).
+        namespace: The key namespace.
+        job_id: The task id.
+        stream: Write events (``stream=True``).
+        deadline: Unix time past which the job stops (``timeout_s`` after its submission), or None.
+        maxlen, ttl_s: The event stream's bounds.
+        on_step: Called with the current predictor's name when one starts (the task's ``PROGRESS`` state).
+    """
+
+    def __init__(self, redis: Any, namespace: str, job_id: str, *, stream: bool = False,
+                 deadline: float | None = None, timeout_s: float | None = None, maxlen: int = 10_000,
+                 ttl_s: int = 3600, on_step: Callable[[str], None] | None = None) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.job_id = job_id
+        self.deadline = deadline
+        self.timeout_s = timeout_s
+        self.writer = live.EventWriter(redis, namespace, job_id, maxlen=maxlen, ttl_s=ttl_s) \
+            if stream and redis is not None else None
+        self.on_step = on_step
+        self.tokens: dict[str, _TokenState] = {}  # what each text field streamed since its last reset
+        self._failed_writes = 0
+
+    @property
+    def streaming(self) -> bool:
+        return self.writer is not None
+
+    def stop_reason(self) -> str | None:
+        """Why the job must stop now (cancelled, or past its ``timeout_s``), else None."""
+        if self.deadline is not None and time.time() >= self.deadline:
+            return f"job {self.job_id} exceeded its timeout_s={self.timeout_s:g}"
+        if self.redis is None:
+            return None
+        reason = live.cancel_reason(self.redis, self.namespace, self.job_id)
+        return None if reason is None else f"job {self.job_id} was cancelled: {reason}"
+
+    def check(self) -> None:
+        """Raise :class:`JobStopped` when the job must stop."""
+        reason = self.stop_reason()
+        if reason is not None:
+            raise JobStopped(reason)
+
+    def check_start(self) -> None:
+        """At the job's start: raise ``errors.Cancelled`` when it must not run at all."""
+        reason = self.stop_reason()
+        if reason is not None:
+            raise Cancelled(reason)
+
+    def emit(self, event_type: str, **fields: Any) -> None:
+        """Write one event (best effort: a failed write is logged, never raised into the program)."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.emit(event_type, **fields)
+        except Exception as exc:  # noqa: BLE001 - events are best effort; the result is the promise
+            self._failed_writes += 1
+            if self._failed_writes == 1:
+                log.warning("job %s: could not write a live event (%s); later failures are not logged",
+                            self.job_id, exc)
+
+
+def _base_callback() -> type:
+    from dspy.utils.callback import BaseCallback
+
+    base: type = BaseCallback
+    return base
+
+
+def _names(module: Any) -> dict[int, tuple[str, str]]:
+    """id(sub-module) -> (name, kind) for the served module's own parts, named as ``named_predictors()`` names
+    them (``draft.predict``); the module itself is ``self``, as DSPy calls a lone predictor."""
+    import dspy
+
+    names: dict[int, tuple[str, str]] = {}
+    for name, sub in module.named_sub_modules():
+        kind = "predictor" if isinstance(sub, dspy.Predict) else "module"
+        names.setdefault(id(sub), (name.removeprefix("self.") if name != "self" else name, kind))
+    return names
+
+
+def make_callback(control: JobControl, module: Any) -> Any:
+    """The :class:`LiveCallback` for one run of ``module`` (a subclass of DSPy's ``BaseCallback``)."""
+    return _live_callback_class()(control, module)
+
+
+_CALLBACK_CLASS: type | None = None
+
+
+def _live_callback_class() -> type:
+    global _CALLBACK_CLASS
+    if _CALLBACK_CLASS is None:
+        _CALLBACK_CLASS = type("LiveCallback", (LiveCallback, _base_callback()), {})
+    return _CALLBACK_CLASS
+
+
+class LiveCallback:
+    """DSPy hooks of one job (mixed into ``BaseCallback`` by :func:`make_callback`; dspy is imported lazily)."""
+
+    def __init__(self, control: JobControl, module: Any) -> None:
+        self.control = control
+        self.names = _names(module) if control.streaming else {}
+        self.calls: dict[str, tuple[str, str]] = {}
+        self.tools: dict[str, str] = {}
+
+    # -- checks -------------------------------------------------------------------------------------------
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.control.check()
+
+    # -- steps --------------------------------------------------------------------------------------------
+    def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        if not self.control.streaming:
+            return
+        name, kind = self.names.get(id(instance)) or (type(instance).__name__, "module")
+        self.calls[call_id] = (name, kind)
+        self.control.emit("step", phase="start", name=name, kind=kind)
+        if kind == "predictor" and self.control.on_step is not None:
+            try:
+                self.control.on_step(name)
+            except Exception as exc:  # noqa: BLE001 - the PROGRESS state is best effort
+                log.debug("could not record step %s: %s", name, exc)
+
+    def on_module_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
+        named = self.calls.pop(call_id, None)
+        if named is None:
+            return
+        extra = {"error": f"{type(exception).__name__}: {exception}"[:500]} if exception is not None else {}
+        self.control.emit("step", phase="end", name=named[0], kind=named[1], **extra)
+
+    # -- tools --------------------------------------------------------------------------------------------
+    def on_tool_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.control.check()
+        if not self.control.streaming:
+            return
+        from .trace import json_safe
+
+        name = str(getattr(instance, "name", None) or type(instance).__name__)
+        if name == "finish":  # ReAct's own end marker, not a tool of the user's
+            return
+        self.tools[call_id] = name
+        args = inputs.get("kwargs", inputs)
+        self.control.emit("tool", phase="start", name=name, arguments=json_safe(args))
+
+    def on_tool_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
+        name = self.tools.pop(call_id, None)
+        if name is None:
+            return
+        from .trace import json_safe
+
+        if exception is not None:
+            self.control.emit("tool", phase="end", name=name, error=f"{type(exception).__name__}: {exception}"[:2000])
+        else:
+            self.control.emit("tool", phase="end", name=name, result=json_safe(outputs))
+
+
+def text_outputs(output_fields: dict[str, str]) -> list[str]:
+    """The interface's outputs that stream as text (type ``str``)."""
+    return [name for name, kind in output_fields.items() if kind == "str"]
+
+
+# -- the process's event loop --------------------------------------------------------------------------------
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def process_loop() -> asyncio.AbstractEventLoop:
+    """The process's one long-lived event loop (a daemon thread), started on first use (after a fork too)."""
+    global _loop
+    loop = _loop
+    if loop is not None and loop.is_running():
+        return loop
+    with _loop_lock:
+        if _loop is None or not _loop.is_running():
+            new = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def serve() -> None:
+                asyncio.set_event_loop(new)
+                new.call_soon(started.set)
+                new.run_forever()
+
+            threading.Thread(target=serve, name="dspex-live-loop", daemon=True).start()
+            started.wait(5.0)
+            _loop = new
+        return _loop
+
+
+class _TokenState:
+    """What was streamed for one field since its last reset."""
+
+    __slots__ = ("sent", "open")
+
+    def __init__(self) -> None:
+        self.sent = ""
+        self.open = False
+
+
+def stream_run(module: Any, inputs: dict[str, Any], control: JobControl, fields: list[str]) -> Any:
+    """Run ``module(**inputs)`` under ``dspy.streamify``, writing ``token`` events; returns the prediction.
+
+    Must run inside the job's DSPy context (the runner's): streamify reads the callbacks from it, and the
+    coroutine on the process loop inherits it. After the prediction, :func:`settle_tokens` makes the chunks of
+    each field equal the final value (a cache hit streams nothing; ``Refine`` may keep an earlier attempt).
+    """
+    import dspy
+
+    listeners = []
+    for name, predictor in module.named_predictors():
+        for field in fields:
+            if field in predictor.signature.output_fields:
+                listeners.append(dspy.streaming.StreamListener(signature_field_name=field, predict=predictor,
+                                                               predict_name=name, allow_reuse=True))
+    streamer = dspy.streamify(module, stream_listeners=listeners, include_final_prediction_in_output_stream=True,
+                              async_streaming=True)
+    out: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    async def pump() -> None:
+        try:
+            async for value in streamer(**inputs):
+                out.put(("value", value))
+            out.put(("done", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the job's thread, raised there
+            out.put(("error", exc))
+
+    future = asyncio.run_coroutine_threadsafe(pump(), process_loop())
+    states = control.tokens
+    prediction = None
+    try:
+        while True:
+            kind, value = out.get()
+            if kind == "done":
+                break
+            if kind == "error":
+                raise value
+            if isinstance(value, dspy.streaming.StreamResponse):
+                _token(control, states, value)
+            elif isinstance(value, dspy.Prediction):
+                prediction = value
+    finally:
+        if not future.done():
+            future.cancel()
+    return prediction
+
+
+def _token(control: JobControl, states: dict[str, _TokenState], response: Any) -> None:
+    field = response.signature_field_name
+    state = states.setdefault(field, _TokenState())
+    chunk = response.chunk or ""
+    if not state.open:
+        state.open = True
+        if state.sent:  # a new LM call for a field that streamed before: it starts over
+            state.sent = ""
+            control.emit("token", field=field, chunk="", predictor=response.predict_name, reset=True)
+    if chunk:
+        state.sent += chunk
+        control.emit("token", field=field, chunk=chunk, predictor=response.predict_name)
+    if getattr(response, "is_last_chunk", False):
+        state.open = False
+
+
+def settle_tokens(control: JobControl, outputs: dict[str, Any], fields: list[str]) -> None:
+    """Make each text field's chunks (since its last reset), joined, equal its final value."""
+    states = control.tokens
+    for field in fields:
+        value = outputs.get(field)
+        if not isinstance(value, str):
+            continue
+        sent = states[field].sent if field in states else ""
+        if sent == value:
+            continue
+        if value.startswith(sent):
+            control.emit("token", field=field, chunk=value[len(sent):], predictor=None)
+        else:
+            control.emit("token", field=field, chunk=value, predictor=None, reset=True)
+
+
+def control_for(task: Any, options: dict[str, Any]) -> JobControl:
+    """The control of the job ``task`` is running, checked at its start.
+
+    ``timeout_s`` counts from the submission (the message's send-time header; the start when a sender gave
+    none), so time spent queued counts.
+
+    Raises:
+        Cancelled: the job was cancelled while queued, or its ``timeout_s`` passed before it started.
+    """
+    from ..wire import SENT_AT_HEADER, header
+
+    settings = task.app.dspex_settings
+    runtime = getattr(task.app, "runtime", None)
+    redis = getattr(runtime, "redis", None)
+    timeout_s = options.get("timeout_s")
+    deadline = None
+    if timeout_s is not None:
+        sent = header(task.request, SENT_AT_HEADER)
+        start = float(sent) if isinstance(sent, int | float) and not isinstance(sent, bool) else time.time()
+        deadline = min(start, time.time()) + float(timeout_s)
+    request = task.request
+
+    def on_step(name: str) -> None:
+        meta = {"step": name, "job": request.id, "ts": time.time()}
+        task.update_state(state="PROGRESS", meta=meta)
+        if getattr(request, "hostname", None):
+            task.send_event("task-progress", step=name)
+
+    control = JobControl(redis, settings.namespace, str(request.id), stream=bool(options.get("stream")),
+                         deadline=deadline, timeout_s=timeout_s, maxlen=settings.stream_maxlen,
+                         ttl_s=settings.stream_ttl_s, on_step=on_step)
+    control.check_start()
+    return control
