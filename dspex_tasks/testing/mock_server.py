@@ -9,6 +9,13 @@ DSPy's native engines. Knobs: latency, an error rate with a chosen HTTP status
 ``GET /_stats`` at run time; ``GET /_log`` lists each completion request's arrival time, status and
 parameters (``temperature``, ``max_tokens``, ...).
 
+``"stream": true`` gets a ``text/event-stream`` of OpenAI ``chat.completion.chunk`` events (HTTP/1.1
+chunked transfer): the same text as the non-streamed answer, split per word (or every
+``stream_chunk_chars`` characters), ``chunk_latency_ms`` apart, then a ``finish_reason`` chunk, a usage
+chunk when ``stream_options.include_usage`` asks, and ``data: [DONE]``. ``latency_ms`` is then the time to
+the first chunk, and ``stream_error_after`` aborts streams mid-way (an error event, then a dropped
+connection).
+
 Example:
     >>> with MockLMServer(port=0) as server:  # doctest: +SKIP
     ...     lm = dspy.LM("openai/mock", api_base=server.url, api_key="sk-test", cache=False)
@@ -23,11 +30,14 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -59,15 +69,40 @@ def import_signature_modules(spec: str | None = None) -> list[str]:
     return done
 
 
+def _stream_error_after(value: Any) -> int | None:
+    """The ``stream_error_after`` knob: a positive chunk count, or None (``None``/0: off)."""
+    count = max(int(value or 0), 0)
+    return count or None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one completion request does, decided by :meth:`_State.begin` from the knobs at its arrival."""
+
+    fail: bool
+    latency_ms: float
+    status: int
+    retry_after: float
+    chunk_latency_ms: float
+    stream_chunk_chars: int
+    stream_error_after: int | None
+    entry: dict[str, Any]  # its request-log entry (the stream marks an abort in it)
+
+
 class _State:
     """Knobs and counters shared by the handler threads (guarded by ``lock``)."""
 
-    def __init__(self, *, latency_ms: float, error_rate: float, status: int, retry_after_s: float, seed: int) -> None:
+    def __init__(self, *, latency_ms: float, error_rate: float, status: int, retry_after_s: float, seed: int,
+                 chunk_latency_ms: float = 0.0, stream_chunk_chars: int = 0,
+                 stream_error_after: int | None = None) -> None:
         self.lock = threading.Lock()
         self.latency_ms = latency_ms
         self.error_rate = error_rate
         self.status = status
         self.retry_after_s = retry_after_s
+        self.chunk_latency_ms = max(float(chunk_latency_ms), 0.0)
+        self.stream_chunk_chars = max(int(stream_chunk_chars), 0)
+        self.stream_error_after = _stream_error_after(stream_error_after)
         self.fail_next = 0
         self.echo_key = False
         self.scenario: str | None = None
@@ -91,6 +126,12 @@ class _State:
                 self.retry_after_s = max(float(body["retry_after_s"]), 0.0)
             if "echo_key" in body:
                 self.echo_key = bool(body["echo_key"])
+            if "chunk_latency_ms" in body:
+                self.chunk_latency_ms = max(float(body["chunk_latency_ms"]), 0.0)
+            if "stream_chunk_chars" in body:
+                self.stream_chunk_chars = max(int(body["stream_chunk_chars"]), 0)
+            if "stream_error_after" in body:
+                self.stream_error_after = _stream_error_after(body["stream_error_after"])
             if "scenario" in body:
                 name = body["scenario"] or None
                 if name is not None and name not in mockgen.SCENARIOS:
@@ -105,18 +146,17 @@ class _State:
     def knobs(self) -> dict[str, Any]:
         return {"latency_ms": self.latency_ms, "error_rate": self.error_rate, "status": self.status,
                 "fail_next": self.fail_next, "retry_after_s": self.retry_after_s, "scenario": self.scenario,
-                "echo_key": self.echo_key}
+                "echo_key": self.echo_key, "chunk_latency_ms": self.chunk_latency_ms,
+                "stream_chunk_chars": self.stream_chunk_chars, "stream_error_after": self.stream_error_after}
 
     def stats(self) -> dict[str, int]:
         with self.lock:
             return {"requests": self.requests, "errors": self.errors, "in_flight": self.in_flight,
                     "max_in_flight": self.max_in_flight}
 
-    def begin(self, params: dict[str, Any] | None = None) -> tuple[bool, float, int, float]:
-        """Count a completion request (logging its ``params``); decide whether it fails.
-
-        Returns (fail, latency_ms, status, retry_after).
-        """
+    def begin(self, params: dict[str, Any] | None = None, *, stream: bool = False) -> _Plan:
+        """Count a completion request (logging its ``params`` and whether it streams); decide whether it fails
+        and with which knobs it is answered."""
         with self.lock:
             self.requests += 1
             self.in_flight += 1
@@ -129,12 +169,21 @@ class _State:
                 fail = True
             if fail:
                 self.errors += 1
-            self.log.append({"t": time.time(), "status": self.status if fail else 200, "params": params or {}})
-            return fail, self.latency_ms, self.status, self.retry_after_s
+            entry: dict[str, Any] = {"t": time.time(), "status": self.status if fail else 200,
+                                     "params": params or {}, "stream": stream}
+            self.log.append(entry)
+            return _Plan(fail, self.latency_ms, self.status, self.retry_after_s, self.chunk_latency_ms,
+                         self.stream_chunk_chars, self.stream_error_after, entry)
+
+    def stream_aborted(self, entry: dict[str, Any]) -> None:
+        """Count a stream the ``stream_error_after`` knob broke off as an error, and mark its log entry."""
+        with self.lock:
+            self.errors += 1
+            entry["stream_error"] = True
 
     def request_log(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return list(self.log)
+        with self.lock:  # copies: a stream still running may yet mark its entry
+            return [dict(entry) for entry in self.log]
 
     def end(self) -> None:
         with self.lock:
@@ -147,6 +196,16 @@ _UNLOGGED = frozenset({"messages", "tools", "response_format"})
 
 def _error_body(message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": kind, "param": None}}
+
+
+_WORD = re.compile(r"\S+\s*|\s+")
+
+
+def _split(text: str, size: int = 0) -> list[str]:
+    """``text`` in stream chunks: ``size`` characters each, or (``size`` 0) one word and the whitespace after it
+    each (leading whitespace on its own). The chunks join back to ``text``; an empty text is one empty chunk."""
+    parts = [text[i:i + size] for i in range(0, len(text), size)] if size > 0 else _WORD.findall(text)
+    return parts or [""]
 
 
 class _Server(ThreadingHTTPServer):
@@ -169,7 +228,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; every reply carries Content-Length
+    protocol_version = "HTTP/1.1"  # keep-alive; every reply carries Content-Length, or is chunked (streams)
     server_version = "dspex-mock-lm/1"
     timeout = 120  # idle keep-alive connections are dropped after this
     # Headers and body go out in separate writes; with Nagle on, the body waits for the client's
@@ -250,11 +309,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _completion(self, body: Any) -> None:
         state = self.server.state
         params = {k: v for k, v in body.items() if k not in _UNLOGGED} if isinstance(body, dict) else {}
-        fail, latency_ms, status, retry_after = state.begin(params)
+        stream = isinstance(body, dict) and bool(body.get("stream"))
+        plan = state.begin(params, stream=stream)
+        ended = False
+
+        def end() -> None:  # once, whichever way the request goes
+            nonlocal ended
+            if not ended:
+                ended = True
+                state.end()
+
         try:  # in_flight drops before the reply goes out, so a client that has its answer sees it dropped
-            reply = self._reply(body, fail, latency_ms, status, retry_after)
+            reply = self._reply(body, plan.fail, plan.latency_ms, plan.status, plan.retry_after)
+            if stream and reply[0] == 200:
+                self._stream(body, reply[1], plan, end)
+                return
         finally:
-            state.end()
+            end()
         self._send_json(*reply)
 
     def _reply(self, body: Any, fail: bool, latency_ms: float, status: int, retry_after: float,
@@ -277,13 +348,71 @@ class _Handler(BaseHTTPRequestHandler):
         messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             return 400, _error_body("'messages' must be a list of message objects", "invalid_request_error"), None
-        if body.get("stream"):
-            return 400, _error_body("the mock LM server does not stream", "invalid_request_error"), None
         try:
             return 200, self._answer(body, messages), None
         except Exception as exc:  # a mock bug must still produce an HTTP answer
             log.exception("mock LM server: cannot answer")
             return 500, _error_body(f"mock LM server error: {type(exc).__name__}: {exc}", "server_error"), None
+
+    # -- streaming ------------------------------------------------------------
+    def _write_chunk(self, data: bytes) -> None:
+        """One HTTP/1.1 chunk (empty: the terminating one), flushed."""
+        self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _event(self, payload: Any) -> None:
+        """One server-sent event ``data: <payload>``; a str payload goes out as is (``[DONE]``)."""
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self._write_chunk(f"data: {data}\n\n".encode())
+
+    def _stream(self, body: dict[str, Any], answer: dict[str, Any], plan: _Plan, end: Callable[[], None]) -> None:
+        """Send ``answer`` (the non-streamed reply) as OpenAI ``chat.completion.chunk`` events.
+
+        Content chunks are ``plan.chunk_latency_ms`` apart; ``plan.stream_error_after`` content chunks in (or
+        after the last, if there are fewer), an error event goes out and the connection is dropped without
+        the chunked body's end, so the client sees the stream fail mid-way. ``end`` is called before the last
+        event, as for non-streamed replies.
+        """
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        head = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
+                "model": answer["model"], "system_fingerprint": None}
+        sent = 0
+        for choice in answer["choices"]:
+            for part in _split(choice["message"]["content"], plan.stream_chunk_chars):
+                if plan.stream_error_after is not None and sent >= plan.stream_error_after:
+                    self._abort(plan, end)
+                    return
+                if sent and plan.chunk_latency_ms > 0:
+                    time.sleep(plan.chunk_latency_ms / 1000.0)
+                self._event({**head, "choices": [{"index": choice["index"], "finish_reason": None, "logprobs": None,
+                                                  "delta": {"role": "assistant", "content": part}}]})
+                sent += 1
+        if plan.stream_error_after is not None:  # the answer had no more chunks than that
+            self._abort(plan, end)
+            return
+        for choice in answer["choices"]:
+            self._event({**head, "choices": [{"index": choice["index"], "delta": {}, "finish_reason": "stop",
+                                              "logprobs": None}]})
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            self._event({**head, "choices": [], "usage": answer["usage"]})
+        end()
+        self._event("[DONE]")
+        self._write_chunk(b"")
+
+    def _abort(self, plan: _Plan, end: Callable[[], None]) -> None:
+        """Break a stream off: an OpenAI-style error event, then the connection dropped mid-body."""
+        self.server.state.stream_aborted(plan.entry)
+        end()
+        self._event(_error_body(f"mock LM injected stream error (after {plan.stream_error_after} chunks)",
+                                "server_error"))
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
         seed = self.server.state.seed
@@ -326,6 +455,13 @@ class MockLMServer:
         error_rate: Fraction of completions that fail with ``status``.
         status: HTTP status of injected errors (429 adds ``Retry-After``).
         retry_after_s: The ``Retry-After`` value for injected 429s.
+        chunk_latency_ms: Delay between the content chunks of a streamed answer (``latency_ms`` is the delay
+            before the first).
+        stream_chunk_chars: Characters per streamed content chunk; 0 streams one word (and the whitespace after
+            it) per chunk. (DSPy 3.4.1's ``StreamListener`` leaks the next field marker into its chunks with 1-2
+            characters per chunk, and yields nothing when one chunk holds the whole answer.)
+        stream_error_after: Break every stream off after this many content chunks (an error event, then the
+            connection dropped); None or 0 never does. A broken stream counts as an error in :meth:`stats`.
         seed: Changes every generated value.
         registry: Signatures for precise output types (default: the process-wide registry).
         model: The model id listed by ``GET /v1/models``.
@@ -341,6 +477,9 @@ class MockLMServer:
         error_rate: float = 0.0,
         status: int = 500,
         retry_after_s: float = 1.0,
+        chunk_latency_ms: float = 0.0,
+        stream_chunk_chars: int = 0,
+        stream_error_after: int | None = None,
         seed: int = 0,
         registry: SignatureRegistry | None = None,
         model: str = "mock",
@@ -349,7 +488,8 @@ class MockLMServer:
         self.host = host
         self._port = port
         self.state = _State(latency_ms=latency_ms, error_rate=error_rate, status=status,
-                            retry_after_s=retry_after_s, seed=seed)
+                            retry_after_s=retry_after_s, seed=seed, chunk_latency_ms=chunk_latency_ms,
+                            stream_chunk_chars=stream_chunk_chars, stream_error_after=stream_error_after)
         self.registry = registry if registry is not None else default_registry
         self.model = model
         self.import_modules = import_modules
@@ -405,14 +545,20 @@ class MockLMServer:
         """Change knobs in process (same keys as ``POST /_control``)."""
         return self.state.control(knobs)
 
+    def knobs(self) -> dict[str, Any]:
+        """The current knobs (what ``POST /_control`` answers)."""
+        with self.state.lock:
+            return self.state.knobs()
+
     def stats(self) -> dict[str, int]:
         """Counters (same as ``GET /_stats``)."""
         return self.state.stats()
 
     def request_log(self) -> list[dict[str, Any]]:
         """Per completion request, oldest first: ``{"t": unix seconds at arrival, "status": HTTP status,
-        "params": the body but its messages, tools and response_format}`` (the last 10,000; same as
-        ``GET /_log`` or ``GET /_stats?log=1``; cleared by ``reset_stats``)."""
+        "params": the body but its messages, tools and response_format, "stream": whether it asked for a
+        stream}``, plus ``"stream_error": True`` on a stream ``stream_error_after`` broke off (the last 10,000;
+        same as ``GET /_log`` or ``GET /_stats?log=1``; cleared by ``reset_stats``)."""
         return self.state.request_log()
 
     def __enter__(self) -> MockLMServer:

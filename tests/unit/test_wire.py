@@ -135,11 +135,15 @@ def test_bad_lm_config_names_the_field(lm_config: dict[str, object], field: str,
 
 def test_bad_options_name_each_field_with_the_caller_prefix() -> None:
     with pytest.raises(errors.ValidationError) as info:
-        wire.check_options({"trace": "yes", "lm_config": {"api_base": "x", "n": 2}, "stream": True})
+        wire.check_options({"trace": "yes", "lm_config": {"api_base": "x", "n": 2}, "stream": 1, "timeout_s": 0,
+                            "priority": 3})
     assert {e["field"]: e["message"] for e in info.value.errors} == {
         "options.trace": "expected true or false",
         "options.lm_config.api_base": "not allowed; allowed: max_tokens, n, rollout_id, temperature, top_p",
-        "options.stream": "unknown option; known: lm_config, trace"}
+        "options.stream": "expected true or false",
+        "options.timeout_s": "expected a number of seconds > 0 and <= 86400",
+        "options.priority": "unknown option; known: lm_config, trace, stream, timeout_s"}
+    assert wire.check_options({"stream": True, "timeout_s": 2, "trace": False}) == {"stream": True, "timeout_s": 2.0}
     with pytest.raises(errors.ValidationError) as info:  # the gateway's body fields are top level
         wire.check_options({"lm_config": ["temperature"]}, prefix="")
     assert info.value.errors == [{"field": "lm_config", "message": "expected an object"}]
