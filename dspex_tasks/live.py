@@ -25,15 +25,21 @@ written. A job's ``timeout_s`` is checked at the same points.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
+import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from . import keys
 
-__all__ = ["EVENT_TYPES", "FINAL_TYPES", "EventWriter", "read_events", "aread_events", "request_cancel",
+__all__ = ["EVENT_TYPES", "FINAL_TYPES", "EventWriter", "EventFlusher", "read_events", "aread_events", "request_cancel",
            "cancel_reason", "entry_event"]
+
+log = logging.getLogger(__name__)
 
 #: What ``"type"`` an event may have.
 EVENT_TYPES = ("status", "step", "tool", "token", "result", "error")
@@ -54,25 +60,88 @@ def entry_event(entry_id: Any, fields: Any) -> dict[str, Any]:
 
 
 class EventWriter:
-    """Writes one job's events (a worker's side); every write is one pipelined XADD + EXPIRE.
-
-    A failed write is logged by the caller's choice (``strict=False``: events are best effort; the result is
-    what the job promises), never raised into the program.
-    """
+    """Writes one job's events (a worker's side) through the process's :class:`EventFlusher`: ``emit`` only
+    queues (it is called from DSPy's callbacks, on the job's thread or the process's event loop), a background
+    thread pipelines the queued events of every job into Redis every few milliseconds, and :meth:`flush` waits
+    for this job's (before its result is stored, so a follower sees the final event first)."""
 
     def __init__(self, redis: Any, namespace: str, job_id: str, *, maxlen: int, ttl_s: int) -> None:
-        self.redis = redis
         self.key = keys.job_events(namespace, job_id)
         self.maxlen = maxlen
         self.ttl_s = ttl_s
+        self._flusher = EventFlusher.for_client(redis)
 
     def emit(self, event_type: str, **fields: Any) -> None:
         event = {"type": event_type, **fields, "ts": round(time.time(), 6)}
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self.key, {"e": json.dumps(event, separators=(",", ":"), default=str)}, maxlen=self.maxlen,
-                  approximate=True)
-        pipe.expire(self.key, self.ttl_s)
-        pipe.execute()
+        self._flusher.put(self.key, json.dumps(event, separators=(",", ":"), default=str), self.maxlen, self.ttl_s)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every event emitted so far is written; False when Redis did not take them in time."""
+        return self._flusher.flush(timeout_s)
+
+
+class EventFlusher:
+    """One per process and Redis client: a daemon thread writing queued events in pipelined batches.
+
+    Events of one job keep their order (one queue, written in order). A batch that Redis refuses is logged and
+    dropped: events are best effort, the job's result is what it promises.
+    """
+
+    _instances: dict[tuple[int, int], EventFlusher] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def for_client(cls, redis: Any) -> EventFlusher:
+        key = (os.getpid(), id(redis))
+        found = cls._instances.get(key)
+        if found is None:
+            with cls._lock:
+                found = cls._instances.get(key)
+                if found is None:
+                    found = cls._instances[key] = cls(redis)
+        return found
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._queue: collections.deque[tuple[str, str, int, int]] = collections.deque()
+        self._cv = threading.Condition()
+        self._queued = 0
+        self._written = 0
+        self._failed = 0
+        threading.Thread(target=self._run, name="dspex-live-events", daemon=True).start()
+
+    def put(self, key: str, event: str, maxlen: int, ttl_s: int) -> None:
+        with self._cv:
+            self._queue.append((key, event, maxlen, ttl_s))
+            self._queued += 1
+            self._cv.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        with self._cv:
+            target = self._queued
+            return self._cv.wait_for(lambda: self._written >= target, timeout=timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: bool(self._queue))
+                batch = list(self._queue)
+                self._queue.clear()
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                ttls: dict[str, int] = {}
+                for key, event, maxlen, ttl_s in batch:
+                    pipe.xadd(key, {"e": event}, maxlen=maxlen, approximate=True)
+                    ttls[key] = ttl_s
+                for key, ttl_s in ttls.items():
+                    pipe.expire(key, ttl_s)
+                pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - events are best effort
+                self._failed += len(batch)
+                log.warning("could not write %d live event(s): %s", len(batch), exc)
+            with self._cv:
+                self._written += len(batch)
+                self._cv.notify_all()
 
 
 def read_events(redis: Any, namespace: str, job_id: str, *, after: str = "0-0", block_ms: int = 1000,

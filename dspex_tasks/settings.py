@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     accept_compression: bool = False  # compressed messages are refused unless set (then inflated up to the cap)
 
     # workers and queues
+    # modules defining aforward (Predict, ChainOfThought, ReAct with async tools, user modules) run as coroutines
+    # on one event loop per worker process; off: every module runs in the task's thread
+    async_modules: bool = True
     worker_pool: Literal["threads", "prefork", "solo"] = "threads"
     worker_concurrency: int = Field(200, ge=1)
     prefetch_multiplier: int = Field(1, ge=1)

@@ -51,3 +51,20 @@ def build_lm(settings: Settings, model: str | None = None, *, num_retries: int |
 
 def lm_name(lm: Any) -> str:
     return str(getattr(lm, "model", "unknown"))
+
+
+def native_async(lm: Any) -> bool:
+    """Whether ``lm`` answers ``aforward`` with the same behaviour as ``forward``, as a coroutine.
+
+    A class that overrides ``forward`` but inherits an older ``aforward`` (a test double, a user's legacy
+    ``BaseLM`` subclass, whose inherited ``aforward`` would bypass its ``forward`` or raise) does not: its calls
+    run ``forward`` in a thread.
+    """
+    import inspect
+
+    cls = type(lm)
+    forward = next((c for c in cls.__mro__ if "forward" in vars(c)), None)
+    aforward = next((c for c in cls.__mro__ if "aforward" in vars(c)), None)
+    if forward is None or aforward is None or not inspect.iscoroutinefunction(vars(aforward)["aforward"]):
+        return False
+    return issubclass(aforward, forward)

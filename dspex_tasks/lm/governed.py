@@ -45,7 +45,7 @@ import dspy
 from ..errors import ConfigurationError, DspexError, LMContextLengthExceeded, LMTimeout, RateLimited
 from .cache import IGNORED_PARAMS, LMCache, entry_from_response, request_digest
 from .errors import classify, retry_after_of, to_lm_error
-from .factory import build_lm, lm_name
+from .factory import build_lm, lm_name, native_async
 from .limits import BACKOFF_JITTER, Limit, estimate_tokens, parse_limits
 from .limits import backoff_s as backoff
 from .ratelimit import RateLimiter
@@ -209,17 +209,11 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
             RateLimited: a fleet limit (or the provider) needs a wait longer than a thread should hold.
             LMError: ``LMTimeout``, ``LMContextLengthExceeded``, or the last provider error.
         """
-        params = self._params(kwargs)
-        digest = None
-        if self.shared_cache is not None or self.route.weights is not None:
-            shaping = {**self._base_kwargs, **params}
-            digest = request_digest(self.route.key, prompt, messages, shaping)
+        params, digest = self._prepare(prompt, messages, kwargs)
         if self.shared_cache is not None and digest is not None:
-            hit = self._cache_get(digest)
+            hit = self._cached(self._cache_get(digest))
             if hit is not None:
-                record_call(str(hit.get("model") or self.model), {}, cached=True)
-                return as_response({"model": hit.get("model") or self.model, "choices": hit["choices"], "usage": {},
-                              "cache_hit": True})
+                return hit
         failures: list[_Exhausted] = []
         for model in self.route.order(digest):
             try:
@@ -227,23 +221,61 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
             except _Exhausted as exhausted:
                 failures.append(exhausted)
                 continue
-            served = lm_name(self.inners[model])
-            record_call(served, _usage_of(raw))
-            if self.shared_cache is not None and digest is not None:
-                self._cache_put(digest, raw, served)
-            return raw
+            return self._served(model, raw, digest)
         raise self._final_error(failures)
 
     async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Any:
-        """:meth:`forward` on a worker thread (the context, and so the usage scope, goes along)."""
-        return await asyncio.to_thread(self.forward, prompt, messages, **kwargs)
+        """:meth:`forward` as a coroutine: the provider call is the inner LM's own ``aforward`` (DSPy's async
+        engine, its connections bound to the running loop); the cache and the rate-limit buckets, Redis round
+        trips, run in a thread only when configured. Inner LMs without ``aforward`` run in a thread."""
+        params, digest = self._prepare(prompt, messages, kwargs)
+        if self.shared_cache is not None and digest is not None:
+            hit = self._cached(await asyncio.to_thread(self._cache_get, digest))
+            if hit is not None:
+                return hit
+        failures: list[_Exhausted] = []
+        for model in self.route.order(digest):
+            try:
+                raw = await self._acall(model, prompt, messages, params)
+            except _Exhausted as exhausted:
+                failures.append(exhausted)
+                continue
+            if self.shared_cache is not None and digest is not None:
+                await asyncio.to_thread(self._cache_put, digest, raw, lm_name(self.inners[model]))
+            return self._served(model, raw, None)
+        raise self._final_error(failures)
+
+    def _prepare(self, prompt: Any, messages: Any, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+        params = self._params(kwargs)
+        digest = None
+        if self.shared_cache is not None or self.route.weights is not None:
+            shaping = {**self._base_kwargs, **params}
+            digest = request_digest(self.route.key, prompt, messages, shaping)
+        return params, digest
+
+    def _cached(self, hit: dict[str, Any] | None) -> Any:
+        if hit is None:
+            return None
+        record_call(str(hit.get("model") or self.model), {}, cached=True)
+        return as_response({"model": hit.get("model") or self.model, "choices": hit["choices"], "usage": {},
+                            "cache_hit": True})
+
+    def _served(self, model: str, raw: Any, digest: str | None) -> Any:
+        served = lm_name(self.inners[model])
+        record_call(served, _usage_of(raw))
+        if self.shared_cache is not None and digest is not None:
+            self._cache_put(digest, raw, served)
+        return raw
+
+    def _tokens(self, limits: Sequence[Limit], prompt: Any, messages: Any, params: Mapping[str, Any]) -> int:
+        if any(lim.unit == "tokens" for lim in limits):
+            return estimate_tokens(prompt, messages, params.get("max_tokens", self._base_kwargs.get("max_tokens")))
+        return 0
 
     def _call(self, model: str, prompt: Any, messages: Any, params: dict[str, Any]) -> Any:
         inner = self.inners[model]
         limits = self.limits.get(model, ())
-        tokens = 0
-        if any(lim.unit == "tokens" for lim in limits):
-            tokens = estimate_tokens(prompt, messages, params.get("max_tokens", self._base_kwargs.get("max_tokens")))
+        tokens = self._tokens(limits, prompt, messages, params)
         attempt = 0
         while True:
             attempt += 1
@@ -254,28 +286,58 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
             except (DspexError, RateLimited):
                 raise
             except Exception as exc:
-                kind = classify(exc)
-                if kind == "context":
-                    raise LMContextLengthExceeded(f"prompt exceeds the context window of '{model}': {_short(exc)}") \
-                        from None
-                if kind == "fatal":
-                    # typed by class (a refused key is LMAuthError); the message is redacted there
-                    raise to_lm_error(exc, f"LM call to '{model}' failed ({type(exc).__name__}): {_short(exc)}") \
-                        from None
-                if kind == "timeout":
-                    raise _Exhausted(model, exc, attempt, timeout=True) from None
-                if attempt > self.retries:
-                    raise _Exhausted(model, exc, attempt) from None
-                delay = retry_delay(exc, attempt - 1, self.backoff_s)
-                if delay > self.max_wait_s and getattr(exc, "retry_after", None) is not None:
-                    raise _Exhausted(model, exc, attempt, countdown=delay) from None
-                self.sleep(delay)
+                self.sleep(self._failed(model, exc, attempt))
+                continue
+            self._settled(limits, tokens, raw)
+            return raw
+
+    async def _acall(self, model: str, prompt: Any, messages: Any, params: dict[str, Any]) -> Any:
+        inner = self.inners[model]
+        limits = self.limits.get(model, ())
+        tokens = self._tokens(limits, prompt, messages, params)
+        native = native_async(inner)
+        attempt = 0
+        while True:
+            attempt += 1
+            if limits and self.limiter is not None:
+                await asyncio.to_thread(self.limiter.acquire, limits, tokens=tokens, what=model)
+            try:
+                if native:
+                    raw = await inner.aforward(prompt=prompt, messages=messages, **params)
+                else:
+                    raw = await asyncio.to_thread(inner.forward, prompt=prompt, messages=messages, **params)
+            except (DspexError, RateLimited):
+                raise
+            except Exception as exc:
+                await asyncio.sleep(self._failed(model, exc, attempt))
                 continue
             if tokens and self.limiter is not None:
-                actual = _usage_of(raw).get("total_tokens")
-                if isinstance(actual, int):
-                    self._settle(limits, tokens, actual)
+                await asyncio.to_thread(self._settled, limits, tokens, raw)
             return raw
+
+    def _failed(self, model: str, exc: Exception, attempt: int) -> float:
+        """After a failed attempt: the delay before the next one on ``model``, or raise (typed, or
+        :class:`_Exhausted` to move on to the route's next model)."""
+        kind = classify(exc)
+        if kind == "context":
+            raise LMContextLengthExceeded(f"prompt exceeds the context window of '{model}': {_short(exc)}") from None
+        if kind == "fatal":
+            # typed by class (a refused key is LMAuthError); the message is redacted there
+            raise to_lm_error(exc, f"LM call to '{model}' failed ({type(exc).__name__}): {_short(exc)}") from None
+        if kind == "timeout":
+            raise _Exhausted(model, exc, attempt, timeout=True) from None
+        if attempt > self.retries:
+            raise _Exhausted(model, exc, attempt) from None
+        delay = retry_delay(exc, attempt - 1, self.backoff_s)
+        if delay > self.max_wait_s and getattr(exc, "retry_after", None) is not None:
+            raise _Exhausted(model, exc, attempt, countdown=delay) from None
+        return delay
+
+    def _settled(self, limits: Sequence[Limit], tokens: int, raw: Any) -> None:
+        if tokens and self.limiter is not None:
+            actual = _usage_of(raw).get("total_tokens")
+            if isinstance(actual, int):
+                self._settle(limits, tokens, actual)
 
     def _final_error(self, failures: list[_Exhausted]) -> DspexError:
         last = failures[-1]

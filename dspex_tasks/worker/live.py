@@ -20,6 +20,7 @@ so that DSPy's ``except Exception`` around callbacks, tools and retries lets it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -30,8 +31,8 @@ from typing import Any
 from .. import live
 from ..errors import Cancelled
 
-__all__ = ["JobStopped", "JobControl", "LiveCallback", "make_callback", "stream_run", "settle_tokens", "process_loop",
-           "text_outputs", "control_for"]
+__all__ = ["JobStopped", "JobControl", "LiveCallback", "make_callback", "stream_run", "astream_run", "settle_tokens",
+           "process_loop", "run_on_loop", "runs_async", "text_outputs", "control_for"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ class JobControl:
             if stream and redis is not None else None
         self.on_step = on_step
         self.tokens: dict[str, _TokenState] = {}  # what each text field streamed since its last reset
-        self._failed_writes = 0
 
     @property
     def streaming(self) -> bool:
@@ -97,16 +97,14 @@ class JobControl:
             raise Cancelled(reason)
 
     def emit(self, event_type: str, **fields: Any) -> None:
-        """Write one event (best effort: a failed write is logged, never raised into the program)."""
-        if self.writer is None:
-            return
-        try:
+        """Queue one event (written in the background; best effort, never raised into the program)."""
+        if self.writer is not None:
             self.writer.emit(event_type, **fields)
-        except Exception as exc:  # noqa: BLE001 - events are best effort; the result is the promise
-            self._failed_writes += 1
-            if self._failed_writes == 1:
-                log.warning("job %s: could not write a live event (%s); later failures are not logged",
-                            self.job_id, exc)
+
+    def flush(self) -> None:
+        """Wait until this job's events are written (before its result is stored)."""
+        if self.writer is not None and not self.writer.flush():
+            log.warning("job %s: its live events were not all written in time", self.job_id)
 
 
 def _base_callback() -> type:
@@ -234,6 +232,15 @@ def process_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
+def run_on_loop(coro: Any) -> Any:
+    """Run a coroutine on the process's loop from a worker thread and wait for its result (its exception).
+
+    The coroutine inherits this thread's context (DSPy's settings, the usage scope, the rate-limit claim): the
+    loop's handle for it is made here, with a copy of it.
+    """
+    return asyncio.run_coroutine_threadsafe(coro, process_loop()).result()
+
+
 class _TokenState:
     """What was streamed for one field since its last reset."""
 
@@ -253,14 +260,8 @@ def stream_run(module: Any, inputs: dict[str, Any], control: JobControl, fields:
     """
     import dspy
 
-    listeners = []
-    for name, predictor in module.named_predictors():
-        for field in fields:
-            if field in predictor.signature.output_fields:
-                listeners.append(dspy.streaming.StreamListener(signature_field_name=field, predict=predictor,
-                                                               predict_name=name, allow_reuse=True))
-    streamer = dspy.streamify(module, stream_listeners=listeners, include_final_prediction_in_output_stream=True,
-                              async_streaming=True)
+    streamer = dspy.streamify(module, stream_listeners=_listeners(module, fields),
+                              include_final_prediction_in_output_stream=True, async_streaming=True)
     out: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
     async def pump() -> None:
@@ -289,6 +290,58 @@ def stream_run(module: Any, inputs: dict[str, Any], control: JobControl, fields:
         if not future.done():
             future.cancel()
     return prediction
+
+
+def _listeners(module: Any, fields: list[str]) -> list[Any]:
+    """One listener per text output of the interface and per predictor producing it (reused across calls)."""
+    import dspy
+
+    listeners = []
+    for name, predictor in module.named_predictors():
+        for field in fields:
+            if field in predictor.signature.output_fields:
+                listeners.append(dspy.streaming.StreamListener(signature_field_name=field, predict=predictor,
+                                                               predict_name=name, allow_reuse=True))
+    return listeners
+
+
+async def astream_run(module: Any, inputs: dict[str, Any], control: JobControl, fields: list[str]) -> Any:
+    """:func:`stream_run` for a module run as a coroutine (``aforward``) on the process's loop."""
+    import dspy
+
+    streamer = dspy.streamify(module, stream_listeners=_listeners(module, fields),
+                              include_final_prediction_in_output_stream=True, is_async_program=True,
+                              async_streaming=True)
+    prediction = None
+    async for value in streamer(**inputs):
+        if isinstance(value, dspy.streaming.StreamResponse):
+            _token(control, control.tokens, value)
+        elif isinstance(value, dspy.Prediction):
+            prediction = value
+    return prediction
+
+
+def runs_async(module: Any) -> bool:
+    """Whether ``module`` runs as a coroutine: it defines ``aforward`` and holds no synchronous tool (DSPy calls
+    a sync tool inline in ``acall``, which would stall every job on the loop; those modules run in threads)."""
+    import inspect
+
+    if not inspect.iscoroutinefunction(getattr(type(module), "aforward", None)):
+        return False
+    cached = getattr(module, "_dspex_runs_async", None)
+    if cached is not None:
+        return bool(cached)
+    ok = True
+    for _, sub in module.named_sub_modules():
+        tools = getattr(sub, "tools", None)
+        if isinstance(tools, dict):
+            for name, tool in tools.items():
+                func = getattr(tool, "func", None)
+                if name != "finish" and func is not None and not inspect.iscoroutinefunction(func):
+                    ok = False
+    with contextlib.suppress(AttributeError):  # a module that refuses attributes is checked each time
+        module._dspex_runs_async = ok
+    return ok
 
 
 def _token(control: JobControl, states: dict[str, _TokenState], response: Any) -> None:

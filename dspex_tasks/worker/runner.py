@@ -25,7 +25,7 @@ from ..lm.errors import to_lm_error
 from ..lm.factory import lm_name
 from ..lm.usage import DSPY_KEY, TaskUsage, UsageLedger, task_usage
 from ..observability.redact import redact_error
-from .live import JobControl, JobStopped, make_callback, stream_run, text_outputs
+from .live import JobControl, JobStopped, astream_run, make_callback, stream_run, text_outputs
 from .trace import trace_entries
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,10 +117,7 @@ class ModuleRunner:
         out of time (``errors.Cancelled``); a streamed job runs under ``dspy.streamify`` and writes its events.
         """
         calls: list[Any] = []
-        streamed: list[str] = []
-        if control is not None:
-            callbacks = [*callbacks, make_callback(control, module)]
-            streamed = text_outputs(sig.output_fields) if control.streaming else []
+        callbacks, streamed = self._live(sig, module, callbacks, control)
         with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls) as spent:
             try:
                 prediction = stream_run(module, inputs, control, streamed) if control is not None and streamed \
@@ -131,6 +128,32 @@ class ModuleRunner:
                 raise classify_lm_error(sig, exc) from None
         usage = self.ledger.finish(spent, prediction, sig.name, session, count_task=count_task)
         return Run(prediction, usage, spent.served or spent.default_lm, trace_entries(module, calls) if trace else None)
+
+    async def arun(self, sig: Signature, module: Any, inputs: dict[str, Any], session: str | None, *,
+                   lm_config: dict[str, Any] | None = None, trace: bool = False,
+                   control: JobControl | None = None) -> Run:
+        """:meth:`run` as a coroutine (``module.acall``), for modules that define ``aforward``; run it on the
+        process's event loop (:func:`~dspex_tasks.worker.live.run_on_loop`)."""
+        calls: list[Any] = []
+        callbacks, streamed = self._live(sig, module, (), control)
+        with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls) as spent:
+            try:
+                prediction = await astream_run(module, inputs, control, streamed) \
+                    if control is not None and streamed else await module.acall(**inputs)
+            except JobStopped as stop:
+                raise Cancelled(stop.reason) from None
+            except Exception as exc:
+                raise classify_lm_error(sig, exc) from None
+        usage = self.ledger.finish(spent, prediction, sig.name, session, count_task=True)
+        return Run(prediction, usage, spent.served or spent.default_lm, trace_entries(module, calls) if trace else None)
+
+    @staticmethod
+    def _live(sig: Signature, module: Any, callbacks: Sequence[Any], control: JobControl | None
+              ) -> tuple[Sequence[Any], list[str]]:
+        if control is None:
+            return callbacks, []
+        return [*callbacks, make_callback(control, module)], \
+            (text_outputs(sig.output_fields) if control.streaming else [])
 
     def spend(self, spent: TaskUsage, sig: Signature, session: str | None) -> dict[str, Any]:
         """Record what a :meth:`context` block spent outside :meth:`run` (an optimizer's compile step)."""

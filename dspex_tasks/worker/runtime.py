@@ -26,6 +26,7 @@ from .. import keys, wire
 from ..connections import redis_client
 from ..dsl.signature import Signature, SignatureRegistry, registry
 from ..errors import ConfigurationError, DspexError, LMParseError, LMRateLimitError, ValidationError
+from ..lm.factory import native_async
 from ..lm.governed import build_signature_lm, plan_lm
 from ..lm.ratelimit import RateLimited, claim
 from ..lm.usage import UsageLedger
@@ -35,7 +36,7 @@ from ..programs.state import load_program
 from ..programs.store import ProgramRecord, ProgramStore, ProgramStoreProtocol
 from ..settings import Settings
 from .dspy_patches import apply_dspy_speedups
-from .live import JobControl, settle_tokens, text_outputs
+from .live import JobControl, run_on_loop, runs_async, settle_tokens, text_outputs
 from .runner import ModuleRunner
 
 __all__ = ["Runtime", "import_signature_modules", "publish_signatures", "signatures_missing",
@@ -43,6 +44,8 @@ __all__ = ["Runtime", "import_signature_modules", "publish_signatures", "signatu
 
 log = logging.getLogger(__name__)
 
+#: Threads running ``dspex.map`` items of modules that cannot run as coroutines.
+MAP_THREADS = 64
 # Connections one DSPy LM object keeps (DSPy 3.4's lm15 transport default).
 LM_CONNECTIONS = 100
 
@@ -351,6 +354,26 @@ class Runtime:
         """
 
         t0 = time.perf_counter()
+        clean, module, version, program = self._prepare(sig, inputs, session, program)
+        opts = options or {}
+        if self._runs_async(sig, module):
+            run = run_on_loop(self.runner.arun(sig, module, clean, session, lm_config=opts.get("lm_config"),
+                                               trace=opts.get("trace", False), control=control))
+        else:
+            run = self.runner.run(sig, module, clean, session, lm_config=opts.get("lm_config"),
+                                  trace=opts.get("trace", False), control=control)
+        return self._result(sig, run, session, program, version, t0, control)
+
+    def _runs_async(self, sig: Signature, module: Any) -> bool:
+        """Whether this job runs as a coroutine on the process's loop: the module can (``aforward``, no sync
+        tools) and so can its LM (DSPEX_ASYNC_MODULES on)."""
+        if not self.settings.async_modules or not runs_async(module):
+            return False
+        return native_async(self.lm_for(sig, recorded=sig.kind == "program"))
+
+    def _prepare(self, sig: Signature, inputs: Any, session: str | None, program: str | None
+                 ) -> tuple[dict[str, Any], Any, int, str]:
+        """Checked inputs, the module serving them, its version and the program's name."""
         clean = sig.validate_inputs(inputs)
         program = keys.check_id(program, "program") if program is not None else sig.name
         if session is not None:
@@ -362,9 +385,10 @@ class Runtime:
             raise ValidationError.from_errors(
                 f"program for '{sig.name}'",
                 [{"field": "program", "message": f"program '{program}' does not serve signature '{sig.name}'"}])
-        opts = options or {}
-        run = self.runner.run(sig, module, clean, session, lm_config=opts.get("lm_config"),
-                              trace=opts.get("trace", False), control=control)
+        return clean, module, version, program
+
+    def _result(self, sig: Signature, run: Any, session: str | None, program: str, version: int, t0: float,
+                control: JobControl | None = None) -> wire.PredictResult:
         raw = {name: run.prediction.get(name) for name in sig.output_fields}
         try:
             outputs = sig.validate_outputs(raw)
@@ -389,7 +413,19 @@ class Runtime:
 
     def predict_many(self, sig: Signature, items: list[Any], session: str | None = None,
                      program: str | None = None, options: wire.Options | None = None) -> list[dict[str, Any]]:
-        """Run many predictions concurrently (each with ``options``); each item is a result or ``{"error": ...}``."""
+        """Run many predictions concurrently (each with ``options``); each item is a result or ``{"error": ...}``.
+
+        A module that runs as a coroutine runs every item on the process's event loop at once (each LM call
+        waits without a thread); any other runs them on a pool of :data:`MAP_THREADS` threads.
+        """
+        opts = options or {}
+        try:
+            _, module, _, _ = self._prepare(sig, items[0] if items else {}, session, program)
+            concurrent = self._runs_async(sig, module)
+        except DspexError:
+            concurrent = False  # the first item's own error is reported in its place below
+        if concurrent and len(items) > 1:
+            return list(run_on_loop(self._amany(sig, items, session, program, opts)))
 
         def one(inputs: Any) -> Any:  # a wire.PredictResult or {"error": wire.ItemError}
             claim(None)  # a pool thread must not keep a previous item's slot
@@ -399,8 +435,7 @@ class Runtime:
                     return self.predict(sig, inputs, session, program, options)
                 except RateLimited as exc:  # a map item has no message of its own to re-queue: it waits
                     if time.monotonic() + exc.countdown_s > deadline:
-                        return {"error": wire.item_error(LMRateLimitError(f"rate limit: no slot within "
-                            f"DSPEX_RATE_LIMIT_MAX_QUEUE_S={self.settings.rate_limit_max_queue_s:g}s: {exc.message}"))}
+                        return {"error": self._limit_error(exc)}
                     time.sleep(exc.countdown_s)
                     claim(exc.slot)
                 except DspexError as exc:
@@ -411,8 +446,36 @@ class Runtime:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dspex-map")
+                    self._pool = ThreadPoolExecutor(max_workers=MAP_THREADS, thread_name_prefix="dspex-map")
         return list(self._pool.map(one, items))
+
+    async def _amany(self, sig: Signature, items: list[Any], session: str | None, program: str | None,
+                     opts: wire.Options) -> list[Any]:
+        import asyncio
+
+        async def one(inputs: Any) -> Any:
+            claim(None)
+            deadline = time.monotonic() + self.settings.rate_limit_max_queue_s
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    clean, module, version, name = self._prepare(sig, inputs, session, program)
+                    run = await self.runner.arun(sig, module, clean, session, lm_config=opts.get("lm_config"),
+                                                 trace=opts.get("trace", False))
+                    return self._result(sig, run, session, name, version, t0)
+                except RateLimited as exc:
+                    if time.monotonic() + exc.countdown_s > deadline:
+                        return {"error": self._limit_error(exc)}
+                    await asyncio.sleep(exc.countdown_s)
+                    claim(exc.slot)
+                except DspexError as exc:
+                    return {"error": wire.item_error(exc)}
+
+        return list(await asyncio.gather(*(one(i) for i in items)))
+
+    def _limit_error(self, exc: RateLimited) -> wire.ItemError:
+        return wire.item_error(LMRateLimitError(f"rate limit: no slot within DSPEX_RATE_LIMIT_MAX_QUEUE_S="
+                                                f"{self.settings.rate_limit_max_queue_s:g}s: {exc.message}"))
 
 
 _cache_configured = False

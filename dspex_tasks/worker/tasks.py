@@ -57,6 +57,7 @@ def _ended(control: JobControl | None, exc: BaseException, state: str | None = N
     else:
         control.emit("error", error={"type": type(exc).__name__, "message": str(exc)[:2000],
                                      "code": getattr(exc, "code", None)})
+    control.flush()
 
 
 def register_signature(app: DspexCelery, sig: Signature) -> Any:
@@ -96,6 +97,7 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
         result["task_id"] = self.request.id
         if control is not None:
             control.emit("result", result=result)
+            control.flush()
         return result
 
     # max_retries=None: the budgets are ours (DSPEX_TASK_MAX_RETRIES; a full rate-limit bucket: by time,
