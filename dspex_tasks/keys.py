@@ -161,6 +161,16 @@ def job_cancel(ns: str, job_id: str) -> str:
     return f"{ns}:job:{check_id(job_id, 'job')}:cancel"
 
 
+def job_cancels(ns: str) -> str:
+    """Sorted set: cancelled job ids -> when their cancel key expires (a worker's local copy loads it)."""
+    return f"{ns}:job_cancels"
+
+
+def job_cancel_events(ns: str) -> str:
+    """Pub/sub channel: a job id per cancellation, for the workers' local copies."""
+    return f"{ns}:job_cancels:events"
+
+
 def data_lost(ns: str) -> str:
     """String (JSON, expiring): when a worker found that Redis had restarted without its data."""
     return f"{ns}:data_lost"

@@ -232,8 +232,19 @@ def _entries(reply: Any) -> Iterator[dict[str, Any]]:
 
 def request_cancel(redis: Any, namespace: str, job_id: str, *, ttl_s: int, reason: str = "cancelled by request"
                    ) -> None:
-    """Ask a job to stop: a queued one ends when a worker takes it, a running one before its next LM call."""
-    redis.set(keys.job_cancel(namespace, job_id), json.dumps({"reason": reason, "at": time.time()}), ex=ttl_s)
+    """Ask a job to stop: a queued one ends when a worker takes it, a running one before its next LM call.
+
+    The cancel key holds the reason; the id also goes into a sorted set (by expiry) and out on a channel, from
+    which every worker keeps a local copy (:class:`~dspex_tasks.worker.live.CancelWatch`), so checking a job
+    costs no Redis round trip.
+    """
+    now = time.time()
+    pipe = redis.pipeline(transaction=True)
+    pipe.set(keys.job_cancel(namespace, job_id), json.dumps({"reason": reason, "at": now}), ex=ttl_s)
+    pipe.zadd(keys.job_cancels(namespace), {job_id: now + ttl_s})
+    pipe.zremrangebyscore(keys.job_cancels(namespace), "-inf", now)
+    pipe.publish(keys.job_cancel_events(namespace), job_id)
+    pipe.execute()
 
 
 def cancel_reason(redis: Any, namespace: str, job_id: str) -> str | None:

@@ -46,6 +46,7 @@ from ..errors import ConfigurationError, DspexError, LMContextLengthExceeded, LM
 from .cache import IGNORED_PARAMS, LMCache, entry_from_response, request_digest
 from .errors import classify, retry_after_of, to_lm_error
 from .factory import build_lm, lm_name, native_async
+from .gate import pass_gate
 from .limits import BACKOFF_JITTER, Limit, estimate_tokens, parse_limits
 from .limits import backoff_s as backoff
 from .ratelimit import RateLimiter
@@ -209,6 +210,7 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
             RateLimited: a fleet limit (or the provider) needs a wait longer than a thread should hold.
             LMError: ``LMTimeout``, ``LMContextLengthExceeded``, or the last provider error.
         """
+        pass_gate()  # a cancelled or timed-out job stops here (lm.gate)
         params, digest = self._prepare(prompt, messages, kwargs)
         if self.shared_cache is not None and digest is not None:
             hit = self._cached(self._cache_get(digest))
@@ -228,6 +230,7 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
         """:meth:`forward` as a coroutine: the provider call is the inner LM's own ``aforward`` (DSPy's async
         engine, its connections bound to the running loop); the cache and the rate-limit buckets, Redis round
         trips, run in a thread only when configured. Inner LMs without ``aforward`` run in a thread."""
+        pass_gate()
         params, digest = self._prepare(prompt, messages, kwargs)
         if self.shared_cache is not None and digest is not None:
             hit = self._cached(await asyncio.to_thread(self._cache_get, digest))

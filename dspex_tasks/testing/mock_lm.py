@@ -29,6 +29,7 @@ import dspy
 
 from ..dsl.signature import SignatureRegistry
 from ..errors import LMError
+from ..lm.gate import pass_gate
 from ..lm.response import Response, as_response
 from . import mockgen
 
@@ -153,6 +154,7 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
         Raises:
             LMError: when the failure knob fires.
         """
+        pass_gate()  # a cancelled job stops before the call, as with a real LM (dspex_tasks.lm.gate)
         msgs = self._messages(prompt, messages)
         params = self._record(kwargs)
         attempt = self._start()
@@ -163,6 +165,7 @@ class MockLM(dspy.BaseLM):  # type: ignore[misc]
 
     async def aforward(self, prompt: Any = None, messages: Any = None, **kwargs: Any) -> Response:
         """Async :meth:`forward` (sleeps with ``asyncio.sleep``)."""
+        pass_gate()
         msgs = self._messages(prompt, messages)
         params = self._record(kwargs)
         attempt = self._start()

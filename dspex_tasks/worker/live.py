@@ -3,10 +3,13 @@
 - :class:`JobControl` is one job's control: its event writer (``stream=True`` only), its deadline
   (``timeout_s`` from submission) and its cancel key. :meth:`JobControl.check` raises :class:`JobStopped` when
   the job must stop.
-- :class:`LiveCallback` is a DSPy callback (``dspy.utils.callback.BaseCallback``, DSPy's own hooks, not log
-  parsing): ``on_lm_start`` and ``on_tool_start`` check the control, so a cancelled or timed-out job stops
-  before its next LM call or tool; with a stream, module and predictor starts and ends become ``step`` events
-  and tool calls ``tool`` events, and the current predictor becomes the task's ``PROGRESS`` state (Flower).
+- Every LM call passes the job's gate first (:mod:`dspex_tasks.lm.gate`: the governed LM and the mock LM call
+  :meth:`JobControl.check`), so a cancelled or timed-out job stops before its next LM call; a job pays no
+  DSPy callback for it.
+- :class:`LiveCallback`, installed for streamed jobs only, is a DSPy callback (``BaseCallback``, DSPy's own
+  hooks, not log parsing): module and predictor starts and ends become ``step`` events, tool calls ``tool``
+  events (and a stopped job stops before its next tool too), and the current predictor becomes the task's
+  ``PROGRESS`` state (Flower).
 - :func:`stream_run` runs a module under ``dspy.streamify`` with one ``StreamListener`` per text output of the
   interface and per predictor that produces it; the chunks become ``token`` events. DSPy's sync streaming needs
   an event loop (its LM sends chunks with ``anyio.from_thread``): every streamed job of a process shares one
@@ -31,7 +34,7 @@ from typing import Any
 from .. import live
 from ..errors import Cancelled
 
-__all__ = ["JobStopped", "JobControl", "LiveCallback", "make_callback", "stream_run", "astream_run", "settle_tokens",
+__all__ = ["JobStopped", "CancelWatch", "JobControl", "LiveCallback", "make_callback", "stream_run", "astream_run", "settle_tokens",
            "process_loop", "run_on_loop", "runs_async", "text_outputs", "control_for"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,67 @@ class JobStopped(BaseException):  # noqa: N818 - a control-flow signal, like Key
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class CancelWatch:
+    """A worker process's local copy of the cancelled job ids, so checking one costs no Redis round trip.
+
+    A daemon thread subscribes to the cancel channel, then (re)loads the sorted set of live cancellations, so
+    nothing published while it was away is missed. Until it has loaded once (or while it is disconnected), a
+    check asks Redis for the job's cancel key instead.
+    """
+
+    def __init__(self, redis: Any, namespace: str) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self._ids: dict[str, float] = {}
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="dspex-cancel-watch", daemon=True).start()
+
+    def reason(self, job_id: str) -> str | None:
+        """Why ``job_id`` was cancelled, or None."""
+        if not self._ready.is_set():
+            return live.cancel_reason(self.redis, self.namespace, job_id)
+        expires = self._ids.get(job_id)
+        if expires is None or expires < time.time():
+            return None
+        return live.cancel_reason(self.redis, self.namespace, job_id) or "cancelled by request"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        from .. import keys
+
+        backoff = 0.1
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(keys.job_cancel_events(self.namespace))
+                now = time.time()
+                loaded = self.redis.zrangebyscore(keys.job_cancels(self.namespace), now, "+inf", withscores=True)
+                self._ids = {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in loaded}
+                self._ready.set()
+                backoff = 0.1
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg and msg.get("type") == "message":
+                        data = msg["data"]
+                        self._ids[data.decode() if isinstance(data, bytes) else str(data)] = time.time() + 86_400
+                    elif len(self._ids) > 10_000:
+                        now = time.time()
+                        self._ids = {k: v for k, v in self._ids.items() if v >= now}
+            except Exception as exc:  # noqa: BLE001 - Redis away: checks go to Redis until reconnected
+                self._ready.clear()
+                log.warning("cancel watch lost its connection (%s); retrying", exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
 
 
 class JobControl:
@@ -60,8 +124,10 @@ class JobControl:
 
     def __init__(self, redis: Any, namespace: str, job_id: str, *, stream: bool = False,
                  deadline: float | None = None, timeout_s: float | None = None, maxlen: int = 10_000,
-                 ttl_s: int = 3600, on_step: Callable[[str], None] | None = None) -> None:
+                 ttl_s: int = 3600, on_step: Callable[[str], None] | None = None,
+                 cancels: CancelWatch | None = None) -> None:
         self.redis = redis
+        self.cancels = cancels
         self.namespace = namespace
         self.job_id = job_id
         self.deadline = deadline
@@ -79,9 +145,12 @@ class JobControl:
         """Why the job must stop now (cancelled, or past its ``timeout_s``), else None."""
         if self.deadline is not None and time.time() >= self.deadline:
             return f"job {self.job_id} exceeded its timeout_s={self.timeout_s:g}"
-        if self.redis is None:
+        if self.cancels is not None:
+            reason = self.cancels.reason(self.job_id)
+        elif self.redis is not None:
+            reason = live.cancel_reason(self.redis, self.namespace, self.job_id)
+        else:
             return None
-        reason = live.cancel_reason(self.redis, self.namespace, self.job_id)
         return None if reason is None else f"job {self.job_id} was cancelled: {reason}"
 
     def check(self) -> None:
@@ -149,10 +218,6 @@ class LiveCallback:
         self.names = _names(module) if control.streaming else {}
         self.calls: dict[str, tuple[str, str]] = {}
         self.tools: dict[str, str] = {}
-
-    # -- checks -------------------------------------------------------------------------------------------
-    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        self.control.check()
 
     # -- steps --------------------------------------------------------------------------------------------
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
@@ -406,6 +471,6 @@ def control_for(task: Any, options: dict[str, Any]) -> JobControl:
 
     control = JobControl(redis, settings.namespace, str(request.id), stream=bool(options.get("stream")),
                          deadline=deadline, timeout_s=timeout_s, maxlen=settings.stream_maxlen,
-                         ttl_s=settings.stream_ttl_s, on_step=on_step)
+                         ttl_s=settings.stream_ttl_s, on_step=on_step, cancels=getattr(runtime, "cancels", None))
     control.check_start()
     return control

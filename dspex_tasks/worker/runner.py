@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import Cancelled, DspexError, LMParseError
 from ..lm.errors import to_lm_error
 from ..lm.factory import lm_name
+from ..lm.gate import GATE_KEY
 from ..lm.usage import DSPY_KEY, TaskUsage, UsageLedger, task_usage
 from ..observability.redact import redact_error
 from .live import JobControl, JobStopped, astream_run, make_callback, stream_run, text_outputs
@@ -67,6 +68,25 @@ class Run:
     trace: list[TraceEntry] | None = None
 
 
+#: ``context(trace=...)`` default: DSPy's own trace setting is left alone.
+DSPY_DEFAULT: Any = object()
+
+
+def keeps_trace(module: Any) -> bool:
+    """Whether ``module`` reads DSPy's trace itself (``Refine``, ``BestOfN``), so a run must record one even when
+    the job did not ask for it; any other run records none (``trace=None``: no per-call list work or memory)."""
+    cached = getattr(module, "_dspex_keeps_trace", None)
+    if cached is not None:
+        return bool(cached)
+    import dspy
+
+    readers = tuple(cls for cls in (getattr(dspy, "Refine", None), getattr(dspy, "BestOfN", None)) if cls)
+    found = isinstance(module, readers) or any(isinstance(sub, readers) for _, sub in module.named_sub_modules())
+    with contextlib.suppress(AttributeError):
+        module._dspex_keeps_trace = found
+    return found
+
+
 class ModuleRunner:
     """Runs modules for one worker process.
 
@@ -83,12 +103,13 @@ class ModuleRunner:
     @contextlib.contextmanager
     def context(self, sig: Signature, session: str | None, *, callbacks: Sequence[Any] = (),
                 recorded: bool = False, lm_config: dict[str, Any] | None = None,
-                trace: list[Any] | None = None) -> Iterator[TaskUsage]:
+                trace: Any = DSPY_DEFAULT, gate: Callable[[], None] | None = None) -> Iterator[TaskUsage]:
         """DSPy's context for running ``sig``'s modules, and the usage scope that counts their LM calls.
 
         Args:
             lm_config: Checked per-request LM settings (``wire.check_options``) for every LM call inside.
-            trace: The list DSPy records this block's predictor calls in (default: DSPy's own).
+            trace: The list DSPy records this block's predictor calls in (None: none is recorded; default:
+                DSPy's own).
         """
         import dspy
 
@@ -97,8 +118,10 @@ class ModuleRunner:
         if lm_config:
             lm = lm.copy(**lm_config)
         extra: dict[str, Any] = {"callbacks": list(callbacks)} if callbacks else {}
-        if trace is not None:
+        if trace is not DSPY_DEFAULT:
             extra["trace"] = trace
+        if gate is not None:
+            extra[GATE_KEY] = gate
         with task_usage(sig.name, session) as spent:
             spent.default_lm = lm_name(lm)
             with dspy.context(lm=lm, track_usage=True, **{DSPY_KEY: spent}, **extra, **DSPY_TASK_SETTINGS):
@@ -109,16 +132,18 @@ class ModuleRunner:
             trace: bool = False, control: JobControl | None = None) -> Run:
         """Call ``module(**inputs)``; a failure raises as its typed error (and records no usage, as before).
 
-        Each run records DSPy's trace in a list of its own, dropped with the run unless ``trace`` asks for
-        it: DSPy's default is one process-wide list (10,000 entries, and ``Refine``/``BestOfN`` extend it past
-        that cap) that would keep other jobs' inputs and outputs alive in the worker.
+        A run records DSPy's trace only when ``trace`` asks for it or the module reads it (``Refine``,
+        ``BestOfN``), in a list of its own dropped with the run: DSPy's default is one process-wide list
+        (10,000 entries, ~15 MB, and ``Refine``/``BestOfN`` extend it past that cap) that would keep other
+        jobs' inputs and outputs alive in the worker.
 
         With ``control`` (:mod:`.live`), the job stops before its next LM call or tool when it is cancelled or
         out of time (``errors.Cancelled``); a streamed job runs under ``dspy.streamify`` and writes its events.
         """
-        calls: list[Any] = []
+        calls: list[Any] | None = [] if trace or keeps_trace(module) else None
         callbacks, streamed = self._live(sig, module, callbacks, control)
-        with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls) as spent:
+        with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls,
+                          gate=control.check if control is not None else None) as spent:
             try:
                 prediction = stream_run(module, inputs, control, streamed) if control is not None and streamed \
                     else module(**inputs)
@@ -127,16 +152,17 @@ class ModuleRunner:
             except Exception as exc:
                 raise classify_lm_error(sig, exc) from None
         usage = self.ledger.finish(spent, prediction, sig.name, session, count_task=count_task)
-        return Run(prediction, usage, spent.served or spent.default_lm, trace_entries(module, calls) if trace else None)
+        return Run(prediction, usage, spent.served or spent.default_lm, trace_entries(module, calls or []) if trace else None)
 
     async def arun(self, sig: Signature, module: Any, inputs: dict[str, Any], session: str | None, *,
                    lm_config: dict[str, Any] | None = None, trace: bool = False,
                    control: JobControl | None = None) -> Run:
         """:meth:`run` as a coroutine (``module.acall``), for modules that define ``aforward``; run it on the
         process's event loop (:func:`~dspex_tasks.worker.live.run_on_loop`)."""
-        calls: list[Any] = []
+        calls: list[Any] | None = [] if trace or keeps_trace(module) else None
         callbacks, streamed = self._live(sig, module, (), control)
-        with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls) as spent:
+        with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls,
+                          gate=control.check if control is not None else None) as spent:
             try:
                 prediction = await astream_run(module, inputs, control, streamed) \
                     if control is not None and streamed else await module.acall(**inputs)
@@ -145,15 +171,14 @@ class ModuleRunner:
             except Exception as exc:
                 raise classify_lm_error(sig, exc) from None
         usage = self.ledger.finish(spent, prediction, sig.name, session, count_task=True)
-        return Run(prediction, usage, spent.served or spent.default_lm, trace_entries(module, calls) if trace else None)
+        return Run(prediction, usage, spent.served or spent.default_lm, trace_entries(module, calls or []) if trace else None)
 
     @staticmethod
     def _live(sig: Signature, module: Any, callbacks: Sequence[Any], control: JobControl | None
               ) -> tuple[Sequence[Any], list[str]]:
-        if control is None:
+        if control is None or not control.streaming:
             return callbacks, []
-        return [*callbacks, make_callback(control, module)], \
-            (text_outputs(sig.output_fields) if control.streaming else [])
+        return [*callbacks, make_callback(control, module)], text_outputs(sig.output_fields)
 
     def spend(self, spent: TaskUsage, sig: Signature, session: str | None) -> dict[str, Any]:
         """Record what a :meth:`context` block spent outside :meth:`run` (an optimizer's compile step)."""

@@ -36,7 +36,7 @@ from ..programs.state import load_program
 from ..programs.store import ProgramRecord, ProgramStore, ProgramStoreProtocol
 from ..settings import Settings
 from .dspy_patches import apply_dspy_speedups
-from .live import JobControl, run_on_loop, runs_async, settle_tokens, text_outputs
+from .live import CancelWatch, JobControl, run_on_loop, runs_async, settle_tokens, text_outputs
 from .runner import ModuleRunner
 
 __all__ = ["Runtime", "import_signature_modules", "publish_signatures", "signatures_missing",
@@ -199,6 +199,7 @@ class Runtime:
         self._flushed_at = time.monotonic()
         self._plans: dict[str, Any] = {}
         self.ledger = UsageLedger(redis, settings.namespace, session_ttl_s=settings.session_ttl_s)
+        self.cancels: CancelWatch | None = None  # the cancelled job ids, kept locally (started by warm)
         self.runner = ModuleRunner(self.ledger, self.lm_for)
 
     # -- warm-up ------------------------------------------------------------
@@ -227,6 +228,7 @@ class Runtime:
             self._published = True
             self._run_id = _run_id(self.redis)
         if listen and self.redis is not None:
+            self.cancels = CancelWatch(self.redis, self.settings.namespace)
             self.cache.start_listener(self.redis, keys.program_events(self.settings.namespace),
                                       on_tick=self.tick, on_reconnect=self.republish, tick_s=1.0)
         self.warmed_at = time.time()
@@ -296,6 +298,8 @@ class Runtime:
 
     def close(self) -> None:
         self.cache.stop()
+        if self.cancels is not None:
+            self.cancels.stop()
         self.ledger.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
