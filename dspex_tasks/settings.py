@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     # modules defining aforward (Predict, ChainOfThought, ReAct with async tools, user modules) run as coroutines
     # on one event loop per worker process; off: every module runs in the task's thread
     async_modules: bool = True
+    # the most predictions a process's event loop runs at once (map items; single tasks are bounded by threads)
+    async_max_in_flight: int = Field(1000, ge=1)
     worker_pool: Literal["threads", "prefork", "solo"] = "threads"
     worker_concurrency: int = Field(200, ge=1)
     prefetch_multiplier: int = Field(1, ge=1)

@@ -191,6 +191,7 @@ class Runtime:
         self._base: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._slots: Any = None  # asyncio.Semaphore(DSPEX_ASYNC_MAX_IN_FLIGHT) on the process's loop
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.warmed_at: float | None = None
         self._published = False
@@ -308,8 +309,8 @@ class Runtime:
     def lm_for(self, sig: Signature, *, recorded: bool = False) -> Any:
         """The LM for a signature; several instances round-robin when one cannot carry the concurrency.
 
-        DSPy 3.4's native HTTP engine caps each LM object at 100 connections, so with more
-        threads than that one LM would queue calls behind its own pool. ``recorded=True`` wraps even the
+        DSPy 3.4's native HTTP engine caps each LM object at 100 connections, so with more threads (or
+        coroutines, up to ``DSPEX_ASYNC_MAX_IN_FLIGHT``) than that one LM would queue calls behind its own pool. ``recorded=True`` wraps even the
         in-process mock in the governed LM, which reports every call to the usage scope: an optimizer's
         own threads have no prediction to read usage from.
         """
@@ -323,12 +324,17 @@ class Runtime:
                 pool = self._lms.get(plan.key)
                 if pool is None:
                     first = build_signature_lm(self.settings, plan, self.redis)
-                    size = 1 if plan.in_process else max(1, -(-self.settings.worker_concurrency // LM_CONNECTIONS))
+                    size = 1 if plan.in_process else max(1, -(-self._max_in_flight() // LM_CONNECTIONS))
                     pool = self._lms[plan.key] = [first] + [build_signature_lm(self.settings, plan, self.redis)
                                                             for _ in range(size - 1)]
         if len(pool) == 1:
             return pool[0]
         return pool[next(self._rr) % len(pool)]
+
+    def _max_in_flight(self) -> int:
+        """The most LM calls this process makes at once: one per thread, or the event loop's cap."""
+        s = self.settings
+        return max(s.worker_concurrency, s.async_max_in_flight if s.async_modules else 0)
 
     def _build(self, program: str, record: ProgramRecord | None) -> Any:
         name = (record.signature if record else None) or program
@@ -457,7 +463,15 @@ class Runtime:
                      opts: wire.Options) -> list[Any]:
         import asyncio
 
+        if self._slots is None:  # made on the loop, which it belongs to
+            self._slots = asyncio.Semaphore(self.settings.async_max_in_flight)
+        slots = self._slots
+
         async def one(inputs: Any) -> Any:
+            async with slots:
+                return await attempt(inputs)
+
+        async def attempt(inputs: Any) -> Any:
             claim(None)
             deadline = time.monotonic() + self.settings.rate_limit_max_queue_s
             while True:
