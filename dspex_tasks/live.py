@@ -16,7 +16,9 @@ a JSON object with ``"type"``:
 - last, ``result`` (``{"result": <the job's result JSON>}``) or ``error`` (``{"error": {"type", "message",
   ...}}``).
 
-Events read back carry ``"id"`` (the stream entry id) and ``"ts"`` (unix seconds).
+Events read back carry ``"id"`` (the stream entry id) and ``"ts"`` (unix seconds). The final event is written
+just before Celery stores the job's result: a follower that reads it and then asks for the job's state may
+still see it running for a moment (``Job.get()`` waits for the stored result).
 
 Cancellation: :func:`request_cancel` writes the job's cancel key (expiring with its result); a worker reads
 it when the job starts and before every LM call, and the job ends as ``errors.Cancelled`` with nothing

@@ -258,7 +258,7 @@ def check_options(options: Any, *, prefix: str = "options.") -> Options:
     """Validate per-request options; returns the ones set (``{}`` for None, ``trace: false`` or ``{}``).
 
     The one check for every sender and reader: the client before it enqueues, the gateway (``prefix=""``:
-    its body fields are ``trace`` and ``lm_config``), and the worker, which trusts no sender. An option
+    its body fields are the option names, :data:`OPTION_NAMES`), and the worker, which trusts no sender. An option
     whose value is None counts as not set.
 
     Raises:

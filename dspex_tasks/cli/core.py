@@ -15,7 +15,7 @@ import threading
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.panel import Panel
@@ -38,11 +38,16 @@ from .common import (
     redacted_url,
 )
 from .gateway import register as register_gateway_commands
+from .jobs import follow as follow_job
+from .jobs import register as register_job_commands
 from .ops import register as register_ops_commands
 from .optimize import register as register_optimize_commands
 from .programs import programs_app, sessions_app
 from .status import print_status
 from .usage import register as register_usage_commands
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..client import Result
 
 __all__ = ["app", "main"]
 
@@ -145,19 +150,32 @@ def submit(
                                                        "rollout_id.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for and print the result.")] = True,
     timeout: Annotated[float, typer.Option("--timeout", "-t", help="Seconds to wait.")] = 60.0,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's live events while it runs "
+                                         "(tokens per field, steps and tool calls, on stderr), then print the "
+                                         "result.")] = False,
+    timeout_s: Annotated[float | None, typer.Option("--timeout-s", help="The job's own time bound from now "
+                                                    "(queued time counts): past it, it stops before its next LM "
+                                                    "call and fails as Cancelled.")] = None,
 ) -> None:
     """Validate inputs against the published schema, enqueue one prediction, and (by default) wait for it."""
+    if follow and not wait:
+        fail("--follow waits for the job: drop --no-wait", code=EXIT_INVALID)
     lm_config = json_object(lm_config_text, "--lm-config") or None
     with open_client() as client:
         published = client.signatures()
         properties = published.get(name, {}).get("input_schema", {}).get("properties", {})
         job = client.submit(name, _parse_inputs(inputs or [], json_text, properties), session=session,
-                            program=program, trace=trace, lm_config=lm_config)
+                            program=program, trace=trace, lm_config=lm_config, stream=follow, timeout_s=timeout_s)
         err.print(f"job [bold]{job.id}[/]")
         if not wait:
             typer.echo(job.id)
             return
-        res = job.get(timeout=timeout)
+        res = follow_job(job, timeout=timeout) if follow else job.get(timeout=timeout)
+    _print_result(name, res)
+
+
+def _print_result(name: str, res: Result) -> None:
+    """A result as a panel of its outputs (and its trace, when it has one)."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold cyan")
     table.add_column(overflow="fold")
@@ -336,6 +354,7 @@ def demo(
         raise typer.Exit(1)
 
 
+register_job_commands(app)  # cancel
 register_optimize_commands(app)  # optimize, datasets, runs, schedule, beat
 register_gateway_commands(app)  # gateway, keys
 register_ops_commands(app)  # flower, health

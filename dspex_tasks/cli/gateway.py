@@ -26,7 +26,8 @@ _SESSIONS_HELP = ("Sessions the key may use, comma-separated or repeated: an id 
                   "(team-a* matches team-a:1, team-ab), '*' (every session) or '@default' (the default program, "
                   "no session).")
 _RIGHTS_HELP = ("Rights, comma-separated or repeated: read (its jobs; programs, runs of its sessions), write "
-                "(submit, put programs, start/cancel runs), admin (everything, every session, deletes).")
+                "(submit and cancel jobs, put programs, start/cancel runs), admin (everything, every session, "
+                "deletes).")
 
 
 def register(app: typer.Typer) -> None:

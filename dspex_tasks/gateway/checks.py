@@ -73,8 +73,8 @@ class JobRequest(NamedTuple):
 
 
 def envelope(body: Any) -> JobRequest:
-    """``{"inputs": {...}, "session"?, "program"?, "trace"?, "lm_config"?}`` -> its parts, or a 422 naming each
-    bad field (``lm_config.api_base: not allowed; ...``)."""
+    """``{"inputs": {...}, "session"?, "program"?, "trace"?, "lm_config"?, "stream"?, "timeout_s"?}`` -> its
+    parts, or a 422 naming each bad field (``lm_config.api_base: not allowed; ...``)."""
     errs: list[dict[str, str]] = []
     if not isinstance(body, dict):
         errs.append({"field": "", "message": "expected a JSON object with inputs", "pointer": ""})

@@ -13,11 +13,11 @@ import re
 from typing import Any
 
 from ..programs.store import PREDICTOR_KEYS, PROGRAM_KEYS, SINGLE_PREDICTOR_KEYS
-from ..wire import lm_config_schema
+from ..wire import MAX_TIMEOUT_S, lm_config_schema
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA
 
-__all__ = ["build_document", "PUBLIC", "JOB_SCHEMA", "RUN_SCHEMA", "RUN_EVENT_SCHEMA", "SIGNATURE_SCHEMA", "ref",
-           "sse_schema"]
+__all__ = ["build_document", "PUBLIC", "JOB_SCHEMA", "JOB_EVENT_SCHEMA", "RUN_SCHEMA", "RUN_EVENT_SCHEMA",
+           "SIGNATURE_SCHEMA", "ref", "sse_schema"]
 
 PUBLIC = frozenset({"/healthz"})
 _ERRORS = (400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -58,6 +58,12 @@ OPTION_PROPERTIES: dict[str, Any] = {
     "lm_config": {"anyOf": [lm_config_schema(), {"type": "null"}],
                   "description": "LM settings for every LM call of this job; only these keys (api_base, api_key, "
                                  "model and any other are refused)"},
+    "stream": {"anyOf": [{"type": "boolean"}, {"type": "null"}], "default": False,
+               "description": "the job writes live events (status, step, tool, token, then result or error): "
+                              "follow them with GET /v1/jobs/{id}/events"},
+    "timeout_s": {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_S}, {"type": "null"}],
+                  "description": "the job's total time from now, queued time included: past it the job stops "
+                                 "before its next LM call and fails as Cancelled (code 'cancelled')"},
 }
 
 
@@ -118,6 +124,37 @@ RUN_EVENT_SCHEMA: dict[str, Any] = {
                                      "score": {"type": "number"}, "message": {"type": "string"},
                                      "ts": {"type": "number"}},
     "required": ["stage", "ts"]}
+
+
+_NULLABLE_ID = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+JOB_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One live event of a job (the SSE event name is its type). status: {state: running | "
+                   "retrying | requeued, attempt?}; step: a module or predictor {phase: start | end, name, kind: "
+                   "module | predictor, error?}; tool: {phase: start, name, arguments} then {phase: end, name, "
+                   "result | error}; token: {field, chunk, predictor, reset?} (the chunks of a field since its last "
+                   "reset, joined, equal that field of the result); last result {result} or error {error}. A job "
+                   "that wrote no live event also gets state: {state} (its Celery state) on each change.",
+    "properties": {
+        "type": {"type": "string", "enum": ["status", "step", "tool", "token", "result", "error", "state"]},
+        "id": {**_NULLABLE_ID, "description": "the stream entry id (also the SSE id); null for a state event and "
+                                              "for a final event built from the stored result"},
+        "ts": {"type": "number", "description": "unix seconds"},
+        "state": {"type": "string"}, "attempt": {"type": "integer"},
+        "phase": {"type": "string", "enum": ["start", "end"]}, "name": {"type": "string"},
+        "kind": {"type": "string", "enum": ["module", "predictor"]},
+        "arguments": {"type": "object"}, "field": {"type": "string"}, "chunk": {"type": "string"},
+        "predictor": {"type": "string"}, "reset": {"type": "boolean"},
+        "result": {"description": "result: the job's result, as GET /v1/jobs/{id} shows it; tool: the tool's",
+                   "anyOf": [ref("Result"), {}]},
+        "error": {"description": "error: the job's error; step and tool: what the step or tool raised",
+                  "anyOf": [{"type": "object", "properties": {
+                      "type": {"type": "string"}, "code": _NULLABLE_ID, "message": {"type": "string"},
+                      "errors": {"type": "array", "items": {"type": "object"}}}, "required": ["type", "message"]},
+                      {"type": "string"}]},
+    },
+    "required": ["type"],
+}
 
 
 def _embed(schema: dict[str, Any], prefix: str, components: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +223,8 @@ def _job_links(name: str) -> dict[str, Any]:
     job = {"job_id": "$response.body#/id"}
     return {"typed": {"operationId": f"get_{name}_job", "parameters": job},
             "job": {"operationId": "get_job", "parameters": job},
-            "events": {"operationId": "job_stream", "parameters": job}}
+            "events": {"operationId": "job_stream", "parameters": job},
+            "cancel": {"operationId": "cancel_job", "parameters": job}}
 
 
 def _add_links(doc: dict[str, Any]) -> None:

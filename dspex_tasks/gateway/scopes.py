@@ -4,8 +4,8 @@ A key carries ``rights``, a subset of:
 
 * ``read``: the registry (``GET /v1/signatures...``), its own jobs (state, result, events), the programs,
   history and runs of its sessions, and the session list (filtered to its sessions);
-* ``write``: submit jobs (``.../jobs``, ``...:run``), put programs and roll them back, start and cancel
-  optimization runs, and name stored datasets, all in its sessions;
+* ``write``: submit jobs (``.../jobs``, ``...:run``) and cancel its own, put programs and roll them back, start
+  and cancel optimization runs, and name stored datasets, all in its sessions;
 * ``admin``: everything, in every session: also deleting a program (its history goes) or a whole session,
   jobs submitted outside the gateway, and every key's jobs and dry runs.
 

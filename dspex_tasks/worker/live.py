@@ -442,13 +442,11 @@ def settle_tokens(control: JobControl, outputs: dict[str, Any], fields: list[str
 
 
 def control_for(task: Any, options: dict[str, Any]) -> JobControl:
-    """The control of the job ``task`` is running, checked at its start.
+    """The control of the job ``task`` is running (call :meth:`JobControl.check_start` next).
 
     ``timeout_s`` counts from the submission (the message's send-time header; the start when a sender gave
-    none), so time spent queued counts.
-
-    Raises:
-        Cancelled: the job was cancelled while queued, or its ``timeout_s`` passed before it started.
+    none), so time spent queued counts. The ``PROGRESS`` state and Flower's ``task-progress`` event name the
+    task by id and worker explicitly: DSPy may call back from threads where Celery's request is not current.
     """
     from ..wire import SENT_AT_HEADER, header
 
@@ -461,16 +459,15 @@ def control_for(task: Any, options: dict[str, Any]) -> JobControl:
         sent = header(task.request, SENT_AT_HEADER)
         start = float(sent) if isinstance(sent, int | float) and not isinstance(sent, bool) else time.time()
         deadline = min(start, time.time()) + float(timeout_s)
-    request = task.request
+    task_id = str(task.request.id)
+    hostname = getattr(task.request, "hostname", None)
 
     def on_step(name: str) -> None:
-        meta = {"step": name, "job": request.id, "ts": time.time()}
-        task.update_state(state="PROGRESS", meta=meta)
-        if getattr(request, "hostname", None):
-            task.send_event("task-progress", step=name)
+        task.update_state(task_id=task_id, state="PROGRESS", meta={"step": name, "job": task_id, "ts": time.time()})
+        if hostname:
+            with task.app.events.default_dispatcher(hostname=hostname) as dispatcher:
+                dispatcher.send("task-progress", uuid=task_id, step=name)
 
-    control = JobControl(redis, settings.namespace, str(request.id), stream=bool(options.get("stream")),
-                         deadline=deadline, timeout_s=timeout_s, maxlen=settings.stream_maxlen,
-                         ttl_s=settings.stream_ttl_s, on_step=on_step, cancels=getattr(runtime, "cancels", None))
-    control.check_start()
-    return control
+    return JobControl(redis, settings.namespace, task_id, stream=bool(options.get("stream")),
+                      deadline=deadline, timeout_s=timeout_s, maxlen=settings.stream_maxlen,
+                      ttl_s=settings.stream_ttl_s, on_step=on_step, cancels=getattr(runtime, "cancels", None))

@@ -73,7 +73,8 @@ def register_signature(app: DspexCelery, sig: Signature) -> Any:
         claim_from(self.request, max_queue_s=settings.rate_limit_max_queue_s)  # its LM calls' rate-limit slots
         control = None
         try:
-            control = control_for(self, dict(checked))  # cancelled while queued, or out of time: Cancelled
+            control = control_for(self, dict(checked))
+            control.check_start()  # cancelled while queued, or out of time: Cancelled (its error event too)
             control.emit("status", state="running", attempt=self.request.retries or 0,
                          worker=self.app.runtime.worker_id)
             result: wire.PredictResult = self.app.runtime.predict(sig, inputs, session, program, checked, control)

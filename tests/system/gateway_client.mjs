@@ -55,7 +55,7 @@ out.polled = { status: job.status, polls, job: job.json };
 const ran = await call("POST", "/v1/signatures/qa:run?timeout=30", { inputs: { question: "And the sea?" } });
 out.run = { status: ran.status, job: ran.json };
 
-// the same job's event stream: already done, so one 'done' event with the result
+// the same job's event stream: already done, so one 'result' event with its result
 const events = await call("GET", `/v1/jobs/${ran.json.id}/events`);
 out.events = { status: events.status, type: events.type, text: events.text };
 

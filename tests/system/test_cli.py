@@ -65,6 +65,52 @@ def test_unknown_signature_exits_1_with_the_published_names(dspex: Dspex) -> Non
     assert "unknown signature 'nope'" in result.stderr and "qa" in result.stderr
 
 
+def test_submit_follow_streams_tokens_then_prints_the_result(dspex: Dspex) -> None:
+    # Given a prediction submitted with --follow (and a time bound of its own)
+    result = dspex("submit", "qa", "--input", "question=What is DSPy?", "--follow", "--timeout-s", "30")
+    # Then its live events come on stderr while it runs: steps as lines, the answer's tokens after its name
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("job ") and "running" in lines[1]
+    assert any(line.startswith("start predictor") for line in lines)
+    streamed = next(line for line in lines if line.startswith("answer: ")).removeprefix("answer: ")
+    # and the result on stdout, as without --follow, holds the streamed answer
+    assert streamed and streamed in result.stdout
+    assert "confidence" in result.stdout and "program qa v0" in result.stdout
+
+
+def test_submit_follow_of_a_job_out_of_time_exits_1_with_its_error(dspex: Dspex) -> None:
+    result = dspex("submit", "qa", "--input", "question=Too late?", "--follow", "--timeout-s", "0.001")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "error: Cancelled:" in result.stderr and "timeout_s" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert dspex("submit", "qa", "-i", "question=x", "--follow", "--no-wait").returncode == 2
+
+
+def test_cancel_stops_a_queued_job(dspex: Dspex, cli_target: CliTarget) -> None:
+    from dspex_tasks import errors
+    from dspex_tasks.client import Client
+    from dspex_tasks.settings import Settings
+
+    client = Client(settings=Settings(redis_url=cli_target.redis_url, namespace=cli_target.namespace,
+                                      predict_queue=cli_target.queue))
+    try:
+        # Given a job queued for a moment
+        job = client.submit("qa", {"question": "Later?"}, countdown=2)
+        # When it is cancelled from the command line
+        result = dspex("cancel", job.id)
+        assert result.returncode == 0, result.stderr
+        assert f"cancelled job {job.id}" in result.stdout
+        # Then it ends as Cancelled, and cancelling it again says it had already finished
+        with pytest.raises(errors.Cancelled, match="cancelled from the command line"):
+            job.get(timeout=20)
+        again = dspex("cancel", job.id, "--json")
+        assert again.returncode == 0 and json.loads(again.stdout) == {"id": job.id, "cancelled": False}
+        assert dspex("cancel", "not a job id").returncode == 2
+    finally:
+        client.close()
+
+
 def test_programs_put_ls_show_history_rollback_rm(dspex: Dspex, tmp_path: Path) -> None:
     v1 = {"demos": [{"question": "What is 2+2?", "answer": "4", "confidence": 0.9}]}
     v2 = {"demos": [*v1["demos"], {"question": "Capital of France?", "answer": "Paris", "confidence": 0.95}],

@@ -182,6 +182,31 @@ def test_sse_follows_an_optimization_run_to_completion(gateway: str, key: str) -
         assert res["result"]["program_version"] == record["summary"]["program_version"]
 
 
+def test_sse_streams_a_jobs_tokens_as_the_lm_sends_them(gateway: str, key: str, mock_lm: MockLMServer) -> None:
+    mock_lm.control(chunk_latency_ms=30)  # the mock LM streams its answer chunk by chunk
+    try:
+        with httpx.Client(base_url=gateway, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+            r = c.post("/v1/signatures/qa/jobs", json={"inputs": {"question": "What do the chunks spell?"},
+                                                       "stream": True, "timeout_s": 30})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            with c.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+                assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+                seen = list(read_events(stream))
+            # (the result event is written just before the worker stores the result)
+            wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json()["state"] == "SUCCESS", timeout_s=10,
+                     what="the job's stored result")
+            view = c.get(f"/v1/jobs/{job_id}").json()
+    finally:
+        mock_lm.control(chunk_latency_ms=0)
+    tokens = [e for e in seen if e["event"] == "token" and e["data"]["field"] == "answer"]
+    assert len(tokens) > 1, seen  # the provider's chunks, not one settled piece
+    assert tokens[-1]["at"] - tokens[0]["at"] > 0.03  # delivered as they came, not in one burst at the end
+    assert seen[-1]["event"] == "result" and seen[-1]["id"] == seen[-1]["data"]["id"]
+    assert "".join(e["data"]["chunk"] for e in tokens) == view["result"]["outputs"]["answer"]
+    assert seen[-1]["data"]["result"] == view["result"]
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js (built-in fetch, Node >= 18)")
 def test_node_client_end_to_end(gateway: str, key: str) -> None:
     env = {"PATH": os.environ.get("PATH", ""), "GATEWAY_URL": gateway, "GATEWAY_KEY": key}
@@ -198,7 +223,7 @@ def test_node_client_end_to_end(gateway: str, key: str) -> None:
     assert seen["run"]["status"] == 200 and seen["run"]["job"]["state"] == "SUCCESS"
     assert 0 <= seen["run"]["job"]["result"]["outputs"]["confidence"] <= 1
     assert seen["events"]["status"] == 200 and seen["events"]["type"].startswith("text/event-stream")
-    assert "event: done" in seen["events"]["text"] and seen["run"]["job"]["id"] in seen["events"]["text"]
+    assert "event: result" in seen["events"]["text"] and seen["run"]["job"]["id"] in seen["events"]["text"]
     assert seen["invalid"]["status"] == 422 and seen["invalid"]["type"] == "application/problem+json"
     assert seen["invalid"]["errors"][0]["field"] == "question"
     assert seen["program"]["put"]["version"] == 1 and seen["program"]["programVersion"] == 1

@@ -140,3 +140,20 @@ def test_a_stream_nobody_follows_expires(live: Client) -> None:
     ttl = live.redis.ttl(key)
     assert 0 < ttl <= 120  # DSPEX_STREAM_TTL_S on the worker
     assert live.redis.xlen(key) >= 3
+
+
+def test_a_running_streamed_job_shows_its_step_as_progress(live: Client, mock_lm: MockLMServer) -> None:
+    mock_lm.control(latency_ms=400)
+    job = live.submit("agent", {"question": "Where is the Veshan archive?"}, stream=True)
+    seen: list[Any] = []
+    deadline = time.monotonic() + 30
+    while not job.ready() and time.monotonic() < deadline:
+        state = job.state
+        if state == "PROGRESS":
+            seen.append(job.info)
+        time.sleep(0.05)
+    job.get(timeout=30)
+    assert seen, "no PROGRESS state seen while the agent ran"
+    assert all(isinstance(m, dict) and m["job"] == job.id for m in seen)
+    assert {m["step"] for m in seen} <= {"react", "extract.predict"} and "react" in {m["step"] for m in seen}
+    assert job.state == "SUCCESS"

@@ -4,8 +4,8 @@
   right (else 403 naming the right);
 * :data:`ReadSession`, :data:`WriteSession`, :data:`AdminSession`: a ``{session}`` path parameter in the key's
   sessions (else 403 naming the session: the caller named it, so nothing leaks);
-* :data:`ReadableJob`, :data:`ReadableRun`, :data:`WritableRun`: a ``{job_id}`` or ``{run_id}`` the key may see,
-  else 404 exactly as for an unknown id (a key cannot probe other keys' ids).
+* :data:`ReadableJob`, :data:`WritableJob`, :data:`ReadableRun`, :data:`WritableRun`: a ``{job_id}`` or
+  ``{run_id}`` the key may see, else 404 exactly as for an unknown id (a key cannot probe other keys' ids).
 
 :func:`check_routes` (run by ``create_gateway`` and again when the app starts) refuses an app with a
 non-public route that takes none of them, so a new route cannot forget its scope.
@@ -29,8 +29,8 @@ from ..scopes import Access, Right, session_label
 from .common import GatewayDep
 
 __all__ = ["REQUIRE", "RUN_KEY_FIELD", "AdminKey", "AdminSession", "ReadKey", "ReadSession", "ReadableJob",
-           "ReadableRun", "SeenJob", "WritableRun", "WriteKey", "WriteSession", "check_routes", "check_session",
-           "job_visible", "route_rights", "run_visible"]
+           "ReadableRun", "SeenJob", "WritableJob", "WritableRun", "WriteKey", "WriteSession", "check_routes",
+           "check_session", "job_visible", "route_rights", "run_visible"]
 
 FORBIDDEN = "forbidden"
 
@@ -118,6 +118,9 @@ def _job(right: Right) -> Callable[..., Awaitable[SeenJob]]:
 
 
 ReadableJob = Annotated[SeenJob, Depends(_job(Right.READ))]
+#: A job the key may see, with the ``write`` right (checked first: a key without it gets 403, not 404); its
+#: session is in the key's scope already (:func:`job_visible`).
+WritableJob = Annotated[SeenJob, Depends(_job(Right.WRITE))]
 
 #: The run record field naming the key that started a run through the gateway.
 RUN_KEY_FIELD = "gateway_key"

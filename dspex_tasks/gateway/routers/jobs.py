@@ -1,24 +1,51 @@
-"""Jobs by id: state and result, and a Server-Sent Events stream of state changes (the submitting key's only)."""
+"""Jobs by id: state and result, a Server-Sent Events stream of its live events, and cancellation (the submitting
+key's only; admin's too)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..openapi import sse_schema
-from ..sse import event_stream, job_events
-from .access import ReadableJob
+from ... import live
+from ..openapi import JOB_EVENT_SCHEMA, sse_schema
+from ..results import READY
+from ..sse import KEEPALIVE_S, event_stream, job_events, last_event_id
+from .access import ReadableJob, WritableJob, WriteKey
 from .common import GatewayDep, json_doc
 
 __all__ = ["router"]
 
 router = APIRouter()
 
+#: How long a follower of a job that had already ended waits on its stream before its stored result answers.
+_ENDED_BLOCK_MS = 20
+
 _JOB_SSE: dict[int | str, dict[str, Any]] = {200: {
-    "description": "'state' events ({id, state}) on each change, then one 'done' event with the job",
-    "content": {"text/event-stream": {"schema": sse_schema({"type": "object"}, ["state", "done"])}}}}
+    "description": (
+        "The job's live events (ARCHITECTURE 3.6), replayed from the start, then live, until its 'result' or "
+        "'error' event, after which the server closes the stream. Each is one frame: 'id:' its stream entry id, "
+        "'event:' its type (status, step, tool, token, result, error), 'data:' the event JSON (with 'type', 'id' "
+        f"and 'ts'). A comment line (': keepalive') comes every {KEEPALIVE_S:g} s of quiet.\n\n"
+        "A job submitted without \"stream\": true (or whose stream expired) writes no live events: its stream "
+        "ends with a 'result' or 'error' event built from its stored result (the same 'result' and 'error' as "
+        "GET /v1/jobs/{id}; id null, and no SSE id), and until the job has written a live event, a 'state' "
+        "event ({type: state, state}, no SSE id) reports each change of its Celery state (PENDING, STARTED, "
+        "RETRY), as this stream did before live events existed.\n\n"
+        "Resuming: a client that loses the connection reconnects with the header 'Last-Event-ID: <the last id "
+        "it saw>' (EventSource does so by itself) and gets exactly the events after it; an empty one starts "
+        "over, a malformed one is a 422 problem before the stream starts. Close the EventSource on the 'result' "
+        "or 'error' event: reconnecting after it would answer the final event again."),
+    "content": {"text/event-stream": {"schema": sse_schema(
+        JOB_EVENT_SCHEMA, ["status", "step", "tool", "token", "result", "error", "state"])}}}}
+
+_CANCEL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"id": {"type": "string"},
+                   "cancelled": {"type": "boolean", "description": "false: the job had already finished"}},
+    "required": ["id", "cancelled"]}
 
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"], summary="A job's state and, once done, its result",
@@ -28,7 +55,28 @@ async def get_job(job: ReadableJob, gw: GatewayDep) -> JSONResponse:
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses=_JOB_SSE, response_class=Response,
-            summary="Server-Sent Events: 'state' on each change, then 'done' with the job")
-async def job_stream(job: ReadableJob, gw: GatewayDep) -> Response:
-    first = gw.job_view(job.id, job.record, job.meta)
-    return event_stream(job_events(gw.jobs, job.id, lambda meta: gw.job_view(job.id, job.record or first, meta)))
+            summary="Server-Sent Events: the job's live events (tokens, steps, tool calls), then its result")
+async def job_stream(job: ReadableJob, request: Request, gw: GatewayDep) -> Response:
+    after = last_event_id(request.headers)  # a 422 now: XREAD would fail mid-response
+    ended = job.meta is not None and job.meta.get("status") in READY  # its stream, if any, is complete
+    return event_stream(job_events(gw.aredis, gw.settings.namespace, job.id, after=after, reader=gw.jobs,
+                                   view=lambda meta: gw.job_view(job.id, job.record, meta),
+                                   block_ms=_ENDED_BLOCK_MS if ended else 1000))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", status_code=202, tags=["jobs"], response_class=JSONResponse,
+             summary="Stop a job: a queued one when a worker takes it, a running one before its next LM or tool call",
+             description="The job ends as Cancelled (its error code 'cancelled'); an LM call already in flight "
+                         "finishes first. Needs the 'write' right (on the job's session, which a job this key "
+                         "submitted is in). 'cancelled' is false when the job had already finished.",
+             responses={202: {"description": "Cancel requested (or the job had already finished)",
+                              "content": {"application/json": {"schema": _CANCEL_SCHEMA}}}})
+async def cancel_job(job: WritableJob, access: WriteKey, gw: GatewayDep) -> JSONResponse:
+    meta = await gw.jobs.meta(job.id)
+    if meta is not None and meta.get("status") in READY:
+        return JSONResponse({"id": job.id, "cancelled": False}, status_code=202)
+    # live.request_cancel takes a synchronous client (the gateway's Client has one): off the event loop
+    await asyncio.to_thread(live.request_cancel, gw.client.redis, gw.settings.namespace, job.id,
+                            ttl_s=gw.settings.result_expires_s, reason=f"cancelled through the gateway by key "
+                                                                       f"{access.key_id}")
+    return JSONResponse({"id": job.id, "cancelled": True}, status_code=202)

@@ -14,12 +14,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ... import keys
-from ...errors import DatasetNotFound, ValidationError
+from ...errors import DatasetNotFound
 from ..models import OptimizationRequest, RunList
 from ..openapi import RUN_EVENT_SCHEMA, ref, sse_schema
 from ..problems import Problem
 from ..scopes import Access
-from ..sse import event_stream, parse_stream_id, run_events
+from ..sse import event_stream, last_event_id, run_events
 from ..state import Gateway
 from .access import RUN_KEY_FIELD, ReadableRun, ReadKey, WritableRun, WriteKey, check_session, run_visible
 from .common import GatewayDep, json_doc
@@ -129,9 +129,5 @@ def cancel_optimization(rec: WritableRun, gw: GatewayDep) -> JSONResponse:
 @router.get("/v1/optimizations/{run_id}/events", tags=["optimizations"], responses=_RUN_SSE, response_class=Response,
             summary="Server-Sent Events: every progress event from the start, then live, until the run ends")
 async def optimization_events(rec: ReadableRun, request: Request, gw: GatewayDep) -> Response:
-    try:  # 422 before the stream starts: XREAD would fail mid-response
-        after = parse_stream_id(request.headers.get("last-event-id"))
-    except ValidationError as exc:
-        raise Problem(422, exc.code, exc.message, errors=[
-            {**e, "pointer": "header:last-event-id"} for e in exc.errors]) from None
+    after = last_event_id(request.headers)  # a 422 now: XREAD would fail mid-response
     return event_stream(run_events(gw.aredis, gw.settings.namespace, rec.run_id, after))

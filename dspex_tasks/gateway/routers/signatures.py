@@ -59,8 +59,8 @@ async def _submit(gw: Gateway, name: str, request: Request, access: Access) -> t
     if program is not None and session is not None:
         await run_in_threadpool(gw.check_program, name, session, program)
     try:
-        job = await gw.enqueue(gw.client.submit, name, inputs, session=session, program=program,
-                               trace=options.get("trace", False), lm_config=options.get("lm_config"))
+        # every option is a keyword of submit (trace, lm_config, stream, timeout_s): none is dropped on the way
+        job = await gw.enqueue(gw.client.submit, name, inputs, session=session, program=program, **options)
     except ValidationError as exc:
         raise _InputsProblem(exc) from None
     await gw.jobs.record(job.id, name, access.key_id, session)
