@@ -133,7 +133,7 @@ def _base_config(settings: Settings) -> dict[str, Any]:
         "result_extended": True,
         # STARTED costs a read, a write and a publish per task; Flower sees it from events anyway.
         "task_track_started": settings.track_started,
-        "task_send_sent_event": True,
+        "task_send_sent_event": settings.sent_events,
         "worker_send_task_events": True,
         "task_default_queue": settings.predict_queue,
         # A worker started without -Q consumes all of these, however it was started (dspex worker or

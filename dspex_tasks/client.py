@@ -31,6 +31,7 @@ from .errors import (
 )
 from .lost import PROBE_AFTER_S, PROBE_EVERY_S, LossProbe, LossWatch
 from .programs.store import ProgramStore
+from .sent_events import SentEvents
 from .settings import Settings, load_settings
 
 __all__ = ["Client", "Job", "JobEvents", "Result"]
@@ -255,6 +256,7 @@ class Client:
         self.app = app
         self._redis: Any = None
         self._loss = LossWatch(self.settings, app)
+        self._sent_events = SentEvents(app)  # task-sent events in batches, off the submit path
         self._programs: ProgramStore | None = None
         self._sigs: dict[str, dict[str, Any]] = {}
         self._validators: dict[str, Any] = {}
@@ -385,6 +387,7 @@ class Client:
                         backend.remove_pending_result(result)
         with contextlib.suppress(Exception):
             backend.result_consumer.stop()
+        self._sent_events.close()
         if self._redis is not None:
             self._redis.close()
         self._loss.close()
@@ -474,7 +477,7 @@ class Client:
         run_id = self._loss.run_id()
         queue = queue or self.settings.predict_queue
         with typed_store_full(self.settings.broker):  # a full Redis: errors.StoreFull, nothing enqueued
-            r = self.app.send_task(wire.task_name(name),
+            r = self.app.send_task(wire.task_name(name), event_dispatcher=self._sent_events,
                                    kwargs=wire.predict_kwargs(inputs, session, program, options),
                                    queue=queue, countdown=countdown,
                                    headers=wire.sent_headers())  # queue age for `dspex health`
@@ -523,7 +526,7 @@ class Client:
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
         run_id, queue = self._loss.run_id(), self.settings.predict_queue
         with typed_store_full(self.settings.broker):  # chunks sent before Redis filled up still run
-            pending = [self.app.send_task(wire.MAP_TASK,
+            pending = [self.app.send_task(wire.MAP_TASK, event_dispatcher=self._sent_events,
                                           kwargs=wire.map_kwargs(name, chunk, session, program, options),
                                           queue=queue, headers=wire.sent_headers())
                        for chunk in chunks]

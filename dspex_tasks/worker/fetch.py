@@ -5,9 +5,10 @@ the ``unacked`` hash that brings it back if its worker dies: a worker killed in 
 OOM killer, a node lost) loses the message for good, and its client sees only a timeout (issue 13: 6 of
 20 kills timed at fetch lost one). This transport closes the window and two smaller ones:
 
-* **Fetch** is one Lua script: pop the first waiting message (queues and priorities in kombu's order)
-  and record it in ``unacked``/``unacked_index`` in the same atomic step, so at every instant a message
-  is in its queue or in the unacked hash, never in a process's memory only. kombu's own restore brings an
+* **Fetch** is one Lua script: pop waiting messages (queues and priorities in kombu's order; up to
+  :data:`FETCH_BATCH` in one call under a backlog, never past the prefetch limit) and record each in
+  ``unacked``/``unacked_index`` in the same atomic step, so at every instant a message is in its queue or
+  in the unacked hash, never in a process's memory only. kombu's own restore brings an
   unacked message back after the visibility timeout. An entry that is not a kombu message (not JSON, no
   delivery tag) is moved whole to the dead-letter list by the same script instead of crashing every
   consumer that pops it; one whose body does not decode is set aside from Python before kombu sees it.
@@ -47,7 +48,7 @@ from redis.exceptions import ResponseError
 from ..connections import lua
 from .storefull import forget_unacked, requeue_unacked
 
-__all__ = ["ACK_TICK_S", "FETCH_SCRIPT", "Channel", "QoS", "Transport"]
+__all__ = ["ACK_TICK_S", "FETCH_BATCH", "FETCH_SCRIPT", "Channel", "QoS", "Transport"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ loads: Any = _json.loads
 
 #: The longest an acknowledgement (or another call handed to the event loop) waits for the loop to wake.
 ACK_TICK_S = 0.05
+#: The most messages one fetch takes (one Lua call) when the prefetch limit leaves room for them.
+FETCH_BATCH = 16
 
 #: The fetch script (``lua/fetch.lua``): KEYS are the queue keys in fetch order, then unacked, unacked_index and
 #: the dead-letter list; ARGV[1] is now. It returns ``{key, item, tag}``, tag "" when the entry was set aside.
@@ -176,7 +179,8 @@ class Channel(kredis.Channel):  # type: ignore[misc]
             keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
             self._fetch_cmd = "EVAL"
             connection.send_command("EVAL", FETCH_SCRIPT, len(keys) + 3, *keys, self.unacked_key,
-                                    self.unacked_index_key, self.dead_letter_key, repr(time.time()))
+                                    self.unacked_index_key, self.dead_letter_key, repr(time.time()),
+                                    self._batch_size())
         elif self._can_blmove:
             first = self._q_for_pri(queues[0], 0)
             self._fetch_cmd = "BLMOVE"  # wakes when the first queue has an entry, and leaves it there
@@ -185,6 +189,11 @@ class Channel(kredis.Channel):  # type: ignore[misc]
             self._fetch_cmd = "BLPOP"
             connection.send_command("BLPOP", f"{self.dead_letter_key}:never", wait)
         return None
+
+    def _batch_size(self) -> int:
+        """How many messages one fetch takes: up to :data:`FETCH_BATCH`, never past the prefetch limit."""
+        room = self.qos.can_consume_max_estimate()
+        return max(1, min(FETCH_BATCH, FETCH_BATCH if room is None else int(room)))
 
     def _brpop_read(self, **options: Any) -> Any:
         cmd = self._fetch_cmd
@@ -205,13 +214,27 @@ class Channel(kredis.Channel):  # type: ignore[misc]
                 self._found = cmd != "EVAL"  # after a wait, fetch; after an empty fetch, wait
                 raise virtual.Empty()
             self._found = True
-            key, item, tag = (bytes_to_str(part) for part in reply)
-            dest = key.rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            if not tag:
-                log.warning("set aside an entry of queue %s that is not a message (see `dspex deadletters`)", dest)
+            parts = [bytes_to_str(part) for part in reply]
+            delivered, failure = 0, None
+            for i in range(0, len(parts) - 2, 3):
+                key, item, tag = parts[i], parts[i + 1], parts[i + 2]
+                dest = key.rsplit(self.sep, 1)[0]
+                self._queue_cycle.rotate(dest)
+                if not tag:
+                    log.warning("set aside an entry of queue %s that is not a message (see `dspex deadletters`)",
+                                dest)
+                    continue
+                try:  # every message of the batch is recorded unacked: each must reach the consumer
+                    self._deliver_recorded(item, tag, dest)
+                    delivered += 1
+                except virtual.Empty:
+                    continue
+                except Exception as exc:  # noqa: BLE001 - delivered after the others, re-raised below
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
+            if not delivered:
                 raise virtual.Empty()
-            self._deliver_recorded(item, tag, dest)
             return True
         finally:
             self._in_poll = None
