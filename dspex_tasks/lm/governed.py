@@ -303,7 +303,10 @@ class GovernedLM(dspy.BaseLM):  # type: ignore[misc]
         while True:
             attempt += 1
             if limits and self.limiter is not None:
-                await asyncio.to_thread(self.limiter.acquire, limits, tokens=tokens, what=model)
+                # the reservation is a Redis round trip (in a thread); the wait for the slot is on the loop
+                wait = await asyncio.to_thread(self.limiter.acquire, limits, tokens=tokens, what=model, sleep=False)
+                if wait > 0:
+                    await asyncio.sleep(wait)
             try:
                 if native:
                     raw = await inner.aforward(prompt=prompt, messages=messages, **params)

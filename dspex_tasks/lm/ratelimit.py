@@ -130,8 +130,10 @@ class RateLimiter:
         status, wait_ms, _, _ = self._call(limits, tokens, self.max_wait_s if max_wait_s is None else max_wait_s)
         return status == _RESERVED, max(wait_ms, 0.0) / 1000.0
 
-    def acquire(self, limits: Sequence[Limit], *, tokens: float = 0.0, what: str = "") -> float:
+    def acquire(self, limits: Sequence[Limit], *, tokens: float = 0.0, what: str = "", sleep: bool = True) -> float:
         """Redeem this call's slot or reserve one, and sleep until it; returns the seconds slept.
+
+        ``sleep=False`` returns the seconds to wait without sleeping (a coroutine sleeps on its loop).
 
         Raises:
             RateLimited: the slot is further away than ``max_wait_s`` (it carries the slot: the task comes
@@ -140,7 +142,7 @@ class RateLimiter:
         """
         task = _current_task()
         if task is not None:
-            return self._acquire_for(task, limits, tokens, what)
+            return self._acquire_for(task, limits, tokens, what, sleep)
         claimed = _claimed.get()
         slot_key = "|".join(self._key(lim) for lim in limits if self._cost(lim, tokens) > 0)
         if claimed is not None and claimed.get("key") == slot_key:
@@ -148,31 +150,32 @@ class RateLimiter:
             at = float(claimed.get("at") or 0)
             _, wait_ms, _, _ = self._call(limits, tokens, 0.0, slot_at=at)
             if -self.jitter_ms <= wait_ms <= 1000.0 * self.max_wait_s:
-                return self._wait(wait_ms)
+                return self._wait(wait_ms, sleep)
             if wait_ms > 0:  # back too early: go round again for the same slot
                 log.debug("rate-limit slot on %s: back %.0f ms early", what, wait_ms)
                 raise RateLimited(self._return_in(wait_ms), f"early for the slot on {what}", False, claimed)
             # too late: the slot is gone (sending now could crowd a later window); take a new one
             log.info("rate-limit slot on %s redeemed %.0f ms late; dropped", what, -wait_ms)
         status, wait_ms, now_ms, key = self._call(limits, tokens, self.max_queue_s)
-        return self._answer(status, wait_ms, {"key": key, "at": now_ms + wait_ms}, limits, what)
+        return self._answer(status, wait_ms, {"key": key, "at": now_ms + wait_ms}, limits, what, sleep)
 
-    def _acquire_for(self, task: _Queued, limits: Sequence[Limit], tokens: float, what: str) -> float:
+    def _acquire_for(self, task: _Queued, limits: Sequence[Limit], tokens: float, what: str, sleep: bool) -> float:
         call = task.calls
         task.calls += 1
         status, wait_ms, now_ms, key = self._call(limits, tokens, task.max_queue_s,
                                                   held=self._held_key(task.task_id, call))
         if status == _DUE:
-            return self._wait(wait_ms)
+            return self._wait(wait_ms, sleep)
         slot = {"key": key, "at": now_ms + wait_ms, "call": call}
         if status == _EARLY:  # back before its slot (a capped countdown, or delivered twice): same slot
             log.debug("rate-limit slot on %s: task %s back %.0f ms early", what, task.task_id, wait_ms)
             raise RateLimited(self._return_in(wait_ms), f"early for the slot on {what}", False, slot)
-        return self._answer(status, wait_ms, slot, limits, what)
+        return self._answer(status, wait_ms, slot, limits, what, sleep)
 
-    def _answer(self, status: int, wait_ms: float, slot: dict[str, Any], limits: Sequence[Limit], what: str) -> float:
+    def _answer(self, status: int, wait_ms: float, slot: dict[str, Any], limits: Sequence[Limit], what: str,
+                sleep: bool = True) -> float:
         if status == _RESERVED and wait_ms <= 1000.0 * self.max_wait_s:
-            return self._wait(wait_ms)
+            return self._wait(wait_ms, sleep)
         scopes = ", ".join(sorted({f"{lim.scope} {lim.unit}" for lim in limits}))
         message = f"rate limit {scopes} full{' for ' + what if what else ''}; next slot in {wait_ms / 1000:.2f}s"
         if status == _RESERVED:  # reserved ahead: come back for it
@@ -183,9 +186,9 @@ class RateLimiter:
         # Back 90% of an in-thread wait before the slot: a re-queued task may run late by that much.
         return max(wait_ms / 1000.0 - 0.9 * self.max_wait_s, 0.0)
 
-    def _wait(self, wait_ms: float) -> float:
+    def _wait(self, wait_ms: float, sleep: bool = True) -> float:
         wait = max(wait_ms, 0.0) / 1000.0
-        if wait > 0:
+        if wait > 0 and sleep:
             self._sleep(wait)
         return wait
 

@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import live
@@ -271,6 +272,8 @@ def text_outputs(output_fields: dict[str, str]) -> list[str]:
 
 
 # -- the process's event loop --------------------------------------------------------------------------------
+#: Threads of the loop's default executor (``asyncio.to_thread``).
+LOOP_THREADS = 64
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
 
@@ -284,6 +287,9 @@ def process_loop() -> asyncio.AbstractEventLoop:
     with _loop_lock:
         if _loop is None or not _loop.is_running():
             new = asyncio.new_event_loop()
+            # asyncio.to_thread's pool (Redis round trips of the cache and rate limits, DSPy's price lookups):
+            # the default, cpu + 4 threads, would queue them behind each other under hundreds of jobs
+            new.set_default_executor(ThreadPoolExecutor(max_workers=LOOP_THREADS, thread_name_prefix="dspex-loop-io"))
             started = threading.Event()
 
             def serve() -> None:
