@@ -373,20 +373,34 @@ class Client:
                                queue=self.settings.optimize_queue)
         return OptimizationRun(run_id, self.runs)
 
+    def release_results(self, extra: Iterable[Any] = ()) -> None:
+        """Stop waiting for results nobody collected (the pending ones, and ``extra`` AsyncResults).
+
+        Closing the result subscription connection drops every subscription at once; Celery would otherwise
+        unsubscribe each result with a round trip of its own (thousands after an interrupted bulk submit),
+        or at garbage collection, after Redis may be gone.
+        """
+        backend = self.app.backend
+        consumer = getattr(backend, "result_consumer", None)
+        with contextlib.suppress(Exception):
+            if consumer is not None:
+                consumer.stop()
+        subscribed = getattr(consumer, "subscribed_to", None)
+        if isinstance(subscribed, set):
+            subscribed.clear()  # nothing left to unsubscribe one by one
+        pending = [result for mapping in getattr(backend, "_pending_results", ())
+                   for waiters in list(mapping.values()) for result in list(waiters.values())]
+        for result in [*pending, *extra]:
+            with contextlib.suppress(Exception):
+                backend.remove_pending_result(result)
+
     def close(self) -> None:
         """Release connections and the result subscriptions of jobs never collected.
 
         Otherwise each uncollected result unsubscribes when garbage-collected, possibly
         after Redis is gone, and Celery retries for seconds at interpreter exit.
         """
-        backend = self.app.backend
-        for mapping in getattr(backend, "_pending_results", ()):
-            for waiters in list(mapping.values()):
-                for result in list(waiters.values()):
-                    with contextlib.suppress(Exception):
-                        backend.remove_pending_result(result)
-        with contextlib.suppress(Exception):
-            backend.result_consumer.stop()
+        self.release_results()
         self._sent_events.close()
         if self._redis is not None:
             self._redis.close()

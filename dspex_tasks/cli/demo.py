@@ -257,9 +257,7 @@ def _release_results(client: Any, jobs: list[tuple[str, str, Any]]) -> None:
     Otherwise each pending result unsubscribes when garbage-collected at exit, after a private
     Redis is gone, and celery retries for seconds and prints a traceback.
     """
-    backend = client.app.backend
-    for _, _, job in jobs:
-        backend.remove_pending_result(client.app.AsyncResult(job.id))
+    client.release_results(client.app.AsyncResult(job.id) for _, _, job in jobs)
 
 
 def _remove_demo_keys(client: Any, jobs: list[tuple[str, str, Any]]) -> None:
