@@ -31,7 +31,8 @@ class Demo:
     def __init__(self, *args: str, redis_url: str = "redis://127.0.0.1:1/0") -> None:
         self.entry = f"DSPEX_TEST_MARKER=demo-{uuid.uuid4().hex}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}
-        env.update({"DSPEX_REDIS_URL": redis_url, "COLUMNS": "160", "PYTHONUNBUFFERED": "1",
+        # PYTHONFAULTHANDLER: a demo that hangs is sent SIGABRT by wait(), and its threads' stacks are in the output
+        env.update({"DSPEX_REDIS_URL": redis_url, "COLUMNS": "160", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
                     "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
         env.update([self.entry.split("=", 1)])
         self.proc = subprocess.Popen([sys.executable, "-m", "dspex_tasks", "demo", "--workers", "1", *args], cwd=ROOT,
@@ -54,7 +55,15 @@ class Demo:
             self._drain(0.2)
 
     def wait(self, timeout_s: float = 120.0) -> int:
-        code = self.proc.wait(timeout=timeout_s)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+            self._drain(1.0)
+            raise AssertionError(f"demo still running after {timeout_s} s; its output and stacks:\n"
+                                 f"{self.output[-12000:]}") from None
         time.sleep(0.1)
         self._drain(0.1)
         return code
