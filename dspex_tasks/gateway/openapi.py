@@ -144,7 +144,10 @@ JOB_EVENT_SCHEMA: dict[str, Any] = {
         "phase": {"type": "string", "enum": ["start", "end"]}, "name": {"type": "string"},
         "kind": {"type": "string", "enum": ["module", "predictor"]},
         "arguments": {"type": "object"}, "field": {"type": "string"}, "chunk": {"type": "string"},
-        "predictor": {"type": "string"}, "reset": {"type": "boolean"},
+        "predictor": {"type": ["string", "null"],
+                      "description": "the predictor that streamed the chunk; null for a chunk that was not streamed "
+                                     "(a cache hit, or the rest of the final value)"},
+        "reset": {"type": "boolean"},
         "result": {"description": "result: the job's result, as GET /v1/jobs/{id} shows it; tool: the tool's",
                    "anyOf": [ref("Result"), {}]},
         "error": {"description": "error: the job's error; step and tool: what the step or tool raised",
