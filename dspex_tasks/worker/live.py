@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -275,17 +276,19 @@ def text_outputs(output_fields: dict[str, str]) -> list[str]:
 #: Threads of the loop's default executor (``asyncio.to_thread``).
 LOOP_THREADS = 64
 _loop: asyncio.AbstractEventLoop | None = None
+_loop_pid: int | None = None
 _loop_lock = threading.Lock()
 
 
 def process_loop() -> asyncio.AbstractEventLoop:
     """The process's one long-lived event loop (a daemon thread), started on first use (after a fork too)."""
-    global _loop
+    global _loop, _loop_pid
     loop = _loop
-    if loop is not None and loop.is_running():
+    if loop is not None and _loop_pid == os.getpid() and loop.is_running():
         return loop
     with _loop_lock:
-        if _loop is None or not _loop.is_running():
+        # after a fork the parent's loop looks running but has no thread in this process: make a new one
+        if _loop is None or _loop_pid != os.getpid() or not _loop.is_running():
             new = asyncio.new_event_loop()
             # asyncio.to_thread's pool (Redis round trips of the cache and rate limits, DSPy's price lookups):
             # the default, cpu + 4 threads, would queue them behind each other under hundreds of jobs
@@ -299,7 +302,7 @@ def process_loop() -> asyncio.AbstractEventLoop:
 
             threading.Thread(target=serve, name="dspex-live-loop", daemon=True).start()
             started.wait(5.0)
-            _loop = new
+            _loop, _loop_pid = new, os.getpid()
         return _loop
 
 
