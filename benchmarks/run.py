@@ -16,6 +16,12 @@ Scenarios (``--scenarios`` picks a subset):
   the shared LM cache exists in this checkout).
 * ``scaling``: 1, 2, 3 worker processes on the I/O-bound workload; plot in ``benchmarks/out/throughput.png``
   (copied to ``docs/throughput.png``).
+* ``inflight``, ``ttft``, ``livemem``, ``mapio``: live execution and the async path (issue 15), from
+  ``bench_live.py``: calls in flight and calls/s of single tasks, ``Client.map`` on the async and the thread
+  path and in-process ``dspy.Parallel`` (1000 ms HTTP mock; plot ``benchmarks/out/live_inflight.png``, copied to
+  ``docs/live_inflight.png`` by a non-quick run); time to the first streamed token; worker memory over many
+  streamed jobs and per call in flight; ``Client.map`` vs single tasks at equal concurrency. Not in the default
+  selection (they take several minutes): name them in ``--scenarios``.
 
 Usage::
 
@@ -40,7 +46,7 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before anything imports d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_suite  # noqa: E402
+from benchmarks import bench_live, bench_suite  # noqa: E402
 from benchmarks._harness import cleanup_all, install_signal_handlers, machine_info, new_log_dir  # noqa: E402
 from benchmarks.bench_runtime import (  # noqa: E402
     Context,
@@ -61,7 +67,13 @@ RUNNERS: dict[str, Callable[[Context], Outcome]] = {
     "progcache": bench_suite.scenario_progcache,
     "lmcache": bench_suite.scenario_lmcache,
     "scaling": bench_suite.scenario_scaling,
+    "inflight": bench_live.scenario_inflight,
+    "ttft": bench_live.scenario_ttft,
+    "livemem": bench_live.scenario_livemem,
+    "mapio": bench_live.scenario_mapio,
 }
+#: Scenarios run only when named in ``--scenarios`` (long; see the module docstring).
+OPT_IN = ("inflight", "ttft", "livemem", "mapio")
 IN_FLIGHT_AIM = 150
 
 
@@ -125,7 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short run: small N, one round (< 3 min)")
     parser.add_argument("--json", action="store_true", help="print a JSON document at the end")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
-    parser.add_argument("--scenarios", default=",".join(RUNNERS), help=f"comma-separated, from {tuple(RUNNERS)}")
+    parser.add_argument("--scenarios", default=",".join(k for k in RUNNERS if k not in OPT_IN),
+                        help=f"comma-separated, from {tuple(RUNNERS)}")
     parser.add_argument("--rounds", type=int, default=None, help="rounds for overhead, map, io (default 3, quick 1)")
     ns = parser.parse_args(argv)
     ns.selected = [s.strip() for s in ns.scenarios.split(",") if s.strip()]
