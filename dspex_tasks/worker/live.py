@@ -36,7 +36,7 @@ from typing import Any
 from .. import live
 from ..errors import Cancelled
 
-__all__ = ["JobStopped", "CancelWatch", "JobControl", "LiveCallback", "make_callback", "stream_run", "astream_run", "settle_tokens",
+__all__ = ["JobStopped", "CancelWatch", "JobControl", "LiveCallback", "make_callback", "stream_run", "settle_tokens",
            "process_loop", "run_on_loop", "runs_async", "text_outputs", "control_for"]
 
 log = logging.getLogger(__name__)
@@ -377,22 +377,6 @@ def _listeners(module: Any, fields: list[str]) -> list[Any]:
                 listeners.append(dspy.streaming.StreamListener(signature_field_name=field, predict=predictor,
                                                                predict_name=name, allow_reuse=True))
     return listeners
-
-
-async def astream_run(module: Any, inputs: dict[str, Any], control: JobControl, fields: list[str]) -> Any:
-    """:func:`stream_run` for a module run as a coroutine (``aforward``) on the process's loop."""
-    import dspy
-
-    streamer = dspy.streamify(module, stream_listeners=_listeners(module, fields),
-                              include_final_prediction_in_output_stream=True, is_async_program=True,
-                              async_streaming=True)
-    prediction = None
-    async for value in streamer(**inputs):
-        if isinstance(value, dspy.streaming.StreamResponse):
-            _token(control, control.tokens, value)
-        elif isinstance(value, dspy.Prediction):
-            prediction = value
-    return prediction
 
 
 def runs_async(module: Any) -> bool:

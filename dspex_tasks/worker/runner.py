@@ -26,7 +26,7 @@ from ..lm.factory import lm_name
 from ..lm.gate import GATE_KEY
 from ..lm.usage import DSPY_KEY, TaskUsage, UsageLedger, task_usage
 from ..observability.redact import redact_error
-from .live import JobControl, JobStopped, astream_run, make_callback, stream_run, text_outputs
+from .live import JobControl, JobStopped, make_callback, stream_run, text_outputs
 from .trace import trace_entries
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -156,18 +156,13 @@ class ModuleRunner:
 
     async def arun(self, sig: Signature, module: Any, inputs: dict[str, Any], session: str | None, *,
                    lm_config: dict[str, Any] | None = None, trace: bool = False,
-                   control: JobControl | None = None) -> Run:
+                   gate: Callable[[], None] | None = None) -> Run:
         """:meth:`run` as a coroutine (``module.acall``), for modules that define ``aforward``; run it on the
-        process's event loop (:func:`~dspex_tasks.worker.live.run_on_loop`)."""
+        process's event loop (``dspex.map`` items). ``gate`` is called before each of its LM calls."""
         calls: list[Any] | None = [] if trace or keeps_trace(module) else None
-        callbacks, streamed = self._live(sig, module, (), control)
-        with self.context(sig, session, callbacks=callbacks, lm_config=lm_config, trace=calls,
-                          gate=control.check if control is not None else None) as spent:
+        with self.context(sig, session, lm_config=lm_config, trace=calls, gate=gate) as spent:
             try:
-                prediction = await astream_run(module, inputs, control, streamed) \
-                    if control is not None and streamed else await module.acall(**inputs)
-            except JobStopped as stop:
-                raise Cancelled(stop.reason) from None
+                prediction = await module.acall(**inputs)
             except Exception as exc:
                 raise classify_lm_error(sig, exc) from None
         usage = self.ledger.finish(spent, prediction, sig.name, session, count_task=True)

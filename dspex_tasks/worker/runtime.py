@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Threads running ``dspex.map`` items of modules that cannot run as coroutines.
 MAP_THREADS = 64
+#: Map items of one chunk that may be building their first prompt at once on the event loop.
+MAP_STARTING = 16
 # Connections one DSPy LM object keeps (DSPy 3.4's lm15 transport default).
 LM_CONNECTIONS = 100
 
@@ -366,16 +368,14 @@ class Runtime:
         t0 = time.perf_counter()
         clean, module, version, program = self._prepare(sig, inputs, session, program)
         opts = options or {}
-        if self._runs_async(sig, module):
-            run = run_on_loop(self.runner.arun(sig, module, clean, session, lm_config=opts.get("lm_config"),
-                                               trace=opts.get("trace", False), control=control))
-        else:
-            run = self.runner.run(sig, module, clean, session, lm_config=opts.get("lm_config"),
-                                  trace=opts.get("trace", False), control=control)
+        # One prediction runs in its task's thread even when its module could run as a coroutine: the thread
+        # waits either way, and the hand-offs to the loop cost CPU (measured: BENCHMARKS.md, issue 15).
+        run = self.runner.run(sig, module, clean, session, lm_config=opts.get("lm_config"),
+                              trace=opts.get("trace", False), control=control)
         return self._result(sig, run, session, program, version, t0, control)
 
     def _runs_async(self, sig: Signature, module: Any) -> bool:
-        """Whether this job runs as a coroutine on the process's loop: the module can (``aforward``, no sync
+        """Whether map items run as coroutines on the process's loop: the module can (``aforward``, no sync
         tools) and so can its LM (DSPEX_ASYNC_MODULES on)."""
         if not self.settings.async_modules or not runs_async(module):
             return False
@@ -466,12 +466,33 @@ class Runtime:
         if self._slots is None:  # made on the loop, which it belongs to
             self._slots = asyncio.Semaphore(self.settings.async_max_in_flight)
         slots = self._slots
+        # Items start a few at a time: each one's prompt is built before its request goes out, so 500 started
+        # at once would send nothing until all 500 were built, then wait together (a wave, not a pipeline).
+        # An item's permit is returned when its first LM call starts (the LM-call gate) or when it ends.
+        starting = asyncio.Semaphore(MAP_STARTING)
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
 
         async def one(inputs: Any) -> Any:
             async with slots:
-                return await attempt(inputs)
+                await starting.acquire()
+                started = False
 
-        async def attempt(inputs: Any) -> Any:
+                def start() -> None:  # called by the LM-call gate, on the loop (or, via DSPy, a thread)
+                    nonlocal started
+                    if not started:
+                        started = True
+                        if threading.get_ident() == loop_thread:
+                            starting.release()
+                        else:
+                            loop.call_soon_threadsafe(starting.release)
+
+                try:
+                    return await attempt(inputs, start)
+                finally:
+                    start()
+
+        async def attempt(inputs: Any, start: Any) -> Any:
             claim(None)
             deadline = time.monotonic() + self.settings.rate_limit_max_queue_s
             while True:
@@ -479,7 +500,7 @@ class Runtime:
                 try:
                     clean, module, version, name = self._prepare(sig, inputs, session, program)
                     run = await self.runner.arun(sig, module, clean, session, lm_config=opts.get("lm_config"),
-                                                 trace=opts.get("trace", False))
+                                                 trace=opts.get("trace", False), gate=start)
                     return self._result(sig, run, session, name, version, t0)
                 except RateLimited as exc:
                     if time.monotonic() + exc.countdown_s > deadline:
