@@ -280,6 +280,17 @@ INFLIGHT_KINDS = {
 }
 
 
+def warm_pair(mock: Any, pairs: Any, map_items: int, chunk: int | None) -> None:
+    """Wait for the mock and both workers, pause the workers, and warm each with single tasks and a map (untimed)."""
+    mock.wait_ready()
+    for w, _ in pairs:
+        w.wait_ready()
+        w.pause()
+    for tag, (w, c) in enumerate(pairs, start=1):
+        single_run(w, c, mock, THREADS, 10**8 + tag * 10**6)
+        map_run(w, c, mock, [question(10**8 + tag * 10**6 + 5000 + i) for i in range(map_items)], chunk)
+
+
 def scenario_inflight(ctx: Context) -> Outcome:
     n_single = 400 if ctx.quick else 1000
     n_map = 500 if ctx.quick else 1000
@@ -290,13 +301,7 @@ def scenario_inflight(ctx: Context) -> Outcome:
     ca, ct = queue_client(ctx, "live.async"), queue_client(ctx, "live.threads")
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in INFLIGHT_KINDS}
     try:
-        mock.wait_ready()
-        for w in (aw, tw):
-            w.wait_ready()
-            w.pause()
-        for w, c, tag in ((aw, ca, 1), (tw, ct, 2)):  # warm-up, untimed
-            single_run(w, c, mock, THREADS, 10**8 + tag * 10**6)
-            map_run(w, c, mock, [question(10**8 + tag * 10**6 + 5000 + i) for i in range(300)], MAP_CHUNK)
+        warm_pair(mock, ((aw, ca), (tw, ct)), 300, MAP_CHUNK)
 
         def run(kind: str, r: int) -> None:
             base = (r + 1) * 10**5
@@ -747,13 +752,7 @@ def scenario_mapio(ctx: Context) -> Outcome:
     runs: dict[str, list[dict[str, Any]]] = {"single_async": [], "map_async": [], "single_threads": [],
                                              "map_threads": []}
     try:
-        mock.wait_ready()
-        for w in (aw, tw):
-            w.wait_ready()
-            w.pause()
-        for w, c, tag in ((aw, ca, 1), (tw, ct, 2)):  # warm-up, untimed
-            single_run(w, c, mock, THREADS, 10**8 + tag * 10**6)
-            map_run(w, c, mock, [question(10**8 + tag * 10**6 + 5000 + i) for i in range(THREADS)], None)
+        warm_pair(mock, ((aw, ca), (tw, ct)), THREADS, None)
         for r in range(ctx.rounds):
             base = (r + 1) * 10**5
             plan = [("single_async", aw, ca), ("map_async", aw, ca), ("single_threads", tw, ct), ("map_threads", tw, ct)]

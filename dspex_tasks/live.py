@@ -157,35 +157,27 @@ def read_events(redis: Any, namespace: str, job_id: str, *, after: str = "0-0", 
     Raises:
         TaskTimeout: no final event within ``timeout_s``.
     """
-    from .errors import TaskTimeout
-
     key = keys.job_events(namespace, job_id)
     last = after
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        block = block_ms
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TaskTimeout(f"job {job_id} did not end within {timeout_s} s")
-            block = max(1, min(block, int(left * 1000)))
-        reply = redis.xread({key: last}, count=500, block=block)
+        reply = redis.xread({key: last}, count=500, block=_block_ms(deadline, block_ms, job_id, timeout_s))
         if not reply:
             final = on_idle() if on_idle is not None else None
             if final is not None:
                 # The job ended: take what raced the check, then the final event if the stream had none.
-                for event in _entries(redis.xread({key: last}, count=10_000)):
-                    yield event
-                    if event["type"] in FINAL_TYPES:
-                        return
-                yield final
+                events, ended = _upto_final(redis.xread({key: last}, count=10_000))
+                yield from events
+                if not ended:
+                    yield final
                 return
             continue
-        for event in _entries(reply):
+        events, ended = _upto_final(reply)
+        for event in events:
             last = event["id"]
             yield event
-            if event["type"] in FINAL_TYPES:
-                return
+        if ended:
+            return
 
 
 async def aread_events(aredis: Any, namespace: str, job_id: str, *, after: str = "0-0", block_ms: int = 1000,
@@ -194,36 +186,55 @@ async def aread_events(aredis: Any, namespace: str, job_id: str, *, after: str =
     """:func:`read_events` on an asyncio Redis client; ``on_idle`` may be a coroutine function."""
     import inspect
 
-    from .errors import TaskTimeout
-
     key = keys.job_events(namespace, job_id)
     last = after
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        block = block_ms
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TaskTimeout(f"job {job_id} did not end within {timeout_s} s")
-            block = max(1, min(block, int(left * 1000)))
-        reply = await aredis.xread({key: last}, count=500, block=block)
+        reply = await aredis.xread({key: last}, count=500, block=_block_ms(deadline, block_ms, job_id, timeout_s))
         if not reply:
             final = on_idle() if on_idle is not None else None
             if inspect.isawaitable(final):
                 final = await final
             if final is not None:
-                for event in _entries(await aredis.xread({key: last}, count=10_000)):
+                events, ended = _upto_final(await aredis.xread({key: last}, count=10_000))
+                for event in events:
                     yield event
-                    if event["type"] in FINAL_TYPES:
-                        return
-                yield final
+                if not ended:
+                    yield final
                 return
             continue
-        for event in _entries(reply):
+        events, ended = _upto_final(reply)
+        for event in events:
             last = event["id"]
             yield event
-            if event["type"] in FINAL_TYPES:
-                return
+        if ended:
+            return
+
+
+def _block_ms(deadline: float | None, block_ms: int, job_id: str, timeout_s: float | None) -> int:
+    """How long the next XREAD may block: ``block_ms``, or less when the follower's deadline is nearer.
+
+    Raises:
+        TaskTimeout: the deadline has passed.
+    """
+    if deadline is None:
+        return block_ms
+    left = deadline - time.monotonic()
+    if left <= 0:
+        from .errors import TaskTimeout
+
+        raise TaskTimeout(f"job {job_id} did not end within {timeout_s} s")
+    return max(1, min(block_ms, int(left * 1000)))
+
+
+def _upto_final(reply: Any) -> tuple[list[dict[str, Any]], bool]:
+    """The events of an XREAD reply up to the final one, and whether it was among them."""
+    events = []
+    for event in _entries(reply):
+        events.append(event)
+        if event["type"] in FINAL_TYPES:
+            return events, True
+    return events, False
 
 
 def _entries(reply: Any) -> Iterator[dict[str, Any]]:

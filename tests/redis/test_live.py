@@ -9,24 +9,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import dspy
 import pytest
 
 from dspex_tasks import errors, keys
 from dspex_tasks.dsl.signature import Signature, SignatureRegistry, parse_spec, signature
+from tests.redis.test_request_options import TwoStep  # the same two-predictor program
 
 pytestmark = pytest.mark.redis
-
-
-class TwoStep(dspy.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.draft = dspy.ChainOfThought("question -> draft")
-        self.polish = dspy.Predict("question, draft -> answer")
-
-    def forward(self, question: str) -> Any:
-        draft = self.draft(question=question).draft
-        return self.polish(question=question, draft=draft)
 
 
 @pytest.fixture
@@ -35,7 +24,7 @@ def signatures() -> SignatureRegistry:
     reg.add(signature("question: str -> answer: str, confidence: confidence_score", name="qa", register=False))
     inputs, outputs = parse_spec("question: str -> answer: str")
     reg.add(Signature("two_step", inputs, outputs, instructions=None, module="program", desc=None, kind="program",
-                      factory=TwoStep, origin=f"{__name__}:TwoStep"))
+                      factory=TwoStep, origin=f"{TwoStep.__module__}:TwoStep"))
     return reg
 
 
