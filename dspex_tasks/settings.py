@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     # on one event loop per worker process; off: every module runs in the task's thread
     async_modules: bool = True
     # clients publish Celery's task-sent event (Flower lists a task while it is queued); off: Flower lists it
-    # from its worker's task-received, and a submit costs about a plain send_task (0.55 vs 0.89 ms CPU)
+    # from its worker's task-received, and a submit costs about what a plain send_task does
     sent_events: bool = True
     # the most predictions a process's event loop runs at once (map items; single tasks are bounded by threads)
     async_max_in_flight: int = Field(1000, ge=1)
