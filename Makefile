@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-unit test-redis test-system lint typecheck demo bench clean
+.PHONY: install test test-fast test-unit test-redis test-system lint typecheck demo bench constraints clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# deploy/constraints.txt: the versions deploy/Dockerfile builds, i.e. the closure of `pip install ".[flower,gateway]"`
+# at this venv's versions (pip freeze + pip install --dry-run --report). Rerun after changing dependencies.
+constraints: $(STAMP)
+	$(PY) deploy/constraints.py --python $(PY)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

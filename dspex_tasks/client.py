@@ -321,12 +321,15 @@ class Client:
                  scheduled: bool = False) -> Any:
         """Start an optimization run (section 3.4); returns an :class:`OptimizationRun`.
 
-        Rows are validated against the signature (inputs required, outputs as labels), the
+        Rows are validated against the signature (inputs only; every other field is a label the
+        metric sees), the
         metric and optimizer names against what workers publish, and ``params`` against the
         optimizer's published params schema (its own keys plus the common ``min_gain``,
         ``val_fraction``, ``eval_chunk_size``, ``seed``, ``num_threads``), before anything is
         enqueued: a bad or unknown key raises ``ValidationError`` naming ``params.<key>``. (With
-        no worker published yet, the params are checked by the worker, failing the run.)
+        no worker published yet, built-in optimizers' params are checked against their own
+        models; a user-registered optimizer's are checked by the worker, failing the run.) A
+        stored ``dataset`` is read and checked here too.
         Without a valset, ``params["val_fraction"]`` of the trainset is held out.
 
         With a ``session``, the candidate becomes the session's new program version when it
@@ -350,11 +353,11 @@ class Client:
         if trainset is None and dataset is None:
             raise ValidationError.from_errors("optimization", [{"field": "trainset", "message": "give a trainset or a dataset"}])
         if trainset is not None:
-            validate_rows(trainset, desc, what="trainset")
-        else:
-            self.datasets.get(str(dataset))
+            trainset = validate_rows(trainset, desc, what="trainset")
+        else:  # a stored dataset's rows are checked here too, so a bad one fails now rather than at run.get()
+            validate_rows(self.datasets.get(str(dataset)), desc, what="dataset")
         if valset is not None:
-            validate_rows(valset, desc, what="valset")
+            valset = validate_rows(valset, desc, what="valset")
         caps = self.capabilities()
         for field, name in (("metric", metric), ("optimizer", optimizer)):
             known = caps.get(f"{field}s")
@@ -589,11 +592,21 @@ def _check_countdown(countdown: Any) -> None:
 
 
 def _check_params(params: dict[str, Any], optimizer: str, caps: dict[str, Any]) -> None:
-    """``params`` against the schema workers publish for ``optimizer``; workers that publish none check it later."""
+    """``params`` against the schema workers publish for ``optimizer``, else against the built-in optimizer's
+    own pydantic model (dspy-free), so a bad key fails here even before any worker has started."""
     from .optimize.params import check_params
 
     schemas = caps.get("optimizer_params")
-    check_params(params, optimizer, schemas.get(optimizer) if isinstance(schemas, dict) else None)
+    schema = schemas.get(optimizer) if isinstance(schemas, dict) else None
+    if schema:
+        check_params(params, optimizer, schema)
+        return
+    from .optimize.optimizers import builtin_optimizer, parse_common
+
+    opt = builtin_optimizer(optimizer)
+    if opt is not None:  # a user's optimizer lives on the workers: they check it when none is published
+        parse_common(params)
+        opt.parse_params(params)
 
 
 def _root_field(err: Any) -> str:

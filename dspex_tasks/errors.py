@@ -25,7 +25,7 @@ __all__ = [
     "JobNotFound",
     "ApiKeyNotFound",
     "ConfigurationError",
-    "Cancelled",
+    "Cancelled", "BudgetExceeded",
     "LMError",
     "LMParseError",
     "LMTimeout",
@@ -158,6 +158,13 @@ class Cancelled(DspexError):
     """Raised when a job or an optimization run was cancelled before it finished."""
 
     code = "cancelled"
+
+
+class BudgetExceeded(DspexError):
+    """Raised when an optimization run spent its budget (``max_cost_usd`` or ``max_lm_calls``): it stops at the
+    next stage boundary, promoting nothing; the message names what was spent against which limit."""
+
+    code = "budget_exceeded"
 
 
 # -- the LM subtree: each class says whether the task may retry it (``retryable``) and after how long ----------

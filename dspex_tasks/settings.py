@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     mock_failure_rate: float = Field(0.0, ge=0, le=1)
     mock_seed: int = 0
     mock_scenario: str | None = None
+    # the model optimizers reflect with (GEPA); unset: the task's own LM (optimize.optimizers.reflection_lm)
+    reflection_lm: str | None = None
 
     # LM control (dspex_tasks.lm.governed): fleet-wide rate limits, shared response cache, fallbacks
     rate_limits: dict[str, dict[str, float]] = Field(default_factory=dict)  # model -> {rpm, tpm, burst, ...}
@@ -126,6 +128,8 @@ class Settings(BaseSettings):
 
     # observability
     metrics_port: int | None = Field(None, ge=0, le=65535)  # /metrics per worker process; 0: any free port
+    # the address /metrics binds: loopback unless Prometheus scrapes from elsewhere (deploy/ sets 0.0.0.0)
+    metrics_host: str = Field("127.0.0.1", min_length=1, max_length=255)
     otel: bool = False  # OpenTelemetry tracing of tasks (dspex_tasks.observability.tracing; needs the [otel] extra)
 
     @field_validator("redis_url", "broker_url", "result_backend")

@@ -154,12 +154,23 @@ def read_text(path: Path, *, limit: int | None = None) -> str:
 
 
 def read_jsonl(path: Path, what: str = "") -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file ('-' for stdin); a bad line exits 2 naming ``file:line``.
+    """The JSON objects of a JSONL file, or of a file holding one JSON array ('-' for stdin).
 
-    ``what`` completes the message for a line that is not an object (``" of inputs"``).
+    An array is what ``json.dump([ex.toDict() for ex in trainset], f)`` writes from DSPy; a bad line or
+    element exits 2 naming ``file:line`` (``file[index]`` in an array). ``what`` completes the message for
+    an entry that is not an object (``" of inputs"``).
     """
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        items = parse_json(text, str(path))
+        if not isinstance(items, list):  # pragma: no cover - a leading "[" parses as a list or fails
+            fail(f"{path}: expected a JSON array of objects", code=EXIT_INVALID)
+        for i, row in enumerate(items):
+            if not isinstance(row, dict):
+                fail(f"{path}[{i}]: expected a JSON object{what}, got {type(row).__name__}", code=EXIT_INVALID)
+        return items
     rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         row = parse_json(line, f"{path}:{n}")

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import DatasetNotFound, DspexError, RunNotFound, UnknownSignature, ValidationError, from_remote
+from ..errors import DatasetNotFound, DspexError, NotFound, RunNotFound, UnknownSignature, ValidationError, from_remote
 from ..optimize.runs import RunRecord
 from .common import (
     EXIT_INVALID,
@@ -38,7 +38,7 @@ from .common import (
 __all__ = ["register", "datasets_app", "runs_app", "schedule_app", "optimize", "beat", "parse_params", "runs_table"]
 
 datasets_app = typer.Typer(help="Named training datasets: put, ls, show, rm.", no_args_is_help=True)
-runs_app = typer.Typer(help="Optimization runs: ls, show, cancel, plot.", no_args_is_help=True)
+runs_app = typer.Typer(help="Optimization runs: ls, show, compare, cancel, plot.", no_args_is_help=True)
 schedule_app = typer.Typer(help="Scheduled re-optimizations (started by dspex beat): add, ls, rm.", no_args_is_help=True)
 
 _END = ("done", "failed", "cancelled")
@@ -100,14 +100,32 @@ def _grid(rows: Iterable[tuple[str, Any]]) -> Table:
     return table
 
 
+def _gain(s: dict[str, Any]) -> str:
+    """``+0.333 (95% interval [+0.000, +1.000] over 3 examples, required)``, or ``-`` for an older summary."""
+    if s.get("gain") is None:
+        return "-"
+    if not s.get("gain_ci"):
+        return f"{s['gain']:+.3f}"
+    (lo, hi), level = s["gain_ci"], float(s.get("confidence") or 0.95) * 100
+    return (f"{s['gain']:+.3f} ({level:g}% interval [{lo:+.3f}, {hi:+.3f}] over {s.get('n_val')} examples, "
+            f"{'required' if s.get('confidence_required') else 'reported'})")
+
+
+def _spend(rec: dict[str, Any]) -> str:
+    """``1,234 prompt + 210 completion tokens · $0.000321`` (the run's record: what it spent so far)."""
+    prompt, completion = int(rec.get("prompt_tokens") or 0), int(rec.get("completion_tokens") or 0)
+    cost = float(rec.get("cost_usd") or 0.0)
+    return f"{prompt:,} prompt + {completion:,} completion tokens · ${cost:.6f}" + ("" if cost else " (unpriced model)")
+
+
 def _summary_panel(run_id: str, rec: dict[str, Any]) -> Panel:
     s = rec.get("summary") or {}
     promoted = Text("yes", style="bold green") if s.get("promoted") else \
         Text("no (dry run: no session)" if s.get("dry_run") else "no", style="yellow")
     rows = [("baseline_score", _num(s.get("baseline_score"))), ("score", _num(s.get("score"))),
-            ("promoted", promoted), ("program_version", s.get("program_version", "-")),
+            ("gain", _gain(s)), ("promoted", promoted), ("program_version", s.get("program_version", "-")),
             ("reason", s.get("reason", "-")), ("lm_calls", s.get("lm_calls", rec.get("lm_calls", "-"))),
-            ("duration", f"{_duration(rec):.1f} s")]
+            ("spend", _spend(rec)), ("duration", f"{_duration(rec):.1f} s")]
     return Panel(_grid(rows), title=esc(f"run {run_id} · {rec.get('signature')} · {rec.get('optimizer')}"),
                  subtitle=esc(f"session {rec.get('session') or '-'} · program {rec.get('program')}"),
                  title_align="left", subtitle_align="left", expand=False)
@@ -209,9 +227,13 @@ def optimize(
 
 @datasets_app.command("put")
 @cli_errors
-def datasets_put(name: DatasetName, file: Annotated[Path, typer.Argument(help="JSONL rows ('-' for stdin).",
-                                                                          allow_dash=True)]) -> None:
-    """Store the rows of a JSONL file under NAME (replacing it)."""
+def datasets_put(name: DatasetName, file: Annotated[Path, typer.Argument(
+        help="JSONL rows, or a JSON array such as dumped dspy.Example objects ('-' for stdin).",
+        allow_dash=True)]) -> None:
+    """Store the rows of FILE under NAME (replacing it).
+
+    Each row's interface inputs are inputs; every other field is a label the metric sees.
+    """
     rows = read_jsonl(file)
     if not rows:
         fail(f"{file} holds no rows", code=EXIT_INVALID)
@@ -350,8 +372,13 @@ def runs_show(run_id: RunId, as_json: Annotated[bool, typer.Option("--json", hel
             return
         rec = client.runs.get(run_id).to_json()
         events = list(client.runs.events(run_id, follow=False))
+        described = client.signatures().get(rec["signature"]) or {}
+        changes = None
+        with contextlib.suppress(NotFound):  # no candidate before the compile stage finished
+            changes = client.run(run_id).changes(  # a program's own instructions are not its predictors'
+                default_instructions=described.get("instructions") if described.get("kind") != "program" else None)
     if as_json:
-        echo_json({"record": rec, "summary": rec.get("summary"), "events": events})
+        echo_json({"record": rec, "summary": rec.get("summary"), "changes": changes, "events": events})
         return
     rows = [(k, _when(v) if k.endswith("_at") else v if isinstance(v, str) else json.dumps(v))
             for k, v in sorted(rec.items()) if k not in ("summary", "trials", "error", "run_id")]
@@ -360,6 +387,8 @@ def runs_show(run_id: RunId, as_json: Annotated[bool, typer.Option("--json", hel
         console.print(_summary_panel(run_id, rec))
     elif rec["status"] == "failed":
         console.print(f"[red]failed:[/] {type(exc := _run_error(rec)).__name__}: {esc(exc.message)}")
+    if changes is not None:
+        console.print(_changes_table(changes))
     t0 = float(events[0]["ts"]) if events else 0.0
     table = Table(title=f"events ({len(events)})", title_justify="left")
     for col in ("t+s", "stage", "done", "score", "lm_calls", "message"):
@@ -368,6 +397,50 @@ def runs_show(run_id: RunId, as_json: Annotated[bool, typer.Option("--json", hel
         table.add_row(f"{float(e.get('ts', t0)) - t0:.2f}", esc(e.get("stage")),
                       f"{e.get('done', 0)}/{'?' if e.get('total') is None else e['total']}", _num(e.get("score")),
                       str(e.get("lm_calls", "")), esc(e.get("message", "")))
+    console.print(table)
+
+
+def _changes_table(changes: list[dict[str, Any]]) -> Table:
+    """Per predictor: demos before → after, instructions before → after (shortened)."""
+    from ..optimize.compare import change_cells
+
+    n = len(changes)
+    table = Table(title=f"changes: baseline → candidate ({n} predictor{'' if n == 1 else 's'})", title_justify="left")
+    for col in ("predictor", "demos", "instructions"):
+        table.add_column(col, justify="right" if col == "demos" else "left", overflow="fold")
+    for c in changes:
+        table.add_row(esc(c["predictor"]), *(esc(cell) for cell in change_cells(c)))
+    return table
+
+
+@runs_app.command("compare")
+@cli_errors
+def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="Two or more run ids.", metavar="RUN...")],
+                 as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False) -> None:
+    """Put runs side by side: scores, the gain and its interval, promoted, LM calls, duration, trials.
+
+    One column per run, in the order given. Exits 2 naming a run that does not exist.
+    """
+    from ..optimize.compare import compare_rows, run_scores
+
+    if len(run_ids) < 2:
+        fail("compare needs two or more run ids", code=EXIT_INVALID)
+    with open_client() as client:
+        rows = []
+        for run_id in run_ids:
+            try:
+                rows.append(run_scores(client.runs.get(run_id).to_json()))
+            except RunNotFound:
+                fail(f"no optimization run '{run_id}'", code=EXIT_INVALID)
+    if as_json:
+        echo_json(rows)
+        return
+    table = Table(title=f"{len(rows)} runs side by side", title_justify="left", header_style="bold")
+    table.add_column("", style="bold cyan", no_wrap=True)
+    for row in rows:
+        table.add_column(esc(row["run_id"]), justify="right", no_wrap=True)
+    for label, cells in compare_rows(rows):
+        table.add_row(label, *(esc(c) for c in cells))
     console.print(table)
 
 
@@ -385,15 +458,24 @@ def runs_cancel(run_id: RunId) -> None:
 
 @runs_app.command("plot")
 @cli_errors
-def runs_plot(run_id: RunId, out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG file to write.",
-                                                                      show_default="run-<id>.png")] = None) -> None:
-    """Write a PNG of the run: score per trial, baseline and candidate, and the score over time."""
-    from ..optimize.plots import plot_run
+def runs_plot(run_ids: Annotated[list[str], typer.Argument(help="Run id; two or more are drawn side by side.",
+                                                              metavar="RUN...")],
+              out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG file to write.",
+                                                       show_default="run-<id>.png or compare-<ids>.png")] = None,
+              ) -> None:
+    """Write a PNG of the run: score per trial, baseline and candidate, and the score over time.
+
+    Given several runs, a chart of them side by side: baseline and candidate, the gain and its interval.
+    """
+    from ..optimize.plots import plot_compare, plot_run
 
     with open_client() as client:
-        rec = client.runs.get(run_id).to_json()
-        events = list(client.runs.events(run_id, follow=False))
-    path = plot_run(rec, events, out or Path(f"run-{run_id}.png"))
+        records = [client.runs.get(run_id).to_json() for run_id in run_ids]
+        events = list(client.runs.events(run_ids[0], follow=False)) if len(run_ids) == 1 else []
+    if len(run_ids) == 1:
+        path = plot_run(records[0], events, out or Path(f"run-{run_ids[0]}.png"))
+    else:
+        path = plot_compare(records, out or Path("compare-" + "-".join(r[:8] for r in run_ids) + ".png"))
     console.print(f"wrote {path}")
 
 

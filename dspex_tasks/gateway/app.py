@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from ..client import Client
 from ..settings import Settings, load_settings
+from .metrics import MetricsMiddleware
 from .middleware import GatewayMiddleware
 from .problems import install_handlers
 from .routers import jobs, meta, optimizations, programs, signatures
@@ -76,5 +77,6 @@ def create_gateway(settings: Settings | None = None, client: Client | None = Non
         app.include_router(router)
     gw.route_rights = check_routes(app)
     app.add_middleware(GatewayMiddleware, gateway=gw)
+    app.add_middleware(MetricsMiddleware)  # added last: outermost, so refused requests are counted too
     app.openapi = lambda: gw.openapi(app)  # type: ignore[method-assign]
     return app

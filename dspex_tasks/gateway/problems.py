@@ -38,6 +38,7 @@ _STATUS: list[tuple[type[errors.DspexError], int]] = [
     (errors.UnknownSignature, 404),
     (errors.NotFound, 404),
     (errors.Cancelled, 409),
+    (errors.BudgetExceeded, 409),
     (errors.LMParseError, 502),
     (errors.LMError, 502),
     (errors.TaskTimeout, 504),

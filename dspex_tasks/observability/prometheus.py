@@ -7,7 +7,8 @@ process by :func:`install`) see every task's name, kwargs, final state and retur
 the same executions twice.
 
 Exposure: with ``DSPEX_METRICS_PORT`` set, each worker process serves ``/metrics`` (started from
-``worker_init``). ``DSPEX_METRICS_PORT=0`` takes a free port; a port in use moves on to the next free
+``worker_init``) on ``DSPEX_METRICS_HOST`` (default ``127.0.0.1``; ``0.0.0.0`` where Prometheus scrapes from
+another host or pod, as deploy/ sets it). ``DSPEX_METRICS_PORT=0`` takes a free port; a port in use moves on to the next free
 one (up to +63), so ``dspex worker --processes 4`` with ``DSPEX_METRICS_PORT=9100`` serves 9100-9103.
 Each process records its bound port in its Redis stats hash (``dspex status`` lists the endpoints).
 
@@ -31,13 +32,22 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from ..lm.usage import price
 from ..wire import MAP_TASK, program_of
 
 __all__ = [
-    "DURATION_BUCKETS", "REGISTRY", "estimate_cost", "install", "multiprocess_mode", "on_task_postrun",
+    "DURATION_BUCKETS", "REGISTRY", "add_runtime_collectors", "estimate_cost", "install", "multiprocess_mode",
+    "on_task_postrun", "prime_series",
     "on_task_prerun", "record_promotion", "record_result", "record_run", "record_task", "reset_snapshot",
     "served_port", "signature_of", "snapshot", "snapshot_json", "start_server", "stop_server", "sync_cache",
 ]
@@ -50,15 +60,27 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _OUTCOMES = {"SUCCESS": "success", "FAILURE": "failure", "RETRY": "retry"}
 PORT_SCAN = 64
 
-#: This process's registry (served as is unless in multiprocess mode).
+#: This process's registry (served as is unless in multiprocess mode), with the standard ``process_*``,
+#: ``python_gc_*`` and ``python_info`` series beside dspex's own.
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+def add_runtime_collectors(registry: CollectorRegistry) -> CollectorRegistry:
+    """Register prometheus_client's process, platform and GC collectors on ``registry`` (returned)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+add_runtime_collectors(REGISTRY)
 
 TASKS = Counter("dspex_tasks", "Predictions by signature and outcome (dspex.map counts each item).",
                 ["signature", "outcome"], registry=REGISTRY)
 TASK_DURATION = Histogram("dspex_task_duration_seconds", "Prediction duration by signature.", ["signature"],
                           buckets=DURATION_BUCKETS, registry=REGISTRY)
-LM_CALLS = Counter("dspex_lm_calls", "Predictions that returned from the LM, by model.", ["model"],
-                   registry=REGISTRY)
+LM_CALLS = Counter("dspex_lm_calls", "Predictions that returned from the LM, and optimization runs' LM calls, "
+                   "by model.", ["model"], registry=REGISTRY)
 LM_TOKENS = Counter("dspex_lm_tokens", "LM tokens by model and kind (prompt, completion).", ["model", "kind"],
                     registry=REGISTRY)
 LM_COST = Counter("dspex_lm_cost_usd", "Estimated LM cost in USD (LiteLLM's price table; 0 for unknown models).",
@@ -71,6 +93,30 @@ OPTIMIZATION_RUNS = Counter("dspex_optimization_runs", "Finished optimization ru
                             ["optimizer", "outcome"], registry=REGISTRY)
 PROMOTIONS = Counter("dspex_promotions", "Candidate programs promoted by an optimization run.", ["signature"],
                      registry=REGISTRY)
+IN_FLIGHT = Gauge("dspex_tasks_in_flight", "Prediction tasks executing now, by signature (a dspex.map message "
+                  "counts once).", ["signature"], multiprocess_mode="livesum", registry=REGISTRY)
+
+_TASK_OUTCOMES = ("success", "failure", "retry")
+_RUN_OUTCOMES = ("succeeded", "failed", "cancelled")
+
+
+def prime_series(signatures: list[str], models: list[str], optimizers: list[str]) -> None:
+    """Create every series a dashboard expects at zero (failures, retries, in flight, each model's calls), so
+    ``rate()`` and alerts see them before the first event rather than appearing when it happens."""
+    for sig in signatures:
+        for outcome in _TASK_OUTCOMES:
+            TASKS.labels(sig, outcome)
+        TASK_DURATION.labels(sig)
+        IN_FLIGHT.labels(sig)
+        PROMOTIONS.labels(sig)
+    for model in models:
+        LM_CALLS.labels(model)
+        LM_COST.labels(model)
+        for kind in ("prompt", "completion"):
+            LM_TOKENS.labels(model, kind)
+    for optimizer in optimizers:
+        for outcome in _RUN_OUTCOMES:
+            OPTIMIZATION_RUNS.labels(optimizer, outcome)
 
 
 # -- the plain mirror written to Redis -----------------------------------------------------------------------
@@ -121,13 +167,16 @@ def record_task(signature: str, outcome: str, duration_s: float | None = None) -
     _bump(("tasks", signature, outcome))
 
 
-def record_lm(model: str, usage: Mapping[str, Any] | None) -> None:
-    """One prediction's LM use: a call, its tokens and their estimated cost."""
+def record_lm(model: str, usage: Mapping[str, Any] | None, calls: int = 1) -> None:
+    """LM use: one prediction's (a call, its tokens and their estimated cost), or, with ``calls``, what an
+    optimization stage or evaluation chunk spent in that many calls."""
     usage = usage or {}
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
     cost = estimate_cost(model, prompt, completion)
-    LM_CALLS.labels(model).inc()
+    if calls <= 0 and not (prompt or completion):
+        return
+    LM_CALLS.labels(model).inc(max(calls, 0))
     if prompt:
         LM_TOKENS.labels(model, "prompt").inc(prompt)
     if completion:
@@ -136,7 +185,7 @@ def record_lm(model: str, usage: Mapping[str, Any] | None) -> None:
     with _lock:
         entry = _snap["lm"].setdefault(model, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
                                                "cost_usd": 0.0})
-        entry["calls"] += 1
+        entry["calls"] += max(calls, 0)
         entry["prompt_tokens"] += prompt
         entry["completion_tokens"] += completion
         entry["cost_usd"] += cost
@@ -193,7 +242,7 @@ def estimate_cost(model: str, prompt_tokens: int, completion_tokens: int) -> flo
 
 
 # -- Celery signals --------------------------------------------------------------------------------------
-_started: dict[str, float] = {}
+_started: dict[str, tuple[float, str]] = {}
 
 
 def signature_of(task_name: str, kwargs: Mapping[str, Any] | None = None) -> str | None:
@@ -204,16 +253,30 @@ def signature_of(task_name: str, kwargs: Mapping[str, Any] | None = None) -> str
     return program_of(task_name)
 
 
-def on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    if task_id and signature_of(str(getattr(task, "name", "") or "")) is not None:
-        _started[task_id] = time.perf_counter()
+def on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, kwargs: Any = None,
+                   **_: Any) -> None:
+    if not task_id:
+        return
+    sig = signature_of(str(getattr(task, "name", "") or ""), kwargs if isinstance(kwargs, Mapping) else None)
+    if sig is None:
+        return
+    known = getattr(getattr(task, "app", None), "dspex_signatures", None)
+    if known is not None and known.find(sig) is None:  # bound the label values to served signatures
+        sig = "unknown"
+    _started[task_id] = (time.perf_counter(), sig)
+    with contextlib.suppress(Exception):
+        IN_FLIGHT.labels(sig).inc()
 
 
 def on_task_postrun(sender: Any = None, task_id: str | None = None, task: Any = None, kwargs: Any = None,
                     retval: Any = None, state: str | None = None, **_: Any) -> None:
     """Count one execution of a prediction task (each item of a ``dspex.map``); never raises."""
     try:
-        t0 = _started.pop(task_id, None) if task_id else None
+        started = _started.pop(task_id, None) if task_id else None
+        t0 = None
+        if started is not None:
+            t0 = started[0]
+            IN_FLIGHT.labels(started[1]).dec()
         name = str(getattr(task, "name", "") or "")
         kw = kwargs if isinstance(kwargs, Mapping) else {}
         sig = signature_of(name, kw)
@@ -259,6 +322,7 @@ _server_port: int | None = None
 _server_pid: int | None = None
 _server_lock = threading.Lock()
 _pending_child_port: int | None = None
+_pending_child_addr = "127.0.0.1"
 
 
 def multiprocess_mode() -> bool:
@@ -281,7 +345,7 @@ def served_port() -> int | None:
     return None
 
 
-def start_server(port: int, *, addr: str = "0.0.0.0", scan: int = PORT_SCAN) -> int:
+def start_server(port: int, *, addr: str = "127.0.0.1", scan: int = PORT_SCAN) -> int:
     """Serve ``/metrics`` from this process on ``port`` (0: any free port; in use: the next free one).
 
     Returns the bound port; a second call in the same process returns the first one's.
@@ -296,7 +360,7 @@ def start_server(port: int, *, addr: str = "0.0.0.0", scan: int = PORT_SCAN) -> 
         if multiprocess_mode():
             from prometheus_client import multiprocess
 
-            registry = CollectorRegistry()
+            registry = add_runtime_collectors(CollectorRegistry())  # this (main) process's own process_* series
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         candidates = [0] if port == 0 else list(range(port, min(port + max(1, scan), 65536)))
         last: OSError | None = None
@@ -323,15 +387,16 @@ def stop_server() -> None:
         _server = _server_port = _server_pid = None
 
 
-def _serve(port: int, where: str) -> None:
+def _serve(port: int, where: str, addr: str) -> None:
     try:
-        bound = start_server(port)
+        bound = start_server(port, addr=addr)
     except OSError as exc:
         log.warning("metrics: could not serve /metrics (%s); continuing without", exc)
         return
     global _serving_note
     mode = " (multiprocess: the pool's children summed)" if multiprocess_mode() else ""
-    _serving_note = f"metrics: {where} serves http://0.0.0.0:{bound}/metrics{mode}"
+    host = f"[{addr}]" if ":" in addr else addr
+    _serving_note = f"metrics: {where} serves http://{host}:{bound}/metrics{mode}"
     log.info("%s", _serving_note)
 
 
@@ -346,25 +411,26 @@ def on_worker_ready(**_: Any) -> None:
 
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     """The worker's main process: serve /metrics, unless prefork children must serve their own."""
-    global _pending_child_port
+    global _pending_child_port, _pending_child_addr
     app = getattr(sender, "app", None)
     settings = getattr(app, "dspex_settings", None)
     port = getattr(settings, "metrics_port", None)
     if port is None:
         return
+    addr = str(getattr(settings, "metrics_host", None) or "127.0.0.1")
     pool = str(getattr(sender, "pool_cls", None) or getattr(getattr(app, "conf", None), "worker_pool", ""))
     if "prefork" in pool.lower() and not multiprocess_mode():
         log.warning("metrics: prefork pool without PROMETHEUS_MULTIPROC_DIR: each pool process serves its own "
                     "port from %d; set PROMETHEUS_MULTIPROC_DIR for one endpoint per worker", port)
-        _pending_child_port = int(port)
+        _pending_child_port, _pending_child_addr = int(port), addr
         return
-    _serve(int(port), f"worker pid {os.getpid()}")
+    _serve(int(port), f"worker pid {os.getpid()}", addr)
 
 
 def on_worker_process_init(**_: Any) -> None:
     """A prefork pool child: serve its own port when there is no multiprocess directory."""
     if _pending_child_port is not None:
-        _serve(_pending_child_port, f"pool process {os.getpid()}")
+        _serve(_pending_child_port, f"pool process {os.getpid()}", _pending_child_addr)
 
 
 def on_worker_process_shutdown(pid: int | None = None, **_: Any) -> None:

@@ -1,4 +1,4 @@
-"""Charts of optimization runs: the score per trial and the score over time, as a PNG.
+"""Charts of optimization runs: the score per trial and the score over time, and runs side by side, as PNGs.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no global
 state), so it is safe in threads and on headless hosts. Imported only by the
@@ -14,7 +14,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_run"]
+from .compare import run_scores
+
+__all__ = ["plot_run", "plot_compare"]
 
 _BASELINE_COLOR = "tab:gray"
 _CANDIDATE_COLOR = "tab:green"
@@ -139,6 +141,48 @@ def plot_run(record: dict[str, Any], events: list[dict[str, Any]], out: Path) ->
         bottom = fig.subplots(1, 1)
     _plot_timeline(bottom, events, baseline, candidate)
     fig.suptitle(_title(record), fontsize=11)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def plot_compare(records: list[dict[str, Any]], out: Path) -> Path:
+    """Write a PNG of runs side by side and return its path: baseline and candidate bars per run.
+
+    The candidate's bar carries the gain's interval (``summary["gain_ci"]``, placed on the baseline) as an
+    error bar, and is labelled with the gain; a run not finished yet shows the scores it has.
+
+    Args:
+        records: run records (``RunRecord.to_json``), in the order to draw them.
+        out: where to write the PNG (parent directories are created).
+    """
+    rows = [run_scores(r) for r in records]
+    fig = Figure(figsize=(max(6.0, 1.8 * len(rows) + 2), 5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 1)
+    width = 0.38
+    for i, row in enumerate(rows):
+        base, cand, ci = row["baseline"], row["candidate"], row["gain_ci"]
+        if base is not None:
+            ax.bar(i - width / 2, base, width, color=_BASELINE_COLOR, label="baseline" if i == 0 else None)
+        if cand is None:
+            continue
+        err = None
+        if ci is not None and base is not None:  # the interval of the gain, drawn around the candidate's score
+            err = [[max(0.0, cand - (base + ci[0]))], [max(0.0, base + ci[1] - cand)]]
+        ax.bar(i + width / 2, cand, width, color=_CANDIDATE_COLOR if row["promoted"] else "tab:olive",
+               yerr=err, capsize=6, label="candidate" if i == 0 else None)
+        if row["gain"] is not None:
+            note = f"{row['gain']:+.3f}" + (f"\n[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+            ax.annotate(note, (i + width / 2, cand), textcoords="offset points", xytext=(0, 10), ha="center",
+                        fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{str(r['run_id'])[:8]}\n{r['optimizer']}" for r in rows], fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("score")
+    ax.set_title(f"{len(rows)} runs: baseline vs candidate (gain and its interval)", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")

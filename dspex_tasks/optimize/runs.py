@@ -79,6 +79,9 @@ class RunRecord:
     scheduled: bool = False
     schedule: str = ""
     lm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
     best_score: float | None = None
     baseline_score: float | None = None
     candidate_score: float | None = None
@@ -158,6 +161,16 @@ class RunStore:
     def add_lm_calls(self, run_id: str, n: int) -> int:
         # a JSON number is also a valid integer for HINCRBY
         return int(self.redis.hincrby(keys.run(self.ns, run_id), "lm_calls", n)) if n else 0
+
+    def add_usage(self, run_id: str, usage: dict[str, Any]) -> None:
+        """Add what an evaluation chunk or a compile spent (a ledger total: tokens and cost) to the record."""
+        key, pipe = keys.run(self.ns, run_id), self.redis.pipeline()
+        for name in ("prompt_tokens", "completion_tokens"):
+            if usage.get(name):
+                pipe.hincrby(key, name, int(usage[name]))
+        if usage.get("cost_usd"):
+            pipe.hincrbyfloat(key, "cost_usd", float(usage["cost_usd"]))
+        pipe.execute()
 
     def ids(self, session: str | None = None, limit: int = 50) -> list[str]:
         """Newest first; ids whose record expired are dropped from the index on the way."""
@@ -297,6 +310,22 @@ class OptimizationRun:
             errors.NotFound: the compile stage has not finished (or the run failed before it).
         """
         return self._store.candidate(self.id)
+
+    def changes(self, *, default_instructions: str | None = None) -> list[dict[str, Any]]:
+        """Per predictor, what the run changed: ``{"predictor", "demos": [before, after], "instructions":
+        [before, after], "instructions_changed"}``, from the state it started from to its candidate.
+
+        Instructions are None where a state leaves them at the signature's default, unless
+        ``default_instructions`` (the published signature's) says what that is.
+
+        Raises:
+            errors.NotFound: the compile stage has not finished (or the run failed before it).
+        """
+        from .compare import predictor_changes
+
+        candidate = self._store.candidate(self.id)
+        baseline = (self._store.checkpoint(self.id, "baseline_state") or {}).get("state")
+        return [c.to_json() for c in predictor_changes(baseline, candidate, default_instructions=default_instructions)]
 
     def cancel(self) -> None:
         """Stop at the next stage boundary; the session's program stays untouched."""

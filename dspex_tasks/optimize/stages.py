@@ -25,12 +25,13 @@ from typing import Any
 from celery import chord
 
 from .. import wire
-from ..errors import DspexError, LMAuthError, ProgramNotFound, ValidationError
-from ..observability.prometheus import record_run
+from ..errors import BudgetExceeded, DspexError, LMAuthError, ProgramNotFound, ValidationError
+from ..observability.prometheus import record_lm, record_run
 from ..observability.redact import redact_error
 from ..programs.state import dump_program, load_program
 from .datasets import DatasetStore, split, validate_rows
-from .metrics import get_metric
+from .gate import decide
+from .metrics import get_metric, metric_score
 from .optimizers import get_optimizer, parse_common
 from .runs import RunRecord, RunStatus, RunStore, Stage
 
@@ -157,6 +158,30 @@ class Stages:
             return True
         return rec.status.terminal
 
+    def _spent(self, run_id: str, sig: Any, calls: int, usage: dict[str, Any]) -> None:
+        """Count what a chunk or compile spent: on the run's record and in the worker's LM metrics (the usage
+        ledger has it already, billed to the session's program)."""
+        from ..lm.factory import lm_name
+
+        self.runs.add_lm_calls(run_id, calls)
+        self.runs.add_usage(run_id, usage)
+        record_lm(lm_name(self.runtime.lm_for(sig)), usage, calls=calls)
+
+    def _check_budget(self, run_id: str, rec: RunRecord, stage: str | None = None) -> None:
+        """Raise :class:`BudgetExceeded` when the run has spent its ``max_cost_usd`` or ``max_lm_calls``.
+
+        Checked where work starts (each stage, each evaluation chunk): a run stops at the next boundary after
+        its budget is spent, so it may overshoot by what one stage or chunk spends, never more.
+        """
+        common = parse_common(rec.params)
+        where = f" before the {stage} stage" if stage else " before an evaluation chunk"
+        if common.max_lm_calls is not None and rec.lm_calls >= common.max_lm_calls:
+            raise BudgetExceeded(f"budget spent{where}: {rec.lm_calls} LM calls >= max_lm_calls "
+                                 f"{common.max_lm_calls}; nothing promoted")
+        if common.max_cost_usd is not None and rec.cost_usd >= common.max_cost_usd:
+            raise BudgetExceeded(f"budget spent{where}: ${rec.cost_usd:.6f} >= max_cost_usd "
+                                 f"${common.max_cost_usd:g}; nothing promoted")
+
     def _sig(self, rec: RunRecord) -> Any:
         return self.app.dspex_signatures.get(rec.signature)
 
@@ -179,6 +204,7 @@ class Stages:
                 self.runs.update(run_id, status=RunStatus.RUNNING, started_at=time.time())
             self.runs.update(run_id, stage=step)
             try:
+                self._check_budget(run_id, self.runs.get(run_id), step)
                 advance = run(task, run_id, rec)
             except Exception as exc:
                 self.fail(run_id, exc)
@@ -261,38 +287,46 @@ class Stages:
         rows = self.runs.checkpoint(run_id, "data")["val"]
         chunk = rows[index * common.eval_chunk_size:(index + 1) * common.eval_chunk_size]
         state = (self.runs.checkpoint(run_id, EVALS[Stage(which)]) or {}).get("state")
-        scores, calls, refused = self._evaluate(sig, rec.session or None, state, chunk, get_metric(rec.metric),
-                                                common.num_threads)
-        self.runs.add_lm_calls(run_id, calls)
+        self._check_budget(run_id, rec)
+        scores, calls, refused, spent = self._evaluate(sig, rec.session or None, state, chunk,
+                                                       get_metric(rec.metric), common.num_threads)
+        self._spent(run_id, sig, calls, spent)
         self.runs.save_checkpoint(run_id, name, {"scores": scores, "auth_failed": len(refused),
                                                  "auth_error": refused[0].message if refused else None})
         return {"index": index, "n": len(scores)}
 
     def _evaluate(self, sig: Any, session: str | None, state: Any, rows: list[dict[str, Any]], metric: Any,
-                  threads: int) -> tuple[list[float], int, list[LMAuthError]]:
-        """Scores per row, LM calls made, and the rows' refused-credentials errors (each scored 0 here)."""
+                  threads: int) -> tuple[list[float], int, list[LMAuthError], dict[str, float]]:
+        """Scores per row, LM calls made, the rows' refused-credentials errors (each scored 0 here), and what
+        the rows spent (tokens, cost: the ledger's totals, summed)."""
         import dspy
 
         module = load_program(sig, state)
         refused: list[LMAuthError] = []
+        spent: dict[str, float] = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        lock = threading.Lock()
         progress = _Progress(lambda *a, **k: None, "eval", None)
         runner = self.runtime.runner
 
         def one(row: dict[str, Any]) -> float:
             example = dspy.Example(**row).with_inputs(*sig.input_fields)
             try:  # through the worker's one runner: the LM spend is billed to the session's program
-                pred = runner.run(sig, module, dict(example.inputs()), session, callbacks=[progress.callback],
-                                  count_task=False).prediction
+                done = runner.run(sig, module, dict(example.inputs()), session, callbacks=[progress.callback],
+                                  count_task=False)
+                pred = done.prediction
+                with lock:
+                    for name in spent:
+                        spent[name] += done.usage.get(name) or 0
             except Exception as exc:  # an example the program cannot answer scores 0, as in dspy.Evaluate
                 if isinstance(exc, LMAuthError):
                     refused.append(exc)  # 0 too, unless every row was refused (eval_merge fails the run then)
                 log.info("evaluation example failed: %s", exc)
                 return 0.0
             # A metric that raises is a bug in the metric: it fails the run instead of scoring 0.
-            return float(metric(example, pred))
+            return metric_score(metric(example, pred))
 
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
-            return list(pool.map(one, rows)), progress.calls, refused
+            return list(pool.map(one, rows)), progress.calls, refused, spent
 
     def eval_merge(self, task: Any, run_id: str, which: str, chunks: int) -> dict[str, Any]:
         if self._cancelled(run_id, self.runs.get(run_id)):
@@ -311,7 +345,8 @@ class Stages:
                 raise LMAuthError(f"every LM call of the {which} evaluation ({len(scores)} examples) was refused "
                                   f"by the provider: {first}")
             score = sum(scores) / len(scores) if scores else 0.0
-            self.runs.save_checkpoint(run_id, f"eval:{which}", {"score": score, "n": len(scores)})
+            # per example, in validation-row order: decide pairs baseline and candidate scores by position
+            self.runs.save_checkpoint(run_id, f"eval:{which}", {"score": score, "n": len(scores), "scores": scores})
         result = self.runs.checkpoint(run_id, f"eval:{which}")
         rec = self.runs.get(run_id)
         best = max(s for s in (rec.best_score, result["score"]) if s is not None)
@@ -319,11 +354,14 @@ class Stages:
         self.emit(run_id, which, task, done=result["n"], total=result["n"], score=result["score"],
                   lm_calls=self.runs.get(run_id).lm_calls)
         self.advance(run_id, Stage(which))
-        return {"which": which, **result}
+        return {"which": which, "score": result["score"], "n": result["n"]}  # the chord's result: no score list
 
     def stage_compile(self, task: Any, run_id: str, rec: RunRecord) -> bool:
         if self.runs.checkpoint(run_id, "candidate") is None:
             import dspy
+
+            from .metrics import scoring
+            from .optimizers import CompileContext, accepts_ctx, reflection_lm
 
             sig = self._sig(rec)
             opt = get_optimizer(rec.optimizer)
@@ -334,14 +372,21 @@ class Stages:
             val_ex = [dspy.Example(**r).with_inputs(*sig.input_fields) for r in data["val"]]
             total = opt.estimate(len(to_ex), len(val_ex), params)
             progress = _Progress(lambda stage, **k: self.emit(run_id, stage, task, **k), "compile", total)
-            metric = get_metric(rec.metric)
+            # a metric may return {"score", "feedback"}: only an optimizer that reads feedback gets it whole
+            metric = get_metric(rec.metric) if opt.feedback else scoring(get_metric(rec.metric))
+            extra: dict[str, Any] = {}
+            if accepts_ctx(opt.compile):  # events, checkpoints that outlive this worker, the LM to reflect with
+                extra["ctx"] = CompileContext.for_run(
+                    self.runs, run_id,
+                    emit=lambda **k: self.emit(run_id, Stage.COMPILE, task,
+                                               **{"done": min(progress.calls, total), "total": total, **k}),
+                    lm=lambda model: reflection_lm(self.settings, self.runtime.redis, sig.name, model))
             self.emit(run_id, Stage.COMPILE, task, done=0, total=total, message=f"running {opt.name}")
             runner, session = self.runtime.runner, rec.session or None
             # recorded: the optimizer's own threads report every LM call, billed to the session's program
             with runner.context(sig, session, callbacks=[progress.callback], recorded=True) as spent:
-                compiled, trials = opt.compile(student, to_ex, val_ex, metric, params, common)
-            runner.spend(spent, sig, session)
-            self.runs.add_lm_calls(run_id, progress.calls)
+                compiled, trials = opt.compile(student, to_ex, val_ex, metric, params, common, **extra)
+            self._spent(run_id, sig, progress.calls, runner.spend(spent, sig, session))
             self.runs.save_checkpoint(run_id, "candidate", {"state": dump_program(compiled), "trials": trials})
         cand = self.runs.checkpoint(run_id, "candidate")
         self.runs.update(run_id, trials=cand["trials"])
@@ -351,28 +396,33 @@ class Stages:
 
     def stage_decide(self, task: Any, run_id: str, rec: RunRecord) -> bool:
         common = parse_common(rec.params)
-        base = self.runs.checkpoint(run_id, "eval:baseline")["score"]
-        cand = self.runs.checkpoint(run_id, "eval:candidate")["score"]
-        gain = cand - base
-        promote = bool(rec.session) and gain >= common.min_gain
+        baseline = self.runs.checkpoint(run_id, "eval:baseline")
+        candidate = self.runs.checkpoint(run_id, "eval:candidate")
+        base, cand = baseline["score"], candidate["score"]
+        # Both evaluations scored the same validation rows in the same order, so the scores pair by position
+        # (no "scores" in a merge from before they were kept: the interval is then not known).
+        gate = decide(base, cand, baseline.get("scores"), candidate.get("scores"), min_gain=common.min_gain,
+                      confidence=common.confidence, resamples=common.bootstrap_resamples, seed=common.seed)
+        promote = bool(rec.session) and gate.passed
         version = self.runs.checkpoint(run_id, "baseline_state")["version"]
         if promote:
             state = self.runs.checkpoint(run_id, "candidate")["state"]
             # The run id makes this write idempotent: a redelivered decide adds no second version.
             version = self.runtime.store.put(rec.session, rec.program, state, signature=rec.signature,
                                              token=f"run-{run_id}")
-            reason = f"candidate {cand:.4f} beat baseline {base:.4f} by {gain:.4f} >= min_gain {common.min_gain:g}"
-        elif not rec.session:
+        if rec.session:
+            reason = gate.reason
+        else:
             reason = (f"dry run (no session): candidate {cand:.4f} vs baseline {base:.4f}, not promoted; "
                       "save it with client.programs.put(session, program, run.candidate())")
-        else:
-            reason = f"candidate {cand:.4f} vs baseline {base:.4f}: gain {gain:.4f} < min_gain {common.min_gain:g}"
         rec = self.runs.get(run_id)
         summary = {
             "run_id": run_id, "baseline_score": base, "score": cand, "promoted": promote,
             "program_version": version, "optimizer": rec.optimizer, "lm_calls": rec.lm_calls,
+            "usage": {"lm_calls": rec.lm_calls, "prompt_tokens": rec.prompt_tokens,
+                      "completion_tokens": rec.completion_tokens, "cost_usd": round(rec.cost_usd, 8)},
             "reason": reason, "trials": rec.trials or [], "dry_run": not rec.session,
-            "duration_s": round(time.time() - float(rec.started_at or rec.created_at), 3),
+            "duration_s": round(time.time() - float(rec.started_at or rec.created_at), 3), **gate.summary(),
         }
         self.runs.update(run_id, status=RunStatus.SUCCEEDED, stage=Stage.DONE, finished_at=time.time(),
                          summary=summary)
@@ -387,7 +437,7 @@ def register_optimize_tasks(app: Any) -> None:
     stages = Stages(app)
     q = app.dspex_settings.optimize_queue
     common = {"bind": True, "shared": False, "typing": False, "acks_late": True, "reject_on_worker_lost": True,
-              "queue": q, "throws": (ValidationError,)}
+              "queue": q, "throws": (ValidationError, BudgetExceeded)}
 
     @app.task(name=wire.STAGE_TASK, **common)  # type: ignore[untyped-decorator]
     def stage(self: Any, run_id: str, stage: str) -> dict[str, Any]:

@@ -6,11 +6,13 @@ Kept out of :mod:`dspex_tasks.dsl` so that defining signatures (and the client) 
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import dspy
 
 from ..errors import ConfigurationError
+from .source import FACTORY_ATTR
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dsl.signature import Signature
@@ -31,6 +33,11 @@ def build_module(sig: Signature) -> dspy.Module:
                                      "not a dspy.Module")
         if sig.predictors is None:
             sig.predictors = tuple(name for name, _ in module.named_predictors())
+        if not isinstance(sig.factory, type):
+            # A factory function's module may be a bare dspy.Predict or ReAct, whose class says nothing of the
+            # program: keep the factory, so MIPROv2's proposer can read its source (programs.source).
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(module, FACTORY_ATTR, sig.factory)
         return module
     dsig = sig.to_dspy()
     if sig.module == "chain_of_thought":

@@ -9,6 +9,11 @@ inputs, so the same prompt always gets the same answer, in any process.
 short plan instead of random values: one or two calls of tools listed in the prompt's
 instructions, with arguments that fit each tool's argument schema, then ``finish``
 (see :func:`react_step`).
+
+GEPA's reflection prompts (a new instruction asked for, given the current one and examples with
+feedback) get a deterministic new instruction: the current one plus the feedback's distinct lessons
+(see :func:`reflect_instruction`); the ``learns_from_instructions`` scenario then follows a rule once
+a predictor's instructions state it (:data:`RULE_TEXT`).
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..dsl.signature import Signature, SignatureRegistry
 
 __all__ = [
-    "Prompt", "Scripted", "answer", "answer_for_schema", "count_tokens", "follow_demos", "message_text",
-    "mock_text", "parse_prompt", "prompt_tokens", "react_step", "react_tools", "value_for",
+    "RULE_TEXT", "Prompt", "Scripted", "answer", "answer_for_schema", "count_tokens", "follow_demos",
+    "learns_from_instructions", "message_text", "mock_text", "parse_prompt", "prompt_tokens", "react_step",
+    "react_tools", "reflect_instruction", "reflect_step", "value_for",
 ]
 
 JsonSchema = dict[str, Any]
 ScriptFn = Callable[..., Mapping[str, Any]]
-#: ``{signature name or "*": outputs dict | callable(inputs[, demos]) -> outputs dict}``
+#: ``{signature name or "*": outputs dict | callable(inputs[, demos[, instructions]]) -> outputs dict}``
 Scripted = Mapping[str, Mapping[str, Any] | ScriptFn]
 
 CHAT, JSON, PLAIN = "chat", "json", "plain"
@@ -393,13 +399,16 @@ def match_signature(
     return best[1] if best else None
 
 
-def _call_script(fn: ScriptFn, inputs: dict[str, Any], demos: list[dict[str, Any]]) -> Mapping[str, Any]:
+def _call_script(fn: ScriptFn, inputs: dict[str, Any], demos: list[dict[str, Any]],
+                 instructions: str = "") -> Mapping[str, Any]:
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return fn(dict(inputs))
     positional = [q for q in params if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 2 or any(q.kind == q.VAR_POSITIONAL for q in params):
+    if len(positional) >= 3 or any(q.kind == q.VAR_POSITIONAL for q in params):
+        return fn(dict(inputs), [dict(d) for d in demos], instructions)
+    if len(positional) == 2:
         return fn(dict(inputs), [dict(d) for d in demos])
     return fn(dict(inputs))
 
@@ -427,11 +436,85 @@ def rule_answer(inputs: Mapping[str, Any]) -> str:
     return str(first).upper()[::-1]
 
 
+#: :func:`rule_answer` in words. A predictor whose instructions contain it (spacing aside) follows the rule
+#: in the ``learns_from_instructions`` scenario: a metric whose feedback states it lets GEPA win.
+RULE_TEXT = "Answer with the first input's text in upper case, reversed."
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def learns_from_instructions(inputs: Mapping[str, Any], demos: Sequence[Mapping[str, Any]],
+                             instructions: str) -> dict[str, Any]:
+    """A scripted behaviour where instructions help: once the prompt's instructions state :data:`RULE_TEXT`,
+    every text output follows :func:`rule_answer`; otherwise the usual hash-derived values stand."""
+    if not inputs or _squash(RULE_TEXT) not in _squash(instructions):
+        return {}
+    return {"*text*": rule_answer(inputs)}
+
+
+def learns(inputs: Mapping[str, Any], demos: Sequence[Mapping[str, Any]], instructions: str) -> dict[str, Any]:
+    """``learns_from_demos`` and ``learns_from_instructions`` together: demos or stated rules both help."""
+    return learns_from_demos(inputs, demos) or learns_from_instructions(inputs, demos, instructions)
+
+
 # Named behaviours the HTTP server can switch to (scripted callables cannot travel over HTTP).
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "learns_from_demos": learns_from_demos,
+    "learns_from_instructions": learns_from_instructions,
+    "learns": learns,
     "follow_demos": follow_demos,
 }
+
+
+# -- GEPA reflection -------------------------------------------------------------------------------
+#: dspy's proposer (``dspy.teleprompt.gepa.instruction_proposal.ProposeInstruction``): its fields.
+_REFLECT_INPUTS = ("current_instruction", "examples_with_feedback")
+_REFLECT_OUTPUT = "new_instruction"
+#: gepa's own plain-text template (``InstructionProposalSignature``): the answer goes in a ``` block.
+_PLAIN_REFLECT_HEAD = "I provided an assistant with the following instructions to perform a task for me:\n```\n"
+_PLAIN_REFLECT_TAIL = "Provide the new instructions within ``` blocks."
+_FEEDBACK_HEADING = re.compile(r"^#+ Feedback\s*\n(.*?)(?=^#+ |\Z)", re.MULTILINE | re.DOTALL)
+_MAX_LESSONS, _MAX_LESSON_CHARS = 3, 300
+
+
+def _feedback_texts(examples: Any) -> list[str]:
+    """The ``Feedback`` of each reflective example: JSON records (dspy) or markdown sections (gepa)."""
+    if isinstance(examples, list):
+        return [str(e["Feedback"]) for e in examples if isinstance(e, Mapping) and e.get("Feedback")]
+    return [m.group(1) for m in _FEEDBACK_HEADING.finditer(str(examples))]
+
+
+def reflect_instruction(current: str, feedback: Sequence[str]) -> str:
+    """A reflection LM's new instruction: ``current`` plus, as a list, the distinct feedback texts it does not
+    already hold (at most three, each cut to 300 characters). Deterministic; no new lesson gives ``current``."""
+    base = current.strip()
+    lessons: list[str] = []
+    for text in feedback:
+        lesson = _squash(str(text))[:_MAX_LESSON_CHARS]
+        if lesson and lesson not in lessons and lesson not in _squash(base):
+            lessons.append(lesson)
+    if not lessons:
+        return base
+    return base + "\n\n" + "\n".join(f"- {lesson}" for lesson in lessons[:_MAX_LESSONS])
+
+
+def reflect_step(p: Prompt) -> dict[str, str] | None:
+    """``new_instruction`` for dspy's GEPA reflection prompt (None for any other prompt)."""
+    if _REFLECT_OUTPUT not in p.output_fields or not all(k in p.inputs for k in _REFLECT_INPUTS):
+        return None
+    current, examples = (p.inputs[k] for k in _REFLECT_INPUTS)
+    return {_REFLECT_OUTPUT: reflect_instruction(str(current), _feedback_texts(examples))}
+
+
+def _plain_reflection(text: str) -> str | None:
+    """The reply to gepa's plain reflection template: the new instruction in a ``` block."""
+    if not text.startswith(_PLAIN_REFLECT_HEAD) or _PLAIN_REFLECT_TAIL not in text:
+        return None
+    current, _, rest = text[len(_PLAIN_REFLECT_HEAD):].partition("\n```")
+    side = rest.split("```", 2)[1] if rest.count("```") >= 2 else rest
+    return f"```\n{reflect_instruction(current, _feedback_texts(side))}\n```"
 
 
 # -- dspy.ReAct ------------------------------------------------------------------------------------
@@ -518,9 +601,10 @@ def generate(
         for name in p.output_fields
     }
     out.update(react_step(p, seed) or {})
+    out.update(reflect_step(p) or {})
     script = scripted.get(sig.name if sig and sig.name in scripted else "*") if scripted else None
     if script is not None:
-        given = _call_script(script, p.inputs, p.demos) if callable(script) else script
+        given = _call_script(script, p.inputs, p.demos, p.instructions) if callable(script) else script
         if not isinstance(given, Mapping):
             raise TypeError(f"scripted answer must be a dict of outputs, got {type(given).__name__}")
         if "*text*" in given:  # fill every text output
@@ -564,12 +648,13 @@ def answer(
         registry: Where to look up the prompt's signature (default: the process-wide registry).
 
     Returns:
-        ChatAdapter ``[[ ## field ## ]]`` blocks, a JSON object for JSONAdapter prompts, or plain text.
+        ChatAdapter ``[[ ## field ## ]]`` blocks, a JSON object for JSONAdapter prompts, or plain text (for
+        gepa's plain reflection template, the new instruction in a ``` block).
     """
     p = parse_prompt(messages)
     if not p.output_fields:
         key = p.inputs_text or (message_text(messages[-1]) if messages else "")
-        return mock_text(f"{seed}|text|{key}")
+        return _plain_reflection(key) or mock_text(f"{seed}|text|{key}")
     outputs, schemas = generate(p, seed=seed, scripted=scripted, registry=registry)
     return format_answer(p, outputs, schemas)
 
@@ -583,6 +668,7 @@ def answer_for_schema(messages: Sequence[Mapping[str, Any]], schema: Mapping[str
         return json.dumps(_from_schema(schema, f"{seed}|$|{key_text}", schema, 0), ensure_ascii=False)
     out = {k: _from_schema(v, f"{seed}|{k}|{key_text}", schema, 0) for k, v in props.items()}
     out.update({k: v for k, v in (react_step(p, seed) or {}).items() if k in out})
+    out.update({k: v for k, v in (reflect_step(p) or {}).items() if k in out})
     return json.dumps(out, ensure_ascii=False)
 
 

@@ -116,6 +116,18 @@ def _where(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+def _prime_metrics(sigs: list[Signature], lms: list[Any]) -> None:
+    """Create the worker's metric series at zero (served signatures, their models, the optimizers)."""
+    from ..lm.factory import lm_name
+    from ..observability.prometheus import prime_series
+    from ..optimize.optimizers import optimizer_names
+
+    try:
+        prime_series([s.name for s in sigs], sorted({lm_name(lm) for lm in lms}), optimizer_names())
+    except Exception as exc:  # metrics never stop a worker from warming
+        log.warning("metrics: could not create the series at zero: %s", exc)
+
+
 def publish_signatures(redis: Any, namespace: str, sigs: list[Signature]) -> None:
     """Publish schemas so clients validate without dspy or the signature code."""
     if not sigs:
@@ -222,6 +234,7 @@ class Runtime:
             self.lm_for(sig)
             self._base[sig.name] = build_module(sig)
             self._base[sig.name]._dspex_signature = sig.name
+        _prime_metrics(list(self.signatures), [self.lm_for(sig) for sig in self.signatures])
         loaded = 0
         if self.settings.prewarm_sessions and self.redis is not None:
             sessions = self.store.sessions()[: self.settings.prewarm_sessions]

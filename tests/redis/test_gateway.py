@@ -174,6 +174,33 @@ def test_auth_is_required_and_keys_are_stored_hashed(gw: Served, key_store: KeyS
         assert c.get("/v1/signatures").status_code == 401
 
 
+def test_metrics_need_a_key_and_count_requests_by_route_template(gw: Served, api_key: str, tmp_path: Any) -> None:
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    with gw.client() as anon:
+        assert anon.get("/metrics").status_code == 401
+        assert anon.get("/v1/jobs/0123456789abcdef0123456789abcdef").status_code == 401  # refused: counted too
+    with gw.client(api_key) as c:
+        c.get("/v1/jobs/0123456789abcdef0123456789abcdef")
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+    # the route template, never the raw path (bounded label values); refused requests are counted
+    assert 'route="/v1/jobs/{job_id}"' in text and "0123456789abcdef" not in text
+    assert 'dspex_gateway_requests_total{method="GET",route="(unmatched)",status="401"}' in text
+    assert "dspex_gateway_requests_in_progress" in text and "process_resident_memory_bytes" in text
+    with gw.client(api_key) as c:
+        assert "/metrics" not in c.get("/openapi.json").json()["paths"]  # not an API operation
+    local = Path(__file__).resolve().parents[2] / ".cache" / "bin" / "promtool"
+    promtool = os.environ.get("DSPEX_TEST_PROMTOOL") or shutil.which("promtool") or (str(local) if local.exists() else None)
+    if promtool:
+        r2 = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+        assert r2.returncode == 0, (r2.stdout + r2.stderr).decode()
+
+
 def test_rate_limit_answers_429_with_retry_after(serve: Callable[..., Served], key_store: KeyStore) -> None:
     gw = serve(gateway_rate_per_min=5)
     limited, _ = key_store.create("limited")

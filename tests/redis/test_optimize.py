@@ -87,8 +87,11 @@ def test_bad_rows_are_reported_by_index_and_field_before_anything_runs(oclient: 
         oclient.optimize("qa", rows, session="s5")
     assert info.value.errors[0]["field"] == "trainset.3.question"
     with pytest.raises(errors.ValidationError) as info:
-        oclient.optimize("qa", [{"question": "no label"}] * 3, session="s5")
-    assert info.value.errors[0]["field"] == "trainset.0" and "no label" in info.value.errors[0]["message"]
+        oclient.optimize("qa", [{"answer": "a label without its input"}] * 3, session="s5")
+    assert info.value.errors[0]["field"] == "trainset.0.question" and "required" in info.value.errors[0]["message"]
+    with pytest.raises(errors.ValidationError) as info:
+        oclient.optimize("qa", [{"question": "q", "answer": "a"}] * 3, valset=[{"question": ["not", "text"]}])
+    assert info.value.errors[0]["field"] == "valset.0.question"
     with pytest.raises(errors.ValidationError, match="unknown metric"):
         oclient.optimize("qa", labelled(4), metric="nope", session="s5")
     with pytest.raises(errors.ValidationError, match="unknown optimizer"):
@@ -135,16 +138,39 @@ def test_custom_optimizer_params_are_checked_from_what_workers_publish(oclient: 
     assert oclient.runs.ids() == []
 
 
-def test_without_published_params_schemas_the_worker_refuses_bad_params(oclient: Any) -> None:
-    # Given workers that publish no params schemas (older ones): the client cannot check params
-    from dspex_tasks import keys
+def test_without_published_params_schemas_params_are_still_checked(oclient: Any, opt_app: Any) -> None:
+    # Given workers that publish no params schemas (older ones), one of them with a user's own optimizer
+    import pydantic
 
+    from dspex_tasks import keys
+    from dspex_tasks.optimize import optimizers
+    from dspex_tasks.worker.runtime import publish_signatures
+
+    class Params(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        rounds: int = pydantic.Field(1, ge=1)
+
+    optimizers.register(optimizers.Optimizer("custom_unpublished", Params, lambda *a: (None, []), lambda *a: 0))
+    publish_signatures(oclient.redis, oclient.settings.namespace, [opt_app.dspex_signatures.get("qa")])
     assert oclient.redis.hdel(keys.capabilities(oclient.settings.namespace), "optimizer_params") == 1
-    run = oclient.optimize("qa", labelled(6), session="s6", params={"max_bootstrapped_demos": "many"})
-    # Then the worker fails the run, naming the field
+    # Then a built-in optimizer's params are checked against its own model before anything is enqueued
     with pytest.raises(errors.ValidationError) as info:
-        run.get(timeout=30)
+        oclient.optimize("qa", labelled(6), session="s6", params={"max_bootstrapped_demos": "many"})
     assert info.value.errors[0]["field"] == "params.max_bootstrapped_demos"
+    with pytest.raises(errors.ValidationError) as info:
+        oclient.optimize("qa", labelled(6), session="s6", optimizer="miprov2", params={"num_trails": 3})
+    assert "did you mean 'num_trials'?" in info.value.errors[0]["message"]
+    assert oclient.runs.ids() == []
+
+    # And a user's optimizer's, which only workers know, are refused by the worker, naming the field
+    try:
+        run = oclient.optimize("qa", labelled(6), session="s6", optimizer="custom_unpublished",
+                               params={"rounds": 0})
+        with pytest.raises(errors.ValidationError) as info:
+            run.get(timeout=30)
+        assert info.value.errors[0]["field"] == "params.rounds"
+    finally:
+        del optimizers._REGISTRY["custom_unpublished"]
     assert oclient.programs.history("s6", "qa") == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -29,10 +30,8 @@ def test_task_sent_events_arrive_in_batches_and_receivers_see_each(settings: Any
 
         def receive() -> None:
             ready.set()
-            try:
+            with contextlib.suppress(Exception):  # stopped by closing its connection
                 recv.capture(limit=None, timeout=None, wakeup=False)
-            except Exception:  # noqa: BLE001 - stopped by closing its connection
-                pass
 
         t = threading.Thread(target=receive, daemon=True)
         t.start()

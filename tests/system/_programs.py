@@ -62,3 +62,22 @@ class People(dspy.Signature):
 @program("sys_people", interface=People)
 def people():
     return dspy.Predict(People)
+
+
+@program("sys_draft", interface="question -> answer")
+class DraftThenAnswer(dspy.Module):
+    """Two predictors: a draft, then an answer that reasons over it (optimization system tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.draft = dspy.Predict("question -> draft")
+        self.answer = dspy.ChainOfThought("question, draft -> answer")  # the optimizer's proposer reads this line
+
+    def forward(self, question):
+        return self.answer(question=question, draft=self.draft(question=question).draft)
+
+
+@program("sys_draft_factory", interface="question -> answer")
+def draft_factory():
+    """A factory returning a bare predictor, in which DSPy's own source lookup finds nothing of the program."""
+    return dspy.Predict(dspy.Signature("question -> answer", "Answer in the house style."))  # from a factory

@@ -130,25 +130,28 @@ def test_no_follow_prints_the_run_id_and_a_failed_run_exits_1(dspex_opt: Dspex, 
     typo = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3", "--param", "max_bootstraped_demos=2")
     assert typo.returncode == 2 and "did you mean 'max_bootstrapped_demos'?" in typo.stderr, typo.stderr
     assert json.loads(dspex_opt("runs", "ls", "--session", "s3", "--json").stdout) == []
-    # workers that publish no params schemas (older ones): the worker refuses them, failing the run
+    # workers that publish no params schemas (older ones): a built-in optimizer's own model still refuses them
     r = redis.Redis.from_url(opt_target.redis_url)
     caps = keys.capabilities(opt_target.namespace)
     saved = r.hget(caps, "optimizer_params")
     r.hdel(caps, "optimizer_params")
     try:
-        started = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3", "--no-follow",
-                            "--params", '{"max_bootstrapped_demos": "many"}')
-        assert started.returncode == 0, started.stderr
-        run_id = started.stdout.strip()
-        assert len(run_id) == 32
-        followed = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3",
-                             "--params", '{"max_bootstrapped_demos": "many"}', "--timeout", "30")
-        assert followed.returncode == 1, followed.stdout + followed.stderr
-        assert "failed" in followed.stderr and "params.max_bootstrapped_demos" in followed.stderr
+        again = dspex_opt("optimize", "qa", "--trainset", train, "--session", "s3", "--no-follow",
+                          "--params", '{"max_bootstrapped_demos": "many"}')
+        assert again.returncode == 2 and "params.max_bootstrapped_demos" in again.stderr, again.stderr
     finally:
         if saved is not None:
             r.hset(caps, "optimizer_params", saved)
         r.close()
+    # a run that fails on the worker (one row cannot be split into train and validation): --no-follow prints
+    # its id and exits 0; following it exits 1 naming the reason
+    one = str(write_jsonl(tmp_path / "one.jsonl", labelled(1)))
+    started = dspex_opt("optimize", "qa", "--trainset", one, "--session", "s3", "--no-follow")
+    assert started.returncode == 0, started.stderr
+    assert len(started.stdout.strip()) == 32
+    followed = dspex_opt("optimize", "qa", "--trainset", one, "--session", "s3", "--timeout", "30")
+    assert followed.returncode == 1, followed.stdout + followed.stderr
+    assert "failed" in followed.stderr and "need at least 2 rows" in followed.stderr
 
 
 def test_dry_run_without_session_prints_its_candidate(dspex_opt: Dspex, tmp_path: Path) -> None:
@@ -230,3 +233,77 @@ def test_beat_starts_a_scheduled_run(dspex_opt: Dspex, opt_target: CliTarget, tm
     assert runs[0]["scheduled"] is True and runs[0]["schedule"] == "beat-qa" and runs[0]["dataset"] == "beat-train"
     assert "Sending due task beat-qa" in log.read_text(errors="replace")
     assert dspex_opt("schedule", "rm", "beat-qa").returncode == 0
+
+
+def run_id_of(res: subprocess.CompletedProcess[str]) -> str:
+    """The run id a followed ``dspex optimize`` announces on stderr."""
+    import re
+
+    found = re.search(r"run ([0-9a-f]{32})", res.stderr)
+    assert found, res.stderr
+    return found.group(1)
+
+
+def test_runs_show_lists_each_predictors_changes(dspex_opt: Dspex, tmp_path: Path) -> None:
+    # Given a run on a session without a program yet: it starts from the program's defaults
+    train = str(write_jsonl(tmp_path / "t.jsonl", labelled(8)))
+    run = dspex_opt("optimize", "qa", "--trainset", train, "--session", "chg", "--timeout", "30",
+                    "--param", "max_bootstrapped_demos=2", "--param", "max_labeled_demos=3")
+    assert run.returncode == 0, run.stdout + run.stderr
+    run_id = run_id_of(run)
+    # When it is shown
+    detail = json.loads(dspex_opt("runs", "show", run_id, "--json").stdout)
+    text = dspex_opt("runs", "show", run_id)
+    # Then its one predictor went from no demos to its candidate's, under the signature's own instructions
+    demos = len(json.loads(dspex_opt("runs", "show", run_id, "--candidate").stdout)["demos"])
+    [change] = detail["changes"]
+    assert demos > 0 and change["predictor"] == "self" and change["demos"] == [0, demos], change
+    # no baseline state: "before" is the published signature's default, which bootstrapping keeps
+    said = change["instructions"]
+    assert said[0] and said[0] == said[1] and change["instructions_changed"] is False, change
+    assert text.returncode == 0, text.stderr
+    assert "changes: baseline → candidate (1 predictor)" in text.stdout and f"0 → {demos}" in text.stdout
+    assert f"unchanged: {said[1][:20]}" in text.stdout
+    assert "95% interval" in text.stdout and "reported" in text.stdout  # the summary's gain row
+
+
+def test_runs_compare_puts_runs_side_by_side(dspex_opt: Dspex, tmp_path: Path) -> None:
+    # Given two runs on one tiny valset where the candidate wins 1 of 3: one requires a 95% interval
+    train = str(write_jsonl(tmp_path / "t.jsonl", labelled(8)))
+    val = str(write_jsonl(tmp_path / "v.jsonl", labelled(1, "val") + [
+        {"question": f"hard {i}", "answer": f"unreachable-{i}"} for i in range(2)]))
+    ids = []
+    for session, extra in (("cmp1", ["--param", "confidence=0.95"]), ("cmp2", [])):
+        run = dspex_opt("optimize", "qa", "--trainset", train, "--valset", val, "--session", session,
+                        "--param", "max_bootstrapped_demos=2", *extra, "--timeout", "30")
+        assert run.returncode == 0, run.stdout + run.stderr
+        ids.append(run_id_of(run))
+    assert "+0.333 (95% interval [+0.000, +1.000] over 3 examples, reported)" in run.stdout, run.stdout
+
+    # When they are compared
+    table = dspex_opt("runs", "compare", *ids)
+    as_json = dspex_opt("runs", "compare", *ids, "--json")
+
+    # Then the table has one column per run with the scores, the gain and its interval, and the outcome
+    assert table.returncode == 0, table.stderr
+    lines = [line.replace("┃", "│").strip().strip("│") for line in table.stdout.splitlines()]
+    cells = [[c.strip() for c in line.split("│")] for line in lines if "│" in line]
+    rows_by_label = {row[0]: row[1:] for row in cells}
+    assert rows_by_label[""] == ids, table.stdout  # the header: one column per run, in the order given
+    assert rows_by_label["optimizer"] == ["bootstrap_few_shot"] * 2 and rows_by_label["metric"] == ["exact_match"] * 2
+    assert rows_by_label["baseline"] == ["0.000"] * 2 and rows_by_label["candidate"] == ["0.333"] * 2
+    assert rows_by_label["gain"] == ["+0.333"] * 2
+    assert rows_by_label["gain interval"] == ["[+0.000, +1.000] at 95%, required", "[+0.000, +1.000] at 95%"]
+    assert rows_by_label["promoted"] == ["no", "yes"] and rows_by_label["validation examples"] == ["3", "3"]
+    assert all(int(n) > 0 for n in rows_by_label["LM calls"]) and all(d.endswith(" s") for d in rows_by_label["duration"])
+    rows = json.loads(as_json.stdout)
+    assert [r["run_id"] for r in rows] == ids and [r["promoted"] for r in rows] == [False, True]
+    assert [r["confidence_required"] for r in rows] == [True, False] and rows[0]["gain_ci"] == [0.0, 1.0]
+
+    # And an unknown run exits 2 naming it
+    unknown = dspex_opt("runs", "compare", ids[0], "0" * 32)
+    assert unknown.returncode == 2 and f"no optimization run '{'0' * 32}'" in unknown.stderr, unknown.stderr
+    # And runs plot draws them side by side
+    plot = dspex_opt("runs", "plot", *ids, "--out", "cmp.png", cwd=tmp_path)
+    assert plot.returncode == 0, plot.stderr
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

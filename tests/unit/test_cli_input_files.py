@@ -35,6 +35,8 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "deep.jsonl").write_text('{"question": "q"}\n{"question": ' + "[" * 10_000 + "]" * 10_000 + "}\n")
     (tmp_path / "binary.jsonl").write_bytes(b'{"question": "q"}\n\xff\xfe\x00\x01\n')
     (tmp_path / "nan.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": Infinity}\n')
+    (tmp_path / "array.json").write_text('[{"question": "q", "answer": "a"}, 3]')
+    (tmp_path / "array_nan.json").write_text('[{"question": "q", "answer": NaN}]')
     return tmp_path
 
 
@@ -44,6 +46,8 @@ def files(tmp_path: Path) -> Path:
     (("map", "qa", "nan.jsonl"), "nan.jsonl:2"),
     (("datasets", "put", "d1", "nan.jsonl"), "Infinity"),
     (("datasets", "put", "d1", "deep.jsonl"), "deep.jsonl:2"),
+    (("datasets", "put", "d1", "array.json"), "array.json[1]: expected a JSON object"),
+    (("datasets", "put", "d1", "array_nan.json"), "NaN"),
     (("programs", "put", "s1", "qa", "deep.json"), "deep.json"),
     (("programs", "put", "s1", "qa", "deep70.json"), "deeper than 64 levels"),
     (("programs", "put", "s1", "qa", "binary.json"), "not UTF-8"),

@@ -4,7 +4,8 @@ The Dockerfile is read with a small parser, docker-compose.yml is validated agai
 Specification's JSON Schema (vendored in tests/data) after Compose-style interpolation, and the
 Kubernetes manifests are cross-checked with each other. Every command line they run is parsed by the
 real ``dspex`` CLI, every ``DSPEX_*`` value goes through ``Settings``, and the worker, health and Flower
-invocations are compared with the ones the system tests run.
+invocations are compared with the ones the system tests run. The KEDA triggers are derived from the real Celery
+transport configuration, and deploy/constraints.txt is checked against pyproject.toml.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -39,6 +41,8 @@ K8S = DEPLOY / "k8s"
 COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 NAMESPACE = "dspex"
 IMAGE_UID = 10001
+# The extras the image installs: Flower, and the HTTP gateway's FastAPI and uvicorn.
+IMAGE_EXTRAS = "flower,gateway"
 
 # Compose refuses to start without these; the tests supply them.
 COMPOSE_ENV = {"REDIS_PASSWORD": "test-password", "FLOWER_BASIC_AUTH": "admin:test-secret"}
@@ -386,6 +390,66 @@ def _expand_k8s_env(container: dict[str, Any], config: Mapping[str, str],
     return env
 
 
+def _pod_env(manifests: list[dict[str, Any]], deployment: str) -> dict[str, str]:
+    """The environment of a Deployment's container, with the ConfigMap and the Secrets' placeholder values."""
+    (config,) = _of_kind(manifests, "ConfigMap").values()
+    secrets = {n: s["stringData"] for n, s in _of_kind(manifests, "Secret").items()}
+    return _expand_k8s_env(_container(_of_kind(manifests, "Deployment")[deployment]), config["data"], secrets)
+
+
+def _pod_settings(manifests: list[dict[str, Any]], deployment: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    env = _pod_env(manifests, deployment)
+    return _settings_from(monkeypatch, {k: v for k, v in env.items() if k.startswith("DSPEX_")})
+
+
+def _selects(selector: dict[str, Any], labels: Mapping[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def monitoring() -> list[dict[str, Any]]:
+    """The optional monitoring Component (deploy/k8s/monitoring): PodMonitors and the gateway key's Secret."""
+    docs: list[dict[str, Any]] = []
+    for path in sorted((K8S / "monitoring").glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return docs
+
+
+def _waiting_lists(settings: Settings, queue: str) -> set[str]:
+    """Every Redis list a message sent to ``queue`` can wait in, from dspex's real broker transport configuration.
+
+    kombu's Redis transport puts a message with a priority in ``<queue><sep><step>`` (the list named after the
+    queue for step 0); the channel class, its separator and priority steps are the ones Celery gets from
+    ``celery_config``. Every priority a message can carry (kombu clamps it to min..max) is tried.
+    """
+    from kombu.transport import resolve_transport
+
+    from dspex_tasks.app import celery_config
+
+    config = celery_config(settings)
+    options = config["broker_transport_options"]
+    transport = resolve_transport(config.get("broker_transport") or settings.broker.partition("://")[0])
+    channel_cls = transport.Channel
+    channel = channel_cls.__new__(channel_cls)  # no connection: only the naming rules are used
+    for name in channel_cls.from_transport_options:
+        if name in options:
+            setattr(channel, name, options[name])
+    prefix = getattr(channel, "global_keyprefix", "") or ""
+    lists = {prefix + channel._q_for_pri(queue, p) for p in range(channel.min_priority, channel.max_priority + 1)}
+    assert queue in lists
+    return lists
+
+
 # == Dockerfile ===================================================================================================
 
 def test_dockerfile_is_multi_stage_on_python_slim(dockerfile: list[Instruction]) -> None:
@@ -395,15 +459,15 @@ def test_dockerfile_is_multi_stage_on_python_slim(dockerfile: list[Instruction])
         assert re.fullmatch(r"python:3\.11-slim AS \w+", f.args), f.args
     # The builder turns the project (and every dependency) into wheels ...
     wheel = [r for r in _only(dockerfile, "RUN", "builder") if "pip wheel" in r.args]
-    assert len(wheel) == 1 and "--no-cache-dir" in wheel[0].args and '".[flower]"' in wheel[0].args
+    assert len(wheel) == 1 and "--no-cache-dir" in wheel[0].args and f'".[{IMAGE_EXTRAS}]"' in wheel[0].args
     # ... and the runtime installs them from the builder with no index and no pip cache
     install = [r for r in _only(dockerfile, "RUN", "runtime") if "pip install" in r.args]
     assert len(install) == 1
     args = install[0].args
     assert "--mount=type=bind,from=builder,source=/wheels" in args
-    for flag in ("--no-cache-dir", "--no-index", "--find-links=/wheels", '"dspex-tasks[flower]"'):
+    for flag in ("--no-cache-dir", "--no-index", "--find-links=/wheels", f'"dspex-tasks[{IMAGE_EXTRAS}]"'):
         assert flag in args, flag
-    assert "import flower, redbeat, workers.app" in args  # a missing extra fails the build
+    assert "import flower, redbeat, fastapi, uvicorn, workers.app" in args  # a missing extra fails the build
 
 
 def test_dockerfile_builds_every_package_pyproject_declares(dockerfile: list[Instruction]) -> None:
@@ -414,6 +478,90 @@ def test_dockerfile_builds_every_package_pyproject_declares(dockerfile: list[Ins
     assert {"pyproject.toml", "README.md"} <= {a for ins in _only(dockerfile, "COPY", "builder")
                                                 for a in ins.args.split()[:-1]}
     assert pyproject["project"]["readme"] == "README.md"
+
+
+def _constraints() -> tuple[dict[str, str], dict[str, str]]:
+    """deploy/constraints.txt as {normalized name: version} and its ``# key value`` header facts."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    facts: dict[str, str] = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line.startswith("# python_version "):
+            facts["python_version"] = line.split()[2].rstrip(",")
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line)
+        assert m, f"constraints.txt: not a name==version pin: {line!r}"
+        name = canonicalize_name(m.group(1))
+        assert name not in pins, f"constraints.txt pins {name} twice"
+        pins[name] = m.group(2)
+    return pins, facts
+
+
+def test_dockerfile_builds_from_a_constraints_file_that_pins_every_runtime_dependency(
+        dockerfile: list[Instruction]) -> None:
+    from importlib import metadata
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    # The builder copies deploy/constraints.txt and pip wheel uses it (-c), so the image gets the tested versions.
+    workdir = _only(dockerfile, "WORKDIR", "builder")[-1].args
+    copied: dict[str, str] = {}  # file -> where it lands, relative to WORKDIR
+    for ins in _only(dockerfile, "COPY", "builder"):
+        *sources, dest = ins.args.split()
+        for src in sources:
+            copied[src] = dest + Path(src).name if dest.endswith("/") else dest
+    assert "deploy/constraints.txt" in copied, "the builder does not copy deploy/constraints.txt"
+    inside = (Path(workdir) / copied["deploy/constraints.txt"]).as_posix().replace("/./", "/")
+    (wheel,) = [r.args for r in _only(dockerfile, "RUN", "builder") if "pip wheel" in r.args]
+    argv = shlex.split(wheel)
+    assert "-c" in argv or "--constraint" in argv, "pip wheel ignores the constraints file"
+    given = _arg(argv, "-c" if "-c" in argv else "--constraint")
+    assert (Path(workdir) / given).as_posix() == inside
+    extras = re.search(r"\.\[([\w,-]+)\]", wheel)
+    assert extras and extras.group(1) == IMAGE_EXTRAS
+
+    pins, facts = _constraints()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert canonicalize_name(pyproject["project"]["name"]) not in pins, "the project itself is built, not pinned"
+    # ... for the image's Python (environment markers were evaluated for it)
+    (base,) = {m.group(1) for f in _only(dockerfile, "FROM") if (m := re.match(r"python:(\d+\.\d+)-", f.args))}
+    assert facts.get("python_version") == base, "constraints.txt was resolved for another Python than the image's"
+    env = {**default_environment(), "python_version": base}
+    # Every runtime dependency of pyproject.toml, and of the extras the image installs, is pinned to a version
+    # its specifier allows.
+    direct = [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    for extra in IMAGE_EXTRAS.split(","):
+        direct += [Requirement(r) for r in pyproject["project"]["optional-dependencies"][extra]]
+    for req in direct:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt does not pin {req.name}: run `make constraints`"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is not {req.specifier}"
+    # ... and so is what they need in turn, as far as this environment's installed metadata tells (packages
+    # installed at the pinned version only: another version may need other things).
+    todo = [(req, frozenset(req.extras)) for req in direct]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        req, req_extras = todo.pop()
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt does not pin {req.name} (needed by the image): run `make constraints`"
+        if (name, req_extras) in seen:
+            continue
+        seen.add((name, req_extras))
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if dist.version != pins[name]:
+            continue
+        for raw in dist.requires or []:
+            sub = Requirement(raw)
+            wanted = [""] + sorted(req_extras)
+            if sub.marker is None or any(sub.marker.evaluate({**env, "extra": e}) for e in wanted):
+                todo.append((sub, frozenset(sub.extras)))
 
 
 def test_dockerfile_copies_only_what_exists_and_the_dockerignore_lets_through(dockerfile: list[Instruction]) -> None:
@@ -474,8 +622,8 @@ def test_dockerfile_entrypoint_is_the_project_cli(dockerfile: list[Instruction])
     assert scripts["dspex"] == "dspex_tasks.cli:main"
     assert _exec_form(cmd) == ["worker"]
     _parse_cli(_exec_form(cmd))
-    # `docker run IMAGE worker|beat|flower` work: each is a command of the CLI
-    for role in ("worker", "beat", "flower"):
+    # `docker run IMAGE worker|beat|flower|gateway` work: each is a command of the CLI
+    for role in ("worker", "beat", "flower", "gateway"):
         _parse_cli([role])
     (stop,) = _only(dockerfile, "STOPSIGNAL", runtime)
     assert stop.args == "SIGTERM"
@@ -497,6 +645,62 @@ def test_dockerfile_healthcheck_checks_each_role(dockerfile: list[Instruction]) 
     assert params["local"] is True and params["timeout"] <= 10
     assert "/healthcheck" in body and '*" flower"*)' in body
     assert re.search(r"\*\) exit 0 ;;", body), "beat has no check of its own"
+
+
+def _run_healthcheck(body: str, argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Run the image's dspex-healthcheck with PID 1 running ``argv``: what it executes (python and dspex stubbed)."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"".join(a.encode() + b"\0" for a in argv))
+    script = tmp_path / "dspex-healthcheck"
+    script.write_text(body.replace("/proc/1/cmdline", str(cmdline)))
+    stubs, out = tmp_path / "bin", tmp_path / "ran"
+    stubs.mkdir(exist_ok=True)
+    out.unlink(missing_ok=True)
+    for tool in ("python", "dspex"):
+        (stubs / tool).write_text(f'#!/bin/sh\nprintf \'%s\\0\' {tool} "$@" > "$HC_OUT"\n')
+        (stubs / tool).chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HC_OUT": str(out)}
+    done = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0, done.stderr
+    return out.read_text().split("\0")[:-1] if out.exists() else []
+
+
+def _url_fetched(ran: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """The URL the healthcheck's ``python -c`` program opens (run in-process with urlopen recorded)."""
+    import urllib.request
+
+    assert ran[:2] == ["python", "-c"], ran
+    opened: list[str] = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: opened.append(url))
+    monkeypatch.setattr(sys, "argv", ["-c", *ran[3:]])
+    exec(compile(ran[2], "<dspex-healthcheck>", "exec"), {})
+    (url,) = opened
+    return url
+
+
+def test_dockerfile_healthcheck_probes_the_gateway_on_its_port(dockerfile: list[Instruction], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                compose: dict[str, Any],
+                                                                manifests: list[dict[str, Any]]) -> None:
+    (script,) = [ins for ins in _only(dockerfile, "COPY", _runtime_stage(dockerfile))
+                 if ins.args.endswith("/usr/local/bin/dspex-healthcheck")]
+    (body,) = script.heredocs
+    pid1 = ["/usr/bin/tini", "--", "dspex"]
+    default_port = _parse_cli(["gateway"])["port"]
+    container = _container(_of_kind(manifests, "Deployment")["dspex-gateway"])
+    for args, port in ((["gateway"], default_port), (["gateway", "-p", "9001"], 9001),
+                       (["gateway", "--port=9002", "--workers", "2"], 9002),
+                       ([str(a) for a in compose["services"]["gateway"]["command"]], 8000),
+                       (container["args"], container["ports"][0]["containerPort"])):
+        assert _parse_cli(args)["port"] == port
+        url = _url_fetched(_run_healthcheck(body, pid1 + args, tmp_path, monkeypatch), monkeypatch)
+        assert url == f"http://127.0.0.1:{port}/healthz", args
+    # the other roles keep their checks
+    flower = _run_healthcheck(body, [*pid1, "flower"], tmp_path, monkeypatch)
+    assert _url_fetched(flower, monkeypatch) == "http://127.0.0.1:5555/healthcheck"
+    worker = _run_healthcheck(body, [*pid1, "worker", "--queues", DEFAULTS.predict_queue], tmp_path, monkeypatch)
+    assert worker[:3] == ["dspex", "health", "--local"]
+    assert _run_healthcheck(body, [*pid1, "beat"], tmp_path, monkeypatch) == []
 
 
 def test_flower_in_the_image_finds_its_config_and_starts_with_auth(dockerfile: list[Instruction], tmp_path: Path,
@@ -616,7 +820,7 @@ def test_compose_redis_is_durable_password_protected_and_never_evicts(compose: d
 def test_compose_dspex_services_share_one_image_and_wait_for_redis(compose: dict[str, Any],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     services = _dspex_services(compose)
-    assert set(services) == {"worker-predict", "worker-optimize", "beat", "flower"}
+    assert set(services) == {"worker-predict", "worker-optimize", "beat", "flower", "gateway"}
     assert len({json.dumps([svc["image"], svc["build"]], sort_keys=True) for svc in services.values()}) == 1
     build = next(iter(services.values()))["build"]
     assert build["context"] == ".." and (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
@@ -667,9 +871,51 @@ def test_compose_flower_requires_basic_auth(compose: dict[str, Any], compose_raw
     assert flower["command"] == ["flower"]
     assert flower["environment"]["FLOWER_BASIC_AUTH"] == COMPOSE_ENV["FLOWER_BASIC_AUTH"]
     assert compose_raw["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
-    assert flower["ports"] == ["5555:5555"]
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]
     volume, _, target = flower["volumes"][0].partition(":")
     assert volume in compose["volumes"] and target == "/var/lib/flower"
+
+
+def _published(port: str | dict[str, Any]) -> tuple[str | None, str, str]:
+    """(host address, host port, container port) of a compose port, short or long syntax."""
+    if isinstance(port, dict):
+        return port.get("host_ip"), str(port.get("published", "")), str(port["target"])
+    parts = str(port).rsplit(":", 2)
+    if len(parts) == 3:
+        return parts[0], parts[1], parts[2]
+    return None, parts[0] if len(parts) == 2 else "", parts[-1]
+
+
+def test_compose_publishes_every_port_on_loopback_only(compose: dict[str, Any]) -> None:
+    published = {name: [_published(p) for p in svc.get("ports", [])] for name, svc in compose["services"].items()}
+    for name, ports in published.items():
+        for host, host_port, _ in ports:
+            # Flower can submit tasks and stop workers (and serves /metrics unauthenticated), Redis is the whole
+            # state, the gateway serves jobs: none of it belongs on every interface of the host.
+            assert host == "127.0.0.1", f"{name} publishes {host_port} on {host or 'every interface'}"
+            assert host_port, f"{name}: a random host port"
+    assert {name for name, ports in published.items() if ports} == {"redis", "flower", "gateway"}
+
+
+def test_compose_gateway_listens_in_the_container_and_publishes_on_loopback(compose: dict[str, Any],
+                                                                           compose_raw: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    command = [str(a) for a in gateway["command"]]
+    params = _parse_cli(command)
+    assert command[0] == "gateway" and params["host"] == "0.0.0.0", "loopback inside a container is unreachable"
+    assert params["no_auth"] is False and "DSPEX_GATEWAY_AUTH" not in gateway["environment"], "API keys stay on"
+    assert [_published(p) for p in gateway["ports"]] == [("127.0.0.1", "8000", str(params["port"]))]
+    assert compose_raw["services"]["gateway"]["ports"] == ["127.0.0.1:${GATEWAY_HOST_PORT:-8000}:8000"]
+
+
+def test_compose_workers_serve_metrics_on_the_compose_network(compose: dict[str, Any],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("worker-predict", "worker-optimize"):
+        svc = compose["services"][name]
+        settings = _settings_from(monkeypatch, {k: v for k, v in _env_dict(svc).items() if k.startswith("DSPEX_")})
+        assert settings.metrics_port and settings.metrics_host == "0.0.0.0", name
+        # not published: the replicas of one service would all want the same host port
+        assert "ports" not in svc, name
 
 
 # == Kubernetes ===================================================================================================
@@ -682,7 +928,7 @@ def test_manifests_are_well_formed_and_in_one_namespace(manifests: list[dict[str
     kinds = sorted(d["kind"] for d in manifests)
     assert kinds == sorted(["Namespace", "Secret", "Secret", "Secret", "ConfigMap", "Service", "StatefulSet",
                             "Deployment", "Deployment", "Deployment", "Deployment", "Service", "TriggerAuthentication",
-                            "ScaledObject", "ScaledObject"])
+                            "ScaledObject", "ScaledObject", "Deployment", "Service"])
     assert _of_kind(manifests, "Namespace").keys() == {NAMESPACE}
     for doc in manifests:
         assert doc["apiVersion"] and doc["metadata"]["name"], doc["__file__"]
@@ -754,7 +1000,8 @@ def test_worker_deployments_serve_one_queue_each_safely(manifests: list[dict[str
         args = container["args"]
         assert args[0] == "worker" and "command" not in container, "the image's ENTRYPOINT runs dspex"
         params = _parse_cli(args)
-        assert params["queues"] == queue and params["pool"].value == "threads"
+        # an Enum or its value, depending on whether typer converts choices at parse time
+        assert params["queues"] == queue and getattr(params["pool"], "value", params["pool"]) == "threads"
         # Probes: the project's own health check, scoped to this pod's worker
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             command = container[probe]["exec"]["command"]
@@ -785,7 +1032,8 @@ def test_worker_deployments_serve_one_queue_each_safely(manifests: list[dict[str
         assert "OPENAI_API_KEY" in env
 
 
-def test_keda_scales_each_worker_on_its_queue(manifests: list[dict[str, Any]]) -> None:
+def test_keda_scales_each_worker_on_every_list_its_queues_wait_in(manifests: list[dict[str, Any]],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     deployments = _of_kind(manifests, "Deployment")
     auths = _of_kind(manifests, "TriggerAuthentication")
     scaled = _of_kind(manifests, "ScaledObject")
@@ -794,18 +1042,42 @@ def test_keda_scales_each_worker_on_its_queue(manifests: list[dict[str, Any]]) -
     for target, obj in targets.items():
         spec = obj["spec"]
         assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-        # one trigger per queue the worker consumes
-        consumed = _parse_cli(_container(deployments[target])["args"])["queues"]
-        assert [t["metadata"]["listName"] for t in spec["triggers"]] == WORKERS[target].split(",") == consumed.split(",")
+        # one trigger per Redis list of every queue the worker consumes: the queue's own list and its
+        # priority lists (a message sent with a priority waits there, unseen by a trigger on the queue's name)
+        consumed = _parse_cli(_container(deployments[target])["args"])["queues"].split(",")
+        assert consumed == WORKERS[target].split(",")
+        settings = _pod_settings(manifests, target, monkeypatch)
+        expected = set().union(*(_waiting_lists(settings, q) for q in consumed))
+        lists = [t["metadata"]["listName"] for t in spec["triggers"]]
+        assert len(lists) == len(set(lists)) and set(lists) == expected, f"{target}: {sorted(map(repr, lists))}"
+        # KEDA would take the largest single list; the formula adds them up: replicas follow every waiting message
+        modifiers = spec["advanced"]["scalingModifiers"]
+        names = [t["name"] for t in spec["triggers"]]
+        assert all(re.fullmatch(r"[a-z][a-z0-9_]*", n) for n in names) and len(set(names)) == len(names)
+        assert sorted(term.strip() for term in modifiers["formula"].split("+")) == sorted(names)
+        assert modifiers.get("metricType", "AverageValue") == "AverageValue" and int(modifiers["target"]) > 0
+        env_names = [e["name"] for e in _container(deployments[target]).get("env", [])]
         for trigger in spec["triggers"]:
             assert trigger["type"] == "redis"
             meta = trigger["metadata"]
-            assert meta["listLength"].isdigit() and int(meta["listLength"]) > 0
+            assert meta["listLength"] == modifiers["target"], "one number per ScaledObject: the formula's target"
             assert meta["databaseIndex"] == "0"
-            env_names = [e["name"] for e in _container(deployments[target]).get("env", [])]
             assert meta["addressFromEnv"] in env_names, "KEDA reads the address from the target container's env"
             auth = auths[trigger["authenticationRef"]["name"]]
             assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["password"]
+
+
+def test_keda_slows_scale_in_with_hpa_behavior_not_a_dead_cooldown(manifests: list[dict[str, Any]]) -> None:
+    for name, obj in _of_kind(manifests, "ScaledObject").items():
+        spec = obj["spec"]
+        # cooldownPeriod only applies when scaling to zero (minReplicaCount 0, or idleReplicaCount 0)
+        to_zero = spec.get("minReplicaCount", 0) == 0 or spec.get("idleReplicaCount") == 0
+        assert to_zero or "cooldownPeriod" not in spec, f"{name}: cooldownPeriod does nothing with a minimum of 1"
+        scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        assert scale_down["stabilizationWindowSeconds"] >= 60, name
+        assert scale_down["policies"], name
+        for policy in scale_down["policies"]:
+            assert policy["type"] in ("Pods", "Percent") and policy["value"] > 0 and policy["periodSeconds"] > 0
 
 
 def test_beat_is_a_single_replica_recreated(manifests: list[dict[str, Any]]) -> None:
@@ -833,6 +1105,116 @@ def test_flower_has_auth_a_service_and_a_probe(manifests: list[dict[str, Any]]) 
     service = _of_kind(manifests, "Service")["dspex-flower"]
     assert service["spec"]["selector"].items() <= flower["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+
+
+def test_dspex_deployments_share_one_locked_down_security_context(manifests: list[dict[str, Any]]) -> None:
+    deployments = _of_kind(manifests, "Deployment")
+    assert {"dspex-worker-predict", "dspex-worker-optimize", "dspex-beat", "dspex-flower",
+            "dspex-gateway"} == set(deployments)
+    reference = deployments["dspex-worker-predict"]
+    for name, dep in deployments.items():
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["securityContext"] == reference["spec"]["template"]["spec"]["securityContext"], name
+        container = _container(dep)
+        assert container["securityContext"] == _container(reference)["securityContext"], name
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[mounts["/tmp"]], name
+
+
+def test_gateway_listens_on_the_pod_ip_with_a_service_and_probes(manifests: list[dict[str, Any]],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway = _of_kind(manifests, "Deployment")["dspex-gateway"]
+    container = _container(gateway)
+    assert container["args"][0] == "gateway" and "command" not in container, "the image's ENTRYPOINT runs dspex"
+    params = _parse_cli(container["args"])
+    assert params["host"] == "0.0.0.0" and params["no_auth"] is False
+    (port,) = container["ports"]
+    assert port["containerPort"] == params["port"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    # no LM credentials: the gateway enqueues, workers call the LM
+    assert [s for s in container.get("envFrom", []) if "secretRef" in s] == []
+    settings = _pod_settings(manifests, "dspex-gateway", monkeypatch)
+    env = _pod_env(manifests, "dspex-gateway")
+    assert settings.redis_url == f"redis://:{env['REDIS_PASSWORD']}@{env['REDIS_ADDRESS']}/0"
+    assert settings.gateway_auth is True
+    service = _of_kind(manifests, "Service")["dspex-gateway"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"].items() <= gateway["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    # no other Deployment's pods behind the Service
+    others = [n for n, d in _of_kind(manifests, "Deployment").items()
+              if n != "dspex-gateway" and _selects({"matchLabels": service["spec"]["selector"]},
+                                                   d["spec"]["template"]["metadata"]["labels"])]
+    assert not others
+
+
+def test_worker_deployments_expose_the_metrics_port_their_env_sets(manifests: list[dict[str, Any]],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in WORKERS:
+        settings = _pod_settings(manifests, name, monkeypatch)
+        assert settings.metrics_port, f"{name}: DSPEX_METRICS_PORT unset, no /metrics"
+        assert settings.metrics_host == "0.0.0.0", f"{name}: /metrics on loopback is out of Prometheus's reach"
+        ports = {p["name"]: p["containerPort"] for p in _container(_of_kind(manifests, "Deployment")[name])["ports"]}
+        assert ports.get("metrics") == settings.metrics_port, name
+
+
+def test_podmonitors_scrape_the_workers_and_the_gateway_with_its_key(manifests: list[dict[str, Any]],
+                                                                     monitoring: list[dict[str, Any]]) -> None:
+    deployments = _of_kind(manifests, "Deployment")
+    monitors = _of_kind(monitoring, "PodMonitor")
+    assert set(monitors) == {"dspex-workers", "dspex-gateway"}
+    secrets = _of_kind(monitoring, "Secret")
+    scraped: dict[str, set[str]] = {}  # Deployment -> the port names scraped
+    for name, monitor in monitors.items():
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["namespace"] == NAMESPACE
+        spec = monitor["spec"]
+        assert "namespaceSelector" not in spec, "the PodMonitor's own namespace, where the pods and the Secret are"
+        selected = [d for d, dep in deployments.items()
+                    if _selects(spec["selector"], dep["spec"]["template"]["metadata"]["labels"])]
+        assert selected, f"{name} selects no pods"
+        for endpoint in spec["podMetricsEndpoints"]:
+            assert endpoint["path"] == "/metrics"
+            for dep in selected:
+                names = {p["name"] for p in _container(deployments[dep]).get("ports", [])}
+                assert endpoint["port"] in names, f"{name}: {dep} has no port named {endpoint['port']}"
+                scraped.setdefault(dep, set()).add(endpoint["port"])
+            auth = endpoint.get("authorization")
+            if auth:
+                assert auth["type"] == "Bearer"
+                ref = auth["credentials"]
+                assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+    assert scraped == {**{w: {"metrics"} for w in WORKERS}, "dspex-gateway": {"http"}}
+    # the gateway's /metrics needs a key with the read right: the PodMonitor sends one from a Secret
+    (gateway_endpoint,) = monitors["dspex-gateway"]["spec"]["podMetricsEndpoints"]
+    assert gateway_endpoint["authorization"]["type"] == "Bearer"
+    (secret,) = secrets.values()
+    assert secret["type"] == "Opaque" and all("REPLACE_ME" in v for v in secret["stringData"].values())
+
+
+def test_monitoring_is_an_optional_kustomize_component(monitoring: list[dict[str, Any]]) -> None:
+    component = yaml.safe_load((K8S / "monitoring" / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component" and component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    files = {p.name for p in (K8S / "monitoring").glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(component["resources"]) == sorted(files)
+    # Off by default: PodMonitor is a Prometheus Operator CRD, and `kubectl apply -k deploy/k8s` must work without it
+    text = (K8S / "kustomization.yaml").read_text()
+    assert "monitoring" not in (yaml.safe_load(text).get("components") or [])
+    assert re.search(r"^# components:\n#   - monitoring$", text, re.M), "say how to enable it"
+    assert all(d["kind"] in ("PodMonitor", "Secret") for d in monitoring)
+    # The key the gateway's PodMonitor needs is made with the real CLI, read-only (deploy/README.md, secret.yaml)
+    for doc in (DEPLOY / "README.md", K8S / "monitoring" / "secret.yaml"):
+        commands = re.findall(r"dspex (keys create --name prometheus\b[^`\n]*)", doc.read_text())
+        assert commands, f"{doc.name} does not say how to create Prometheus's key"
+        for command in commands:
+            group = typer.main.get_command(cli.app)
+            root = group.make_context("dspex", [], resilient_parsing=True)
+            keys = group.get_command(root, "keys")
+            argv = shlex.split(command)[1:]
+            create = keys.get_command(keys.make_context("keys", [], parent=root, resilient_parsing=True), argv[0])
+            params = create.make_context(argv[0], argv[1:], parent=root).params
+            assert list(params["rights"]) == ["read"], command
 
 
 def test_redis_statefulset_persists_and_requires_the_password(manifests: list[dict[str, Any]]) -> None:

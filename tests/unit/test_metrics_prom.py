@@ -8,6 +8,7 @@ import socket
 import sys
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -381,3 +382,65 @@ def test_tracing_requested_but_not_installed_warns_with_the_hint(monkeypatch: py
     assert len(warnings) == 1 and "pip install dspex-tasks[otel]" in warnings[0].getMessage()
     # a worker_init with the threads pool takes the same safe path
     tracing._on_worker_init(sender=SimpleNamespace(pool_cls="threads", app=None))
+
+
+def test_failure_retry_and_in_flight_series_exist_at_zero_after_warm(runtime: Runtime) -> None:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(mp.REGISTRY).decode()
+    # a dashboard's rate(failures) and alerts find the series before the first failure happens
+    for line in ('dspex_tasks_total{outcome="failure",signature="qa"}', 'dspex_tasks_total{outcome="retry",signature="qa"}',
+                 'dspex_tasks_in_flight{signature="qa"}', 'dspex_lm_calls_total{model="mock/dspex"}',
+                 'dspex_optimization_runs_total{optimizer="miprov2",outcome="failed"}'):
+        assert line in text, line
+    # and the standard process and garbage-collector series sit beside them
+    assert "process_resident_memory_bytes" in text and "python_gc_collections_total" in text
+    assert "python_info" in text
+
+
+def test_in_flight_rises_while_a_prediction_runs_and_falls_after(runtime: Runtime) -> None:
+    task = fake_task("dspex.qa", runtime)
+    before = value("dspex_tasks_in_flight", signature="qa")
+    mp.on_task_prerun(sender=task, task_id="if-1", task=task, args=(), kwargs={})
+    assert value("dspex_tasks_in_flight", signature="qa") == before + 1
+    mp.on_task_postrun(sender=task, task_id="if-1", task=task, args=(), kwargs={}, retval=None, state="FAILURE")
+    assert value("dspex_tasks_in_flight", signature="qa") == before
+
+
+def test_metrics_bind_loopback_unless_the_setting_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().metrics_host == "127.0.0.1"
+    monkeypatch.setenv("DSPEX_METRICS_HOST", "0.0.0.0")
+    assert Settings().metrics_host == "0.0.0.0"
+    mp.stop_server()
+    port = _free_port()
+    app = SimpleNamespace(dspex_settings=Settings(metrics_port=port, metrics_host="127.0.0.1"),
+                          conf=SimpleNamespace(worker_pool="threads"))
+    mp.on_worker_init(sender=SimpleNamespace(app=app, pool_cls="threads"))
+    try:
+        assert mp._server is not None and mp._server.server_address[0] == "127.0.0.1"
+        assert mp._serving_note is not None and f"http://127.0.0.1:{port}/metrics" in mp._serving_note
+    finally:
+        mp.stop_server()
+
+
+def test_promtool_accepts_the_exposition(runtime: Runtime, tmp_path: Any) -> None:
+    """`promtool check metrics` on a worker's exposition after real signal traffic (CI installs promtool)."""
+    import os
+    import shutil
+    import subprocess
+
+    from prometheus_client import generate_latest
+
+    local = Path(__file__).resolve().parents[2] / ".cache" / "bin" / "promtool"  # where scripts/ci-deps.sh puts it
+    promtool = os.environ.get("DSPEX_TEST_PROMTOOL") or shutil.which("promtool") or (str(local) if local.exists() else None)
+    if not promtool:
+        if os.environ.get("DSPEX_REQUIRE_PROMTOOL") == "1":
+            pytest.fail("DSPEX_REQUIRE_PROMTOOL=1 but no promtool on PATH or in DSPEX_TEST_PROMTOOL")
+        pytest.skip("promtool is not installed (scripts/ci-deps.sh installs it)")
+    task = fake_task("dspex.qa", runtime)
+    run_signals(task, "pt-1", "SUCCESS", {"outputs": {"answer": "a"}, "lm": "openai/gpt-4o-mini", "duration_ms": 12,
+                                          "usage": {"prompt_tokens": 10, "completion_tokens": 3}})
+    run_signals(task, "pt-2", "FAILURE", None)
+    text = generate_latest(mp.REGISTRY)
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert r.returncode == 0, (r.stdout + r.stderr).decode()

@@ -16,7 +16,7 @@ def test_a_record_round_trips_through_its_json() -> None:
     raw = {"run_id": "r1", "status": "succeeded", "stage": "done", "created_at": 1.0, "signature": "qa",
            "session": "s", "program": "qa", "optimizer": "bootstrap_few_shot", "metric": "exact_match",
            "params": {"seed": 1}, "dataset": "", "scheduled": False, "schedule": "", "lm_calls": 12,
-           "best_score": 0.5, "summary": {"promoted": True}, "cancel_requested": True, "future_field": [1]}
+           "prompt_tokens": 900, "completion_tokens": 120, "cost_usd": 0.00021, "best_score": 0.5, "summary": {"promoted": True}, "cancel_requested": True, "future_field": [1]}
     rec = RunRecord.from_json(json.loads(json.dumps(raw)))
     assert rec.status is RunStatus.SUCCEEDED and rec.status.terminal and rec.lm_calls == 12
     assert rec.extra == {"future_field": [1]}  # a newer worker's field is kept, not dropped

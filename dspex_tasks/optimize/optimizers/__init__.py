@@ -1,25 +1,34 @@
-"""Optimizers by name. Adding one (GEPA, COPRO, ...) is one module that calls :func:`register`.
+"""Optimizers by name. Adding one (COPRO, ...) is one module that calls :func:`register`.
 
 An optimizer turns (student module, trainset, valset, metric, params) into a
 compiled module. Its params are a pydantic model, so bad params fail before
 anything runs, naming the field. A key neither the model nor :class:`CommonParams`
 knows is refused (with a did-you-mean) unless the model sets ``extra="allow"``.
 Workers publish :func:`params_schemas` so clients check params before enqueueing.
+
+A compile function that declares a keyword ``ctx`` gets a :class:`CompileContext`:
+events for the run, checkpoints that survive its worker (a redelivered compile stage
+can resume), and the LM to reflect with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 
+from ... import keys
 from ...errors import ValidationError
 from ..params import unknown_param_message
 
-__all__ = ["Optimizer", "register", "get_optimizer", "optimizer_names", "params_schemas", "CommonParams"]
+__all__ = ["Optimizer", "register", "get_optimizer", "builtin_optimizer", "optimizer_names", "params_schemas", "CommonParams",
+           "CompileContext", "accepts_ctx", "reflection_lm"]
 
 
 class CommonParams(pydantic.BaseModel):
@@ -35,14 +44,26 @@ class CommonParams(pydantic.BaseModel):
     eval_chunk_size: int = pydantic.Field(16, ge=1, le=1000)
     seed: int = 0
     num_threads: int = pydantic.Field(8, ge=1, le=64)
+    max_cost_usd: float | None = pydantic.Field(
+        None, gt=0, description="stop at the next stage boundary once the run's LM spend reaches this (USD)")
+    max_lm_calls: int | None = pydantic.Field(
+        None, ge=1, description="stop at the next stage boundary once the run made this many LM calls")
+    confidence: float | None = pydantic.Field(
+        None, gt=0.5, lt=1, description="also require the gain's paired bootstrap interval at this level (e.g. "
+        "0.95) to lie above min_gain; unset, the 95% interval is reported but not required")
+    bootstrap_resamples: int = pydantic.Field(2000, ge=100, le=100_000,
+                                              description="resamples of the gain's bootstrap interval")
 
 
 @dataclass(frozen=True)
 class Optimizer:
     """A registered optimizer.
 
-    ``compile(student, trainset, valset, metric, params, progress)`` returns the compiled module and a
-    list of trial scores (may be empty). ``estimate(n_train, n_val, params)`` guesses LM calls for progress.
+    ``compile(student, trainset, valset, metric, params, common[, *, ctx])`` returns the compiled module and a
+    list of trial scores (may be empty); ``ctx`` (a :class:`CompileContext`) is passed only to a compile
+    function that declares it. ``estimate(n_train, n_val, params)`` guesses LM calls for progress.
+    ``feedback``: the compile function gets the metric as registered (its ``{"score", "feedback"}`` results
+    kept); otherwise it gets a metric returning the score only (``metrics.scoring``).
     """
 
     name: str
@@ -50,6 +71,7 @@ class Optimizer:
     compile: Callable[..., tuple[Any, list[float]]]
     estimate: Callable[[int, int, Any], int]
     description: str = ""
+    feedback: bool = False
 
     def _names(self) -> set[str]:
         names = set()
@@ -90,11 +112,13 @@ class Optimizer:
         defs = {**(own.get("$defs") or {}), **(common.get("$defs") or {})}
         if defs:
             schema["$defs"] = defs
+        # rules across the optimizer's own fields (e.g. gepa's one budget) apply to the whole params object
+        schema.update({k: own[k] for k in ("allOf", "dependentSchemas", "dependentRequired") if k in own})
         return schema
 
 
 _REGISTRY: dict[str, Optimizer] = {}
-_BUILTIN = ("bootstrap", "random_search", "miprov2")
+_BUILTIN = ("bootstrap", "random_search", "miprov2", "gepa")
 
 
 def register(opt: Optimizer) -> Optimizer:
@@ -115,6 +139,13 @@ def get_optimizer(name: str) -> Optimizer:
         raise ValidationError.from_errors("optimization", [{
             "field": "optimizer", "message": f"unknown optimizer '{name}'; known: {', '.join(optimizer_names())}"}]
         ) from None
+
+
+def builtin_optimizer(name: str) -> Optimizer | None:
+    """The built-in optimizer ``name`` (their modules import pydantic only, so clients may load them)."""
+    _load_builtins()
+    opt = _REGISTRY.get(name)
+    return opt if opt is not None and opt.compile.__module__.rsplit(".", 1)[-1] in _BUILTIN else None
 
 
 def optimizer_names() -> list[str]:
@@ -140,3 +171,115 @@ def parse_common(raw: dict[str, Any] | None) -> CommonParams:
         errors = [{"field": "params." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
                   for e in exc.errors(include_url=False)]
         raise ValidationError.from_errors("optimization params", errors) from None
+
+
+# -- the compile stage's context ----------------------------------------------------------------------------------
+#: Optimizer checkpoints live beside the stages' own, under this prefix (``keys.run_checkpoint``).
+CHECKPOINT_PREFIX = "compile:"
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    """What a run's compile stage offers its optimizer (passed as keyword ``ctx``).
+
+    Checkpoints are JSON objects kept with the run (same retention as its record); unlike a stage's
+    output, :meth:`save` overwrites, so an optimizer can keep its latest state under one name and a
+    redelivered compile stage (its worker killed) can :meth:`load` it and resume.
+
+    Example:
+        >>> def compile(student, trainset, valset, metric, params, common, *, ctx=None):  # doctest: +SKIP
+        ...     state = ctx.load("state") if ctx else None
+        ...     ctx.emit(message="candidate 1 scored 0.8", score=0.8)
+        ...     ctx.save("state", {"round": 1})
+    """
+
+    run_id: str
+    emit_fn: Callable[..., None]
+    load_fn: Callable[[str], Any]
+    save_fn: Callable[[str, dict[str, Any]], None]
+    lm_fn: Callable[[str | None], Any] = lambda model: None
+
+    @classmethod
+    def for_run(cls, runs: Any, run_id: str, *, emit: Callable[..., None],
+                lm: Callable[[str | None], Any] | None = None) -> CompileContext:
+        """A context on a :class:`~dspex_tasks.optimize.runs.RunStore`'s checkpoints of ``run_id``."""
+
+        def save(name: str, data: dict[str, Any]) -> None:
+            runs.redis.set(keys.run_checkpoint(runs.ns, run_id, CHECKPOINT_PREFIX + name), json.dumps(data),
+                           ex=runs.retention_s)
+
+        def load(name: str) -> Any:
+            return runs.checkpoint(run_id, CHECKPOINT_PREFIX + name)
+
+        return cls(run_id, emit, load, save, lm or (lambda model: None))
+
+    def emit(self, *, message: str | None = None, score: float | None = None, done: int | None = None,
+             total: int | None = None, **fields: Any) -> None:
+        """A ``compile`` event of the run (``done``/``total`` default to the stage's LM-call progress)."""
+        given = {"message": message, "score": score, "done": done, "total": total}
+        self.emit_fn(**{k: v for k, v in given.items() if v is not None}, **fields)
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        """The checkpoint saved under ``name`` by this run's compile stage (any attempt), or None."""
+        data = self.load_fn(name)
+        return data if isinstance(data, dict) else None
+
+    def save(self, name: str, data: dict[str, Any]) -> None:
+        """Keep ``data`` (JSON) under ``name``, replacing what was there."""
+        self.save_fn(name, data)
+
+    def lm(self, model: str | None = None) -> Any:
+        """The LM an optimizer reflects or proposes with: ``model``, else ``DSPEX_REFLECTION_LM``, else the
+        task's LM (``dspy.settings.lm``, as the compile stage set it). A named one goes through the worker's
+        governed LM (usage, rate limits, cache) and, with the mock LM configured, is that mock."""
+        chosen = self.lm_fn(model)
+        if chosen is not None:
+            return chosen
+        import dspy
+
+        return dspy.settings.lm
+
+
+def accepts_ctx(fn: Callable[..., Any]) -> bool:
+    """Whether a compile function takes the keyword ``ctx`` (by name or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any((p.name == "ctx" and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def allowed_reflection_models(settings: Any) -> set[str]:
+    """What ``params["reflection_lm"]`` may name: the fleet's configured models (``DSPEX_LM``,
+    ``DSPEX_REFLECTION_LM``, ``DSPEX_LM_FALLBACKS``)."""
+    models = {settings.lm, *(m.strip() for m in (settings.lm_fallbacks or "").split(",") if m.strip())}
+    if settings.reflection_lm:
+        models.add(settings.reflection_lm)
+    return models
+
+
+def reflection_lm(settings: Any, redis: Any, signature: str, model: str | None) -> Any:
+    """The governed LM for ``model`` (default ``DSPEX_REFLECTION_LM``), or None for "the task's LM".
+
+    Built as the worker builds a signature's LM (``lm.governed``): recorded in the usage scope, under the
+    model's rate limits and the shared cache when configured. With ``DSPEX_LM=mock`` every model is that
+    mock; with ``DSPEX_LM_API_BASE`` a named model goes to that same endpoint (``lm.factory.build_lm``).
+    """
+    if model and model not in allowed_reflection_models(settings):
+        # a run's params come from any client: it may pick among the models this fleet is configured for, never
+        # make the worker spend its keys on a model of the client's choosing
+        raise ValidationError.from_errors("params for optimizer 'gepa'", [{
+            "field": "params.reflection_lm",
+            "message": f"'{model}' is not a model this worker is configured for; use one of "
+                       f"{', '.join(sorted(allowed_reflection_models(settings)))} (or set DSPEX_REFLECTION_LM)"}])
+    model = model or settings.reflection_lm
+    if not model:
+        return None
+    from ...lm.governed import build_signature_lm, plan_lm
+
+    if settings.lm == "mock":
+        model = "mock"
+    plan = plan_lm(settings, f"{signature}.reflection", {"lm": model})
+    if not plan.governed:  # the in-process mock: governed too, so its calls are recorded (as Runtime.lm_for does)
+        plan = dataclasses.replace(plan, governed=True, key=f"governed:{plan.route.key}")
+    return build_signature_lm(settings, plan, redis)
