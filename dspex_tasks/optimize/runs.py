@@ -21,7 +21,7 @@ from .. import keys, wire
 from ..connections import register_lua
 from ..errors import Cancelled, NotFound, RunNotFound, TaskTimeout, from_remote
 
-__all__ = ["RunStore", "RunRecord", "RunStatus", "Stage", "OptimizationRun", "TERMINAL", "END_STAGES", "start_run"]
+__all__ = ["RunStore", "RunRecord", "RunStatus", "Stage", "OptimizationRun", "TERMINAL", "END_STAGES", "start_run", "send_stage"]
 
 
 class RunStatus(StrEnum):
@@ -280,9 +280,15 @@ def start_run(app: Any, runs: RunStore, spec: dict[str, Any], *, trainset: Any =
     runs.save_checkpoint(run_id, "input", {"trainset": trainset, "valset": valset})
     runs.emit(run_id, {"stage": Stage.QUEUED.value, "done": 0, "total": None,
                        "message": f"{spec['optimizer']} on {spec['signature']}" + (" (scheduled)" if spec.get("scheduled") else "")})
-    app.send_task(wire.STAGE_TASK, kwargs={"run_id": run_id, "stage": Stage.LOAD.value}, queue=queue,
-                  headers=wire.sent_headers())
+    send_stage(app, run_id, Stage.LOAD, queue)
     return run_id
+
+
+def send_stage(app: Any, run_id: str, stage: Stage, queue: str) -> None:
+    """Enqueue one stage of a run: ``dspex.optimize.stage``, shown (Celery's ``shadow`` name: Flower's list,
+    worker logs) as ``dspex.optimize.<stage>``, with the stage first in its kwargs."""
+    app.send_task(wire.STAGE_TASK, kwargs={"stage": stage.value, "run_id": run_id}, queue=queue,
+                  shadow=f"{wire.STAGE_TASK.rsplit('.', 1)[0]}.{stage.value}", headers=wire.sent_headers())
 
 
 class OptimizationRun:

@@ -33,7 +33,7 @@ from .datasets import DatasetStore, split, validate_rows
 from .gate import decide
 from .metrics import get_metric, metric_score
 from .optimizers import get_optimizer, parse_common
-from .runs import RunRecord, RunStatus, RunStore, Stage
+from .runs import RunRecord, RunStatus, RunStore, Stage, send_stage
 
 __all__ = ["PLAN", "Stages", "register_optimize_tasks"]
 
@@ -71,6 +71,20 @@ class _Progress:
         self.callback = Callback()
 
 
+def progress_line(event: dict[str, Any]) -> str:
+    """``compile 12/40 · score 0.750 · running miprov2``: a run event as one line for Flower's Result column."""
+    parts = [str(event.get("stage", ""))]
+    if event.get("total"):
+        parts[0] += f" {event.get('done', 0)}/{event['total']}"
+    if isinstance(event.get("score"), int | float):
+        parts.append(f"score {float(event['score']):.3f}")
+    if event.get("lm_calls"):
+        parts.append(f"{event['lm_calls']} LM calls")
+    if event.get("message"):
+        parts.append(str(event["message"])[:120])
+    return " · ".join(parts)
+
+
 class Stages:
     """Stage logic bound to one worker app (its runtime, stores and tasks)."""
 
@@ -105,8 +119,10 @@ class Stages:
             with contextlib.suppress(Exception):  # a mirror for Flower; never fail a stage over it
                 meta = {"run_id": run_id, **event}
                 task.update_state(state="PROGRESS", meta=meta)
-                # Flower's task list follows events, not the result backend: say it there too.
-                task.send_event("task-progress", state="PROGRESS", **{k: v for k, v in meta.items() if k != "state"})
+                # Flower's task list follows events, not the result backend: say it there too, with a line for
+                # its Result column while the stage runs (the task's real result replaces it when it ends)
+                task.send_event("task-progress", state="PROGRESS", result=progress_line(event),
+                                **{k: v for k, v in meta.items() if k not in ("state", "result")})
 
     @contextlib.contextmanager
     def lease(self, run_id: str) -> Iterator[bool]:
@@ -135,8 +151,7 @@ class Stages:
         """Enqueue the stage after ``stage`` exactly once."""
         i = PLAN.index(stage)
         if i + 1 < len(PLAN) and self.runs.once(run_id, f"advance:{stage}"):
-            self.app.send_task(wire.STAGE_TASK, kwargs={"run_id": run_id, "stage": PLAN[i + 1].value},
-                               queue=self.settings.optimize_queue, headers=wire.sent_headers())
+            send_stage(self.app, run_id, PLAN[i + 1], self.settings.optimize_queue)
 
     def fail(self, run_id: str, exc: BaseException) -> None:
         rec = self.runs.get(run_id)
@@ -195,7 +210,7 @@ class Stages:
                 "field": "stage", "message": f"unknown stage {stage!r}; expected one of {', '.join(PLAN)}"}]) from None
         rec = self.runs.get(run_id)
         if self._cancelled(run_id, rec):
-            return {"run_id": run_id, "stage": stage, "skipped": str(rec.status)}
+            return {"stage": stage, "skipped": str(rec.status), "run_id": run_id}
         with self.lease(run_id) as held:
             if not held:  # the same run is busy elsewhere: look again shortly (it may finish or lapse)
                 raise task.retry(countdown=LEASE_RETRY_S,
@@ -212,7 +227,20 @@ class Stages:
         # Advance only once the lease is released, so the next stage never finds it held.
         if advance:
             self.advance(run_id, step)
-        return {"run_id": run_id, "stage": stage}
+        return self._stage_result(run_id, step)
+
+    def _stage_result(self, run_id: str, stage: Stage) -> dict[str, Any]:
+        """What a stage task returns (Flower's Result column): the stage, its score when it has one, LM calls so
+        far, and the run's status; never the kwargs again."""
+        rec = self.runs.get(run_id)
+        score = {Stage.BASELINE: rec.baseline_score, Stage.CANDIDATE: rec.candidate_score,
+                 Stage.DECIDE: rec.candidate_score}.get(stage)
+        out: dict[str, Any] = {"stage": stage.value, "status": str(rec.status), "lm_calls": rec.lm_calls}
+        if score is not None:
+            out["score"] = score
+        if stage is Stage.COMPILE and rec.trials:
+            out["trials"] = len(rec.trials)
+        return out
 
     def stage_load(self, task: Any, run_id: str, rec: RunRecord) -> bool:
         if self.runs.checkpoint(run_id, "data") is None:
@@ -264,11 +292,12 @@ class Stages:
         self.emit(run_id, which, task, done=0, total=len(data["val"]), message=f"evaluating in {n} chunks")
         if self.runs.checkpoint(run_id, f"launched:{which}") is None:
             q = self.settings.optimize_queue
-            header = [self.app.signature(wire.EVAL_CHUNK_TASK, kwargs={"run_id": run_id, "which": which.value,
-                                                                       "index": i}, queue=q, immutable=True)
+            # what runs first in the kwargs (Flower shows them as the list's args column)
+            header = [self.app.signature(wire.EVAL_CHUNK_TASK, kwargs={"which": which.value, "index": i,
+                                                                       "run_id": run_id}, queue=q, immutable=True)
                       for i in range(n)]
-            body = self.app.signature(wire.EVAL_MERGE_TASK, kwargs={"run_id": run_id, "which": which.value,
-                                                                    "chunks": n}, queue=q, immutable=True)
+            body = self.app.signature(wire.EVAL_MERGE_TASK, kwargs={"which": which.value, "chunks": n,
+                                                                    "run_id": run_id}, queue=q, immutable=True)
             body.link_error(self.app.signature(wire.FAIL_TASK, kwargs={"run_id": run_id}, queue=q))
             chord(header)(body)
             self.runs.save_checkpoint(run_id, f"launched:{which}", {"chunks": n})

@@ -459,7 +459,7 @@ def control_for(task: Any, options: dict[str, Any]) -> JobControl:
         task.update_state(task_id=task_id, state="PROGRESS", meta={"step": name, "job": task_id, "ts": time.time()})
         if hostname:
             with task.app.events.default_dispatcher(hostname=hostname) as dispatcher:
-                dispatcher.send("task-progress", uuid=task_id, step=name)
+                dispatcher.send("task-progress", uuid=task_id, step=name, result=f"step: {name}")  # Flower's Result column
 
     return JobControl(redis, settings.namespace, task_id, stream=bool(options.get("stream")),
                       deadline=deadline, timeout_s=timeout_s, maxlen=settings.stream_maxlen,

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from dspex_tasks.client import Client, Job
+from dspex_tasks.optimize.stages import PLAN
 from dspex_tasks.settings import Settings
 from tests._procs import ROOT, WorkerProcess, wait_for, worker_env
 
@@ -262,20 +263,27 @@ def test_tasks_page_in_chromium(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_optimization_stages_show_in_flower_with_progress_meta(stack: Stack) -> None:
-    """Stage tasks of an optimization run are listed by Flower; their result state goes PROGRESS -> SUCCESS.
+    """Stage tasks of an optimization run are listed by Flower under their stage's name; their state goes
+    PROGRESS -> SUCCESS, a progress line shows in the Result column while they run, and their result says
+    what the stage did.
 
-    Stages mirror each progress event into the result backend (``update_state("PROGRESS", meta)``). Flower's
-    task list comes from Celery events, which carry only Celery's own states, so PROGRESS shows through
-    ``/api/task/result/<id>`` (state only: Flower returns a result once the task is ready); the meta is read
-    from the backend here.
+    Stages mirror each progress event into the result backend (``update_state("PROGRESS", meta)``) and send a
+    ``task-progress`` event whose ``result`` is a readable line (Flower's list follows events).
     """
     trainset = [{"question": f"what is item {i}", "answer": f"item {i}"} for i in range(8)]
     run = stack.client.optimize("qa", trainset, session="opt", params={"eval_chunk_size": 4})
     states: dict[str, set[str]] = {}
     progress: list[dict[str, Any]] = []
+    lines: set[str] = set()
+
+    def stage_tasks() -> dict[str, dict[str, Any]]:
+        return {k: v for name in PLAN for k, v in stack.tasks(f"dspex.optimize.{name}").items()}
+
     deadline = time.monotonic() + 60
     while run.status()["status"] not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
-        for task_id in stack.tasks("dspex.optimize.stage"):
+        listed = stage_tasks()
+        lines.update(str(t.get("result")) for t in listed.values() if t.get("state") == "PROGRESS")
+        for task_id in listed:
             state = stack.request(f"/api/task/result/{task_id}").json()["state"]
             states.setdefault(task_id, set()).add(state)
             if state == "PROGRESS":
@@ -286,19 +294,21 @@ def test_optimization_stages_show_in_flower_with_progress_meta(stack: Stack) -> 
         time.sleep(0.02)
     summary = run.get(timeout=30)
     assert {"baseline_score", "score", "promoted"} <= set(summary)
-    stages = wait_for(lambda: (t := stack.tasks("dspex.optimize.stage")) and all(
+    stages = wait_for(lambda: (t := stage_tasks()) and len(t) >= 5 and all(
         s["state"] == "SUCCESS" for s in t.values()) and t, timeout_s=15, what="stage tasks SUCCESS in Flower")
-    assert len(stages) >= 2 and all(f"'run_id': '{run.id}'" in s["kwargs"] for s in stages.values())
+    assert {t["name"] for t in stages.values()} == {f"dspex.optimize.{name}" for name in PLAN}
+    assert all(f"'run_id': '{run.id}'" in s["kwargs"] for s in stages.values())
     for task_id, task in stages.items():
         res = stack.request(f"/api/task/result/{task_id}").json()
-        assert res["state"] == "SUCCESS" and res["result"]["run_id"] == run.id, res
-        assert f"'stage': '{res['result']['stage']}'" in task["kwargs"]
+        assert res["state"] == "SUCCESS" and res["result"]["stage"] == task["name"].rsplit(".", 1)[1], res
+        assert task["kwargs"].startswith(f"{{'stage': '{res['result']['stage']}'") and "lm_calls" in res["result"]
+    assert any(line.startswith(("baseline", "compile", "candidate", "load")) for line in lines), lines
     seen = set().union(*states.values()) if states else set()
     assert seen <= {"PENDING", "STARTED", "PROGRESS", "SUCCESS"}, seen
     for meta in progress:
         assert meta["run_id"] == run.id and {"stage", "done", "total"} <= set(meta), meta
     print(f"stage result states seen through Flower: {sorted(seen)}; {len(progress)} PROGRESS metas, e.g. "
-          f"{progress[:1]}")
+          f"{progress[:1]}; progress lines: {sorted(lines)[:3]}")
 
 
 def test_state_persists_across_a_restart(stack: Stack) -> None:

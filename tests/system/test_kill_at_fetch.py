@@ -29,7 +29,7 @@ from tests._procs import ROOT, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.system
 
-ITERATIONS = 25
+ITERATIONS = 12  # about 60% of kills land inside kombu's window; 12 keep both tests able to fail
 
 
 @pytest.fixture

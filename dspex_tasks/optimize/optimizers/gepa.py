@@ -9,8 +9,9 @@ Metric: a registered metric may return ``{"score", "feedback"}`` (or ``dspy.Pred
 feedback=...)``); the feedback is what the reflection LM reads. A metric returning a number gets a
 generic text (its score and the example's expected outputs).
 
-Reflection LM: ``params.reflection_lm``, else ``DSPEX_REFLECTION_LM``, else the task's own LM; a named
-model is built as the worker's governed LM (usage ledger, rate limits, cache), and with the mock LM
+Reflection LM: ``params.reflection_lm`` (one of the fleet's configured models: ``DSPEX_LM``,
+``DSPEX_REFLECTION_LM``, ``DSPEX_LM_FALLBACKS``; a client never picks what the workers' keys pay for),
+else ``DSPEX_REFLECTION_LM``, else the task's own LM; a named model is built as the worker's governed LM (usage ledger, rate limits, cache), and with the mock LM
 configured it is that same mock (``optimizers.reflection_lm``).
 
 Events: each candidate GEPA scores on the valset (the seed program first) is a ``compile`` event with
