@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-unit test-redis test-system lint typecheck demo bench constraints clean
+.PHONY: install test test-fast test-unit test-redis test-system test-clients lint typecheck demo bench constraints clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-redis: $(STAMP)
 
 test-system: $(STAMP)
 	$(PY) -m pytest -q -m system $(PYTEST_ARGS)
+
+# Clients generated from the gateway's live OpenAPI document: the Python one (also part of `make test`) and the
+# TypeScript one (openapi-typescript + tsc --strict; npm installs both into .cache/ts-client on first use).
+test-clients: $(STAMP)
+	DSPEX_TEST_TYPESCRIPT=1 $(PY) -m pytest -q tests/redis/test_gateway_clients.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dspex_tasks signatures workers tests benchmarks

@@ -4,28 +4,37 @@ The issue's check: wall time of one evaluation of 400 labelled examples with the
 latency, with 1 worker process vs 3, against DSPy's own ``dspy.Evaluate(num_threads=...)`` at the same total
 concurrency in one process. Aim: 3 processes >= 2.5x faster than 1, and no slower than in-process DSPy.
 
+Two programs (``--program``): ``qa`` (default), one ``dspy.Predict`` over the ``signatures`` package's signature,
+one LM call per example; and ``bench_two`` (issue 16), the 2-predictor ``TwoStep`` module of
+``benchmarks/program_defs.py`` (``@program``, written as DSPy tutorials write modules), two LM calls per example
+one after the other, so its latency bound is twice as long. Its workers import ``benchmarks.program_defs``
+(``DSPEX_SIGNATURE_MODULES``, as ``bench_program.py`` arranges); in process it is a plain ``TwoStep()``.
+
 One run starts a private Redis, the HTTP mock LM in its own OS process (scenario ``learns_from_demos``) and two
 groups of dspex worker processes (``celery worker``, threads pool), each group on its own optimize queue:
 
 * ``dspex 1 proc``: one worker process with ``W`` task threads; ``dspex 3 procs``: three such processes.
-  An evaluation is measured as dspex does it inside a run: ``Client.optimize("qa", trainset, valset=rows, ...)``
+  An evaluation is measured as dspex does it inside a run: ``Client.optimize(program, trainset, valset=rows, ...)``
   with ``eval_chunk_size=C`` and ``num_threads=T``; the baseline stage fans out a chord of
   ``dspex.optimize.eval_chunk`` tasks (C rows each, T threads per chunk) merged by ``dspex.optimize.eval_merge``.
   The wall time is taken from the run's events: the first ``baseline`` event (emitted as the chord is launched)
   to the ``baseline`` event that carries the score (emitted by the merge). The run is then cancelled, so it
   stops at the next stage boundary; it never evaluates a candidate (``min_gain`` 2 forbids promotion anyway).
-* ``dspy.Evaluate(N)``: the same rows, metric (``exact_match``) and program (``qa`` with the same two demos) in
-  this process, ``dspy.Evaluate(num_threads=N)`` over ``dspy.Predict`` with one ``dspy.LM("openai/mock", ...)``;
+* ``dspy.Evaluate(N)``: the same rows, metric (``exact_match``) and program (the same two demos on every
+  predictor) in this process, ``dspy.Evaluate(num_threads=N)`` over ``dspy.Predict`` (``qa``) or ``TwoStep()``
+  (``bench_two``) with one ``dspy.LM("openai/mock", ...)``;
   N = 1 x W x T and 3 x W x T, the dspex totals. First plain DSPy, then with dspex's price-lookup memoization
   (``dspex_tasks.worker.dspy_patches.apply_dspy_speedups``, which every dspex worker applies) in this process.
 
 The workers of the group not being measured are SIGSTOPped (no CPU); so are all workers while ``dspy.Evaluate``
-runs. Each row is the median run. Scores are checked equal on every side (a failed call would score 0).
+runs. Each row is the median run. Scores are checked equal on every side (a failed call would score 0),
+and so is the number of LM calls (n x calls per example: no retry, no extra call).
 
 Usage::
 
     python benchmarks/bench_optimize.py                 # full run: 400 examples, 3 rounds per phase
     python benchmarks/bench_optimize.py --quick --json  # 120 examples, 1 round
+    python benchmarks/bench_optimize.py --program bench_two --json  # the 2-predictor program
 """
 
 from __future__ import annotations
@@ -58,7 +67,6 @@ from benchmarks._harness import (  # noqa: E402
 from dspex_tasks.testing.mockgen import rule_answer  # noqa: E402
 from dspex_tasks.testing.redis_server import RedisServer  # noqa: E402
 
-SIGNATURE = "qa"
 SESSION = "bench-opt"
 SCENARIO = "learns_from_demos"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -76,6 +84,8 @@ class Knobs:
     procs: tuple[int, ...]
     rounds: int
     train_n: int
+    program: str = "qa"
+    calls: int = 1  # LM calls per example, one after the other
 
     def in_flight(self, procs: int) -> int:
         """LM calls dspex keeps in flight at most with ``procs`` worker processes."""
@@ -87,10 +97,10 @@ class Knobs:
     def dspex_bound_s(self, procs: int) -> float:
         """Latency bound: chunks run in waves of procs x W, each chunk in ceil(C / T) waves of calls."""
         waves = math.ceil(self.chunks() / (procs * self.concurrency)) * math.ceil(self.chunk_size / self.threads)
-        return waves * self.latency_ms / 1000.0
+        return waves * self.calls * self.latency_ms / 1000.0
 
     def evaluate_bound_s(self, threads: int) -> float:
-        return math.ceil(self.n / threads) * self.latency_ms / 1000.0
+        return math.ceil(self.n / threads) * self.calls * self.latency_ms / 1000.0
 
 
 def question(i: int, prefix: str = "") -> str:
@@ -116,6 +126,50 @@ DEMOS = train_rows(2)  # the session's current program: two labelled demos
 
 def expected_score(n: int) -> float:
     return sum(1 for i in range(n) if i % WRONG_EVERY != WRONG_EVERY - 1) / n
+
+
+@dataclass(frozen=True)
+class Target:
+    """A program to evaluate: what workers import to serve it, its session state, and the same in process."""
+
+    name: str
+    modules: str  # DSPEX_SIGNATURE_MODULES of its workers
+    calls: int  # LM calls per example
+
+    def state(self) -> dict[str, Any]:
+        """The session's current program: two labelled demos on every predictor, so the mock follows its rule."""
+        if self.name == "qa":
+            return {"demos": DEMOS}
+        from benchmarks.program_defs import NOTES
+
+        return {"draft": {"demos": [{"question": d["question"], "query": rule_answer({"question": d["question"]})}
+                                    for d in DEMOS]},
+                "answer": {"demos": [{"question": d["question"], "notes": NOTES[:1], "answer": d["answer"]}
+                                     for d in DEMOS]}}
+
+    def module(self) -> Any:
+        """The same program in this process, built as a DSPy user builds it, with :meth:`state`'s demos."""
+        import dspy
+
+        state = self.state()
+        if self.name == "qa":
+            import signatures  # noqa: F401 - registers qa
+            from dspex_tasks.dsl.signature import registry
+
+            qa = dspy.Predict(registry.get("qa").to_dspy())
+            qa.demos = [dspy.Example(**d) for d in state["demos"]]
+            return qa
+        from benchmarks.program_defs import TwoStep
+
+        two = TwoStep()
+        for name, predictor in two.named_predictors():
+            predictor.demos = [dspy.Example(**d) for d in state[name]["demos"]]
+        return two
+
+
+#: The mock answers a predictor by the rule once demos are in its prompt; for ``TwoStep`` the draft's query
+#: never names a note, so the answer step always sees NOTES[:1] and answers by the rule from the question.
+TARGETS = {"qa": Target("qa", "signatures", 1), "bench_two": Target("bench_two", "benchmarks.program_defs", 2)}
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -176,7 +230,8 @@ class WorkerGroup:
 
         self.procs = procs
         self.queue = f"bench.optimize.p{procs}"
-        env = {"DSPEX_NAMESPACE": namespace, "DSPEX_SIGNATURE_MODULES": "signatures", "DSPEX_LM": "openai/mock",
+        env = {"DSPEX_NAMESPACE": namespace, "DSPEX_SIGNATURE_MODULES": TARGETS[knobs.program].modules,
+               "DSPEX_LM": "openai/mock",
                "DSPEX_LM_API_BASE": mock.api_base, "DSPEX_LM_API_KEY": "sk-bench", "DSPEX_LM_NUM_RETRIES": "0",
                "DSPEX_WORKER_POOL": "threads", "DSPEX_WORKER_CONCURRENCY": str(knobs.concurrency),
                "DSPEX_OPTIMIZE_QUEUE": self.queue}
@@ -215,7 +270,7 @@ def dspex_eval(group: WorkerGroup, mock: MockLMProcess, knobs: Knobs, rows: list
     group.resume()
     mock.reset_stats()
     cpu0, mock0, t_submit = group.cpu_s(), cpu_s(mock.pid), time.time()
-    run = group.client.optimize(SIGNATURE, train, valset=rows, session=SESSION, optimizer="bootstrap_few_shot",
+    run = group.client.optimize(knobs.program, train, valset=rows, session=SESSION, optimizer="bootstrap_few_shot",
                                 params=params)
     events: Iterator[dict[str, Any]] = iter(run.events(timeout=900))
     first: dict[str, Any] | None = None
@@ -255,13 +310,11 @@ def dspex_eval(group: WorkerGroup, mock: MockLMProcess, knobs: Knobs, rows: list
 class InProcess:
     """``dspy.Evaluate`` in this process over the same program, rows and metric."""
 
-    def __init__(self, mock: MockLMProcess, rows: list[dict[str, Any]]) -> None:
+    def __init__(self, mock: MockLMProcess, rows: list[dict[str, Any]], target: Target) -> None:
         import logging
 
         import dspy
 
-        import signatures  # noqa: F401 - registers qa
-        from dspex_tasks.dsl.signature import registry
         from dspex_tasks.optimize.metrics import exact_match
 
         logging.getLogger("dspy.evaluate.evaluate").setLevel(logging.WARNING)  # its per-run "Average Metric"
@@ -269,8 +322,7 @@ class InProcess:
         self.mock = mock
         self.metric = exact_match
         self.lm = dspy.LM("openai/mock", api_base=mock.api_base, api_key="sk-bench", cache=False, num_retries=0)
-        self.program = dspy.Predict(registry.get(SIGNATURE).to_dspy())
-        self.program.demos = [dspy.Example(**d) for d in DEMOS]
+        self.program = target.module()
         self.devset = [dspy.Example(**r).with_inputs("question") for r in rows]
 
     def run(self, threads: int, *, devset: list[Any] | None = None, phase: str = "", round_: int = 0) -> Measurement:
@@ -298,6 +350,7 @@ class InProcess:
 # -- the benchmark ----------------------------------------------------------------------------------------
 def run_benchmark(knobs: Knobs, redis_url: str, log_dir: Path) -> dict[str, list[Measurement]]:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
+    target = TARGETS[knobs.program]
     rows, train = val_rows(knobs.n), train_rows(knobs.train_n)
     mock = MockLMProcess(latency_ms=knobs.latency_ms, log_dir=log_dir)
     groups = {p: WorkerGroup(p, knobs=knobs, redis_url=redis_url, namespace=namespace, mock=mock, log_dir=log_dir)
@@ -316,12 +369,12 @@ def run_benchmark(knobs: Knobs, redis_url: str, log_dir: Path) -> dict[str, list
             g.wait_ready()
         some = next(iter(groups.values())).client
         deadline = time.monotonic() + 30
-        while SIGNATURE not in some.signatures(refresh=True):
+        while target.name not in some.signatures(refresh=True):
             if time.monotonic() > deadline:
-                raise TimeoutError("workers did not publish the qa signature")
+                raise TimeoutError(f"workers did not publish {target.name}")
             time.sleep(0.2)
-        some.programs.put(SESSION, SIGNATURE, {"demos": DEMOS}, signature=SIGNATURE)
-        local = InProcess(mock, rows)
+        some.programs.put(SESSION, target.name, target.state(), signature=target.name)
+        local = InProcess(mock, rows, target)
         concurrencies = {p: knobs.in_flight(p) for p in knobs.procs}
 
         print("[warm-up, untimed]", flush=True)
@@ -404,7 +457,9 @@ def render(rows: list[Row], knobs: Knobs) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"one evaluation of {knobs.n} examples, HTTP mock LM at {knobs.latency_ms:.0f} ms")
+    calls = f"{knobs.calls} LM calls" if knobs.calls > 1 else "1 LM call"
+    table = Table(title=f"one evaluation of {knobs.n} examples of {knobs.program} ({calls} each), "
+                        f"HTTP mock LM at {knobs.latency_ms:.0f} ms")
     cols = (("scenario", "left"), ("knobs (in flight)", "left"), ("wall s", "right"), ("examples/s", "right"),
             ("latency bound s", "right"), ("max in flight", "right"), ("CPU ms/ex", "right"), ("score", "right"),
             ("ratio", "right"), ("ratio is", "left"), ("aim", "left"))
@@ -417,7 +472,7 @@ def render(rows: list[Row], knobs: Knobs) -> None:
                       str(r.max_in_flight), f"{r.cpu_ms:.2f}", f"{r.score:.4f}", ratio, r.ratio_label or "—", aim)
     Console(width=240).print(table)
     print("CPU ms/ex: dspex rows, all worker processes of the group; dspy.Evaluate rows, this process. "
-          "Latency bound: waves of LM calls x latency, no CPU.")
+          f"Latency bound: waves of LM calls x {knobs.calls} call(s) per example x latency, no CPU.")
 
 
 def round_ratios(knobs: Knobs, runs: dict[str, list[Measurement]]) -> dict[str, list[float]]:
@@ -437,16 +492,21 @@ def round_ratios(knobs: Knobs, runs: dict[str, list[Measurement]]) -> dict[str, 
 
 
 def check_scores(knobs: Knobs, runs: dict[str, list[Measurement]]) -> list[str]:
-    """Every run of every kind must score what the labels imply (a failed LM call scores 0)."""
-    want = expected_score(knobs.n)
-    return [f"{m.kind} {m.phase} round {m.round}: score {m.score:.4f} != {want:.4f}"
-            for ms in runs.values() for m in ms if abs(m.score - want) > 1e-9]
+    """Every run of every kind must score what the labels imply (a failed LM call scores 0), with exactly
+    ``calls`` LM calls per example (no retry, no extra call)."""
+    want, calls = expected_score(knobs.n), knobs.n * knobs.calls
+    return [*(f"{m.kind} {m.phase} round {m.round}: score {m.score:.4f} != {want:.4f}"
+              for ms in runs.values() for m in ms if abs(m.score - want) > 1e-9),
+            *(f"{m.kind} {m.phase} round {m.round}: {m.lm_calls} LM calls != {calls} ({knobs.calls} per example)"
+              for ms in runs.values() for m in ms if m.lm_calls != calls)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="120 examples, one round per phase")
     parser.add_argument("--json", action="store_true", help="print a JSON document at the end")
+    parser.add_argument("--program", choices=sorted(TARGETS), default="qa",
+                        help="qa: one Predict, 1 LM call per example; bench_two: 2-predictor TwoStep, 2 calls")
     parser.add_argument("--n", type=int, default=None, help="validation examples (default 400, quick 120)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per phase (default 3, quick 1)")
     parser.add_argument("--latency-ms", type=float, default=300.0)
@@ -462,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     knobs = Knobs(n=args.n or (120 if args.quick else 400), latency_ms=args.latency_ms, chunk_size=args.chunk_size,
                   threads=args.threads, concurrency=args.concurrency,
                   procs=tuple(sorted({int(p) for p in args.procs.split(",") if p.strip()})),
-                  rounds=args.rounds or (1 if args.quick else 3), train_n=8)
+                  rounds=args.rounds or (1 if args.quick else 3), train_n=8, program=args.program,
+                  calls=TARGETS[args.program].calls)
     install_signal_handlers()
     exe = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd() + os.sep) else sys.executable
     command = " ".join(shlex.quote(a) for a in [exe, *sys.argv])
@@ -491,9 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per round: {label}: {' / '.join(f'{v:.2f}' for v in values)}")
     problems = check_scores(knobs, runs)
     for p in problems:
-        print(f"SCORE MISMATCH: {p}", file=sys.stderr)
+        print(f"CHECK FAILED: {p}", file=sys.stderr)
     if not problems:
-        print(f"scores: every run of every kind scored {expected_score(knobs.n):.4f}, as the labels imply")
+        print(f"scores: every run of every kind scored {expected_score(knobs.n):.4f}, as the labels imply, "
+              f"with {knobs.n * knobs.calls} LM calls ({knobs.calls} per example)")
     if args.json:
         doc = {"command": command, "machine": machine, "knobs": asdict(knobs), "rows": [asdict(r) for r in rows],
                "ratios_per_round": per_round, "runs": {k: [asdict(m) for m in ms] for k, ms in runs.items()},

@@ -362,5 +362,15 @@ register_usage_commands(app)  # usage
 
 
 def main() -> None:
-    """Entry point of the ``dspex`` script and ``python -m dspex_tasks``."""
+    """Entry point of the ``dspex`` script and ``python -m dspex_tasks``.
+
+    The current directory goes first on ``sys.path``, as ``celery -A`` puts it, so a project's own modules
+    (its ``signatures`` package, ``DSPEX_SIGNATURE_MODULES``) are found the same way by both commands.
+    """
+    import os
+    import sys
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     app(prog_name="dspex")

@@ -138,9 +138,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: The reference signatures and programs, as the package ships them (a checkout's ``signatures/``).
+REFERENCE = ("dspex_tasks.examples", "dspex_tasks.examples.programs")
+
+
+def demo_modules(modules: list[str]) -> list[str]:
+    """``modules`` without a checkout's ``signatures`` packages: the demo serves the same files as
+    :data:`REFERENCE`, and one process must not register the same programs from two module names."""
+    return [m for m in modules if m not in ("signatures", "signatures.programs")]
+
+
 def _env(url: str, namespace: str, queue: str, modules: list[str], concurrency: int) -> dict[str, str]:
     env = worker_env({"DSPEX_REDIS_URL": url, "DSPEX_NAMESPACE": namespace, "DSPEX_PREDICT_QUEUE": queue,
-                      "DSPEX_SIGNATURE_MODULES": ",".join(dict.fromkeys([*modules, "signatures", "signatures.programs"])),
+                      "DSPEX_SIGNATURE_MODULES": ",".join(dict.fromkeys([*demo_modules(modules), *REFERENCE])),
                       "DSPEX_WORKER_POOL": "threads", "DSPEX_WORKER_CONCURRENCY": str(concurrency)})
     for var in ("DSPEX_BROKER_URL", "DSPEX_RESULT_BACKEND"):  # the demo keeps everything on one Redis
         env.pop(var, None)

@@ -28,7 +28,7 @@ __all__ = ["register", "flower", "health", "collect_health", "flower_argv", "def
            "oldest_message_age", "is_local_worker"]
 
 #: The Celery app Flower and workers load by default.
-DEFAULT_APP = "workers.app"
+DEFAULT_APP = "dspex_tasks.worker.celery_app"
 
 #: Message headers a producer may stamp with its send time (unix seconds or ISO 8601), first match wins.
 #: Celery's protocol 2 carries none by default; ``dspex_sent_at`` is the one dspex producers can add.
@@ -44,9 +44,9 @@ def register(app: typer.Typer) -> None:
 # -- dspex flower ------------------------------------------------------------------------------------------------
 
 def default_flower_conf() -> Path:
-    """``flower_config.py`` of this checkout, else of the current directory."""
-    here = Path(__file__).resolve().parents[2] / "flower_config.py"
-    return here if here.is_file() else Path.cwd() / "flower_config.py"
+    """The packaged ``dspex_tasks/observability/flower_config.py`` (a checkout's root ``flower_config.py`` runs
+    the same file)."""
+    return Path(__file__).resolve().parents[1] / "observability" / "flower_config.py"
 
 
 def flower_argv(conf: Path, *, port: int | None = None, address: str | None = None, celery_app: str = DEFAULT_APP,
@@ -69,7 +69,7 @@ def flower(
                                                 show_default="FLOWER_ADDRESS, DSPEX_FLOWER_ADDRESS or "
                                                              "127.0.0.1")] = None,
     conf: Annotated[Path | None, typer.Option(help="Flower configuration file.",
-                                              show_default="flower_config.py")] = None,
+                                              show_default="the packaged flower_config.py")] = None,
     celery_app: Annotated[str, typer.Option("--app", "-A", help="Celery app module.")] = DEFAULT_APP,
 ) -> None:
     """Run Flower (the Celery monitoring UI and API) with flower_config.py: auth on, state kept, /metrics.

@@ -4,20 +4,27 @@ Each signature's published input and output JSON Schemas become components (``qa
 ``qa.outputs``) referenced by its operations, so a generated client has ``question: string`` rather than
 ``object``. Every protected operation documents its problem responses and the API-key security schemes, and
 the right its key needs (``x-dspex-right``; its 403 says what a refusal names).
+
+The document is written for client generators (``openapi-python-client``, ``openapi-typescript``; both run
+against it in the tests) as much as for validators: rules between fields (a trainset or a dataset; params by
+optimizer) are ``if``/``then``/``else``, which validators apply and generators skip, never a ``oneOf`` of
+partial shapes that a generator cannot type; and request bodies state their defaults in words (see
+:func:`_defaults_in_words`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from typing import Any
 
 from ..programs.store import PREDICTOR_KEYS, PROGRAM_KEYS, SINGLE_PREDICTOR_KEYS
 from ..wire import MAX_TIMEOUT_S, lm_config_schema
+from .models import OPEN_OBJECT, RESPONSE_SCHEMAS, job_schema, ref, result_schema
 from .problems import PROBLEM_JSON, PROBLEM_SCHEMA
 
-__all__ = ["build_document", "PUBLIC", "JOB_SCHEMA", "JOB_EVENT_SCHEMA", "RUN_SCHEMA", "RUN_EVENT_SCHEMA",
-           "SIGNATURE_SCHEMA", "ref", "sse_schema"]
+__all__ = ["build_document", "PUBLIC", "OPTION_PROPERTIES", "ref"]
 
 PUBLIC = frozenset({"/healthz"})
 _ERRORS = (400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -28,26 +35,8 @@ _DESCRIPTIONS = {400: "Malformed request", 401: "Missing or unknown API key", 40
                  422: "Validation failed (errors[].field names each bad field)", 429: "Rate limited",
                  502: "The job failed on the worker or the LM", 503: "Store unavailable", 504: "Timed out"}
 
-NULLABLE_STR = {"anyOf": [{"type": "string"}, {"type": "null"}]}
 ID_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r"^[A-Za-z0-9._:-]+$"}
-
-
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _result_schema(outputs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            "outputs": outputs, "session": NULLABLE_STR, "program": {"type": "string"},
-            "program_version": {"type": "integer"}, "usage": {"type": "object"}, "lm": {"type": "string"},
-            "duration_ms": {"type": "number"}, "worker": NULLABLE_STR, "task_id": NULLABLE_STR,
-            "trace": {"type": "array", "items": ref("TraceEntry"),
-                      "description": "with trace: true, each predictor call in order"},
-        },
-        "required": ["outputs", "program_version"],
-    }
+_NULLABLE_ID: dict[str, Any] = {"anyOf": [ID_SCHEMA, {"type": "null"}]}
 
 
 #: The per-request options of a job request (ARCHITECTURE 3.6); null is "not set", as for session and program.
@@ -60,103 +49,10 @@ OPTION_PROPERTIES: dict[str, Any] = {
                                  "model and any other are refused)"},
     "stream": {"anyOf": [{"type": "boolean"}, {"type": "null"}], "default": False,
                "description": "the job writes live events (status, step, tool, token, then result or error): "
-                              "follow them with GET /v1/jobs/{id}/events"},
+                              "follow them with GET /v1/jobs/{job_id}/events"},
     "timeout_s": {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_S}, {"type": "null"}],
                   "description": "the job's total time from now, queued time included: past it the job stops "
                                  "before its next LM call and fails as Cancelled (code 'cancelled')"},
-}
-
-
-def _job_schema(result: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"}, "signature": signature,
-            "state": {"type": "string", "description": "PENDING, STARTED, RETRY, SUCCESS, FAILURE, ..."},
-            "result": result, "error": ref("JobError"),
-        },
-        "required": ["id", "state", "signature"],
-    }
-
-
-JOB_SCHEMA = _job_schema(ref("Result"), NULLABLE_STR)
-RUN_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "An optimization run's record; summary once it succeeded.",
-    "properties": {"run_id": {"type": "string"}, "status": {"type": "string"}, "stage": {"type": "string"},
-                   "signature": {"type": "string"}, "summary": {"type": "object"}},
-    "required": ["run_id", "status", "stage"],
-}
-SIGNATURE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "spec": {"type": "string"}, "module": {"type": "string"},
-                   "instructions": {"type": "string"}, "input_fields": {"type": "object"},
-                   "output_fields": {"type": "object"}, "input_schema": {"type": "object"},
-                   "output_schema": {"type": "object"}},
-    "required": ["name", "input_schema", "output_schema"],
-}
-_COMMON: dict[str, Any] = {
-    "Problem": PROBLEM_SCHEMA,
-    "JobError": {"type": "object", "properties": {
-        "type": {"type": "string"}, "code": {"type": "string"}, "message": {"type": "string"},
-        "errors": {"type": "array", "items": {"type": "object"}}}, "required": ["type", "code", "message"]},
-    "TraceEntry": {"type": "object", "properties": {
-        "predictor": {"type": "string"}, "inputs": {"type": "object"}, "outputs": {"type": "object"}},
-        "required": ["predictor", "inputs", "outputs"]},
-    "Result": _result_schema({"type": "object"}),
-    "Job": JOB_SCHEMA,
-    "Run": RUN_SCHEMA,
-    "SignatureDescription": SIGNATURE_SCHEMA,
-}
-
-
-def sse_schema(data: dict[str, Any], events: list[str] | None = None) -> dict[str, Any]:
-    """One Server-Sent Event (OpenAPI 3.2's convention for ``text/event-stream``): ``data`` is JSON."""
-    event: dict[str, Any] = {"type": "string", "enum": events} if events else {"type": "string"}
-    return {"type": "object", "properties": {
-        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
-        "event": event, "id": {"type": "string"}, "retry": {"type": "integer"}}, "required": ["data"]}
-
-
-RUN_EVENT_SCHEMA: dict[str, Any] = {
-    "type": "object", "properties": {"stage": {"type": "string"}, "done": {"type": "integer"},
-                                     "total": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
-                                     "score": {"type": "number"}, "message": {"type": "string"},
-                                     "ts": {"type": "number"}},
-    "required": ["stage", "ts"]}
-
-
-_NULLABLE_ID = {"anyOf": [{"type": "string"}, {"type": "null"}]}
-JOB_EVENT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "One live event of a job (the SSE event name is its type). status: {state: running | "
-                   "retrying | requeued, attempt?}; step: a module or predictor {phase: start | end, name, kind: "
-                   "module | predictor, error?}; tool: {phase: start, name, arguments} then {phase: end, name, "
-                   "result | error}; token: {field, chunk, predictor, reset?} (the chunks of a field since its last "
-                   "reset, joined, equal that field of the result); last result {result} or error {error}. A job "
-                   "that wrote no live event also gets state: {state} (its Celery state) on each change.",
-    "properties": {
-        "type": {"type": "string", "enum": ["status", "step", "tool", "token", "result", "error", "state"]},
-        "id": {**_NULLABLE_ID, "description": "the stream entry id (also the SSE id); null for a state event and "
-                                              "for a final event built from the stored result"},
-        "ts": {"type": "number", "description": "unix seconds"},
-        "state": {"type": "string"}, "attempt": {"type": "integer"},
-        "phase": {"type": "string", "enum": ["start", "end"]}, "name": {"type": "string"},
-        "kind": {"type": "string", "enum": ["module", "predictor"]},
-        "arguments": {"type": "object"}, "field": {"type": "string"}, "chunk": {"type": "string"},
-        "predictor": {"type": ["string", "null"],
-                      "description": "the predictor that streamed the chunk; null for a chunk that was not streamed "
-                                     "(a cache hit, or the rest of the final value)"},
-        "reset": {"type": "boolean"},
-        "result": {"description": "result: the job's result, as GET /v1/jobs/{id} shows it; tool: the tool's",
-                   "anyOf": [ref("Result"), {}]},
-        "error": {"description": "error: the job's error; step and tool: what the step or tool raised",
-                  "anyOf": [{"type": "object", "properties": {
-                      "type": {"type": "string"}, "code": _NULLABLE_ID, "message": {"type": "string"},
-                      "errors": {"type": "array", "items": {"type": "object"}}}, "required": ["type", "message"]},
-                      {"type": "string"}]},
-    },
-    "required": ["type"],
 }
 
 
@@ -178,8 +74,28 @@ def _embed(schema: dict[str, Any], prefix: str, components: dict[str, Any]) -> d
         return node
 
     for name, sub in defs.items():
-        components[names[name]] = rewrite(sub)
-    return dict(rewrite(schema))
+        components[names[name]] = _nest_conditions(rewrite(sub))
+    return _nest_conditions(dict(rewrite(schema)))
+
+
+_CONDITION_KEYS = frozenset({"if", "then", "else"})
+
+
+def _nest_conditions(schema: dict[str, Any]) -> dict[str, Any]:
+    """``allOf`` of conditions only (``[{if, then}, ...]``) as one nested ``if``/``then``/``else``: the same
+    rules, where openapi-typescript would write each ``allOf`` member as ``unknown``. Each condition's branches
+    take the ones after it (``C1 and R`` is ``if P1 then Q1 and R else R1 and R``)."""
+    conditions = schema.get("allOf")
+    if (not conditions or _CONDITION_KEYS & schema.keys()
+            or not all(isinstance(c, dict) and "if" in c and c.keys() <= _CONDITION_KEYS for c in conditions)):
+        return schema
+    rest: dict[str, Any] = {}
+    for c in reversed(conditions):
+        then, other = c.get("then", {}), c.get("else", {})
+        if rest.keys() & (then.keys() | other.keys()):
+            return schema  # the branches would share a keyword: keep the allOf
+        rest = {"if": c["if"], "then": {**then, **rest}, **({"else": {**other, **rest}} if other or rest else {})}
+    return {**{k: v for k, v in schema.items() if k != "allOf"}, **rest}
 
 
 def _problem(code: int) -> dict[str, Any]:
@@ -287,28 +203,31 @@ def _signature_components(name: str, desc: dict[str, Any], components: dict[str,
     components[c + "outputs"] = _embed(desc["output_schema"], c + "outputs", components)
     components[c + "job_request"] = {
         "type": "object", "title": f"{name} job request",
-        "properties": {"inputs": ref(c + "inputs"), "session": {"anyOf": [ID_SCHEMA, {"type": "null"}]},
-                       "program": {"anyOf": [ID_SCHEMA, {"type": "null"}]}, **copy.deepcopy(OPTION_PROPERTIES)},
+        "properties": {"inputs": ref(c + "inputs"), "session": copy.deepcopy(_NULLABLE_ID),
+                       "program": copy.deepcopy(_NULLABLE_ID), **copy.deepcopy(OPTION_PROPERTIES)},
         "required": ["inputs"], "additionalProperties": False,
     }
-    components[c + "result"] = _result_schema(ref(c + "outputs"))
-    components[c + "job"] = _job_schema(ref(c + "result"), {"type": "string", "const": name})
+    components[c + "result"] = result_schema(ref(c + "outputs"))
+    components[c + "job"] = job_schema(ref(c + "result"), {"type": "string", "const": name})
 
 
-def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, list[str]],
+def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, Any],
                              components: dict[str, Any]) -> None:
-    """A run request for one signature: rows typed by its schemas, names from the workers' capabilities."""
+    """A run request for one signature: rows typed by its schemas, names from the workers' capabilities.
+
+    One object: ``trainset`` and ``dataset`` are both optional to a generated client, and the gateway answers
+    422 naming the field when a request gives neither or both; the same rule, and ``params`` by optimizer,
+    are ``if``/``then``/``else`` for validators (:func:`_request_rules`).
+    """
     from ..optimize.datasets import MAX_ROWS, example_schema
 
     c = f"{name}."
-    row = _embed(example_schema(desc), c + "example", components)
-    outputs = list((desc.get("output_schema") or {}).get("properties") or {})
-    if outputs:
-        row["anyOf"] = [{"required": [o]} for o in outputs]  # at least one label
+    row = _embed(example_schema(desc), c + "example", components)  # inputs typed, any other field a label
     row["title"] = f"{name} example"
+    row["description"] = ("A row: the signature's inputs, typed, and any other field a label the metric "
+                          "reads (usually the outputs it should produce)")
     components[c + "example"] = row
     rows = {"anyOf": [{"type": "array", "maxItems": MAX_ROWS, "items": ref(c + "example")}, {"type": "null"}]}
-    nullable_id = {"anyOf": [ID_SCHEMA, {"type": "null"}]}
 
     def named(kind: str, default: str) -> dict[str, Any]:
         known = caps.get(f"{kind}s")
@@ -316,46 +235,67 @@ def _optimization_components(name: str, desc: dict[str, Any], caps: dict[str, li
             return {"type": "string", "enum": list(known), "default": default}
         return {**ID_SCHEMA, "default": default}
 
+    params, rules = _optimizer_params(caps, components)
     components[c + "optimization_request"] = {
         "type": "object", "title": f"{name} optimization request",
-        "properties": {"signature": {"type": "string", "const": name}, "trainset": rows, "valset": rows,
-                       "metric": named("metric", "exact_match"), "optimizer": named("optimizer", "bootstrap_few_shot"),
-                       "session": nullable_id, "program": nullable_id,
-                       "params": {"anyOf": [{"type": "object"}, {"type": "null"}]}, "dataset": nullable_id},
+        "description": "Give a trainset or a dataset (a stored one's name), not both: otherwise the answer is "
+                       "422 naming 'trainset' or 'dataset'.",
+        "properties": {
+            "signature": {"type": "string", "const": name},
+            "trainset": {**rows, "description": "the rows to optimize on (or name a dataset)"},
+            "valset": {**rows, "description": "rows to score on; without it params.val_fraction of the "
+                                              "trainset is held out"},
+            "metric": named("metric", "exact_match"), "optimizer": named("optimizer", "bootstrap_few_shot"),
+            "session": {**_NULLABLE_ID, "description": "promote the candidate here when it wins; none: a dry "
+                                                       "run"},
+            "program": copy.deepcopy(_NULLABLE_ID),
+            "params": {**params, "description": "the optimizer's params (optimizers.<name>.params describes "
+                                                "each); an unknown key is a 422 naming it"},
+            "dataset": {**_NULLABLE_ID, "description": "the name of a stored dataset, instead of a trainset"}},
         "required": ["signature"], "additionalProperties": False,
-        "oneOf": [  # a trainset or a dataset, not both
-            {"required": ["trainset"], "properties": {"trainset": {"type": "array"}, "dataset": {"type": "null"}}},
-            {"required": ["dataset"], "properties": {"dataset": {"type": "string"}, "trainset": {"type": "null"}}}],
+        **_request_rules(rules),
     }
-    params = _optimizer_params(caps, components)
-    if params:
-        components[c + "optimization_request"]["allOf"] = params
 
 
-def _optimizer_params(caps: dict[str, Any], components: dict[str, Any]) -> list[dict[str, Any]]:
-    """``params`` typed by the chosen optimizer (the schemas workers publish): one if/then per optimizer."""
+def _optimizer_params(caps: dict[str, Any], components: dict[str, Any]
+                      ) -> tuple[dict[str, Any], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """``params``'s schema (any published optimizer's params, or null) and one (if, then) per optimizer that
+    types them by the chosen one (the schemas workers publish)."""
     schemas = caps.get("optimizer_params")
     if not isinstance(schemas, dict) or not schemas:
-        return []
-    out = []
+        return {"anyOf": [dict(OPEN_OBJECT), {"type": "null"}]}, []
+    members: list[dict[str, Any]] = []
+    rules = []
     for opt in sorted(schemas):
         target = f"optimizers.{re.sub(r'[^A-Za-z0-9._-]', '_', opt)}.params"
         components[target] = _embed(schemas[opt], target, components)
-        params = {"properties": {"params": {"anyOf": [ref(target), {"type": "null"}]}}}
+        members.append(ref(target))
         when: dict[str, Any] = {"properties": {"optimizer": {"const": opt}}, "required": ["optimizer"]}
         if opt == "bootstrap_few_shot":  # the default optimizer
             when = {"anyOf": [when, {"not": {"required": ["optimizer"]}}]}
-        out.append({"if": when, "then": params})
-    return out
+        rules.append((when, {"properties": {"params": {"anyOf": [ref(target), {"type": "null"}]}}}))
+    if set(caps.get("optimizers") or ()) - set(schemas):  # an optimizer that published no params schema
+        members.append(dict(OPEN_OBJECT))
+    return {"anyOf": [*members, {"type": "null"}]}, rules
+
+
+def _request_rules(params: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """A trainset or a dataset, and then ``params`` by optimizer, as nested ``if``/``then``/``else``."""
+    chain: dict[str, Any] = {}
+    for when, then in reversed(params):  # mutually exclusive: each one's else holds the next
+        chain = {"if": when, "then": then, **({"else": chain} if chain else {})}
+    return {"if": {"required": ["dataset"], "properties": {"dataset": {"type": "string"}}},
+            "then": {"properties": {"trainset": {"type": "null"}}, **copy.deepcopy(chain)},
+            "else": {"required": ["trainset"], "properties": {"trainset": {"type": "array"}}, **chain}}
 
 
 def _program_state_schema() -> dict[str, Any]:
     """Program state a signature's module (one predictor) loads: its state at the top level or under
     ``self``/``predict``; another key holding an object would be a predictor the module does not have."""
-    demos = {"type": "array", "items": {"type": "object"}}
+    demos = {"type": "array", "items": dict(OPEN_OBJECT)}  # a demo: inputs and outputs, named by the signature
     props: dict[str, Any] = {k: {"properties": {"demos": demos}} for k in sorted(PREDICTOR_KEYS | PROGRAM_KEYS)}
-    props.update({"demos": demos, "instructions": {"type": "string"}, **dict.fromkeys(SINGLE_PREDICTOR_KEYS,
-                                                  {"type": "object", "properties": {"demos": demos}})})
+    props.update({"demos": demos, "instructions": {"type": "string"}, **dict.fromkeys(
+        SINGLE_PREDICTOR_KEYS, {"type": "object", "properties": {"demos": demos}, "additionalProperties": True})})
     return {"type": "object", "description": "DSPy dump_state() JSON, or {demos, instructions}. A program "
             "with several predictors takes one entry per predictor (the names GET /v1/signatures lists under "
             "'predictors'); this schema describes the one-predictor form",
@@ -373,11 +313,50 @@ def _typed_fixed_bodies(doc: dict[str, Any], signatures: dict[str, dict[str, Any
         put["properties"]["signature"] = {"anyOf": [{"type": "string", "enum": names}, {"type": "null"}]}
         put["properties"]["state"] = _program_state_schema()
     op = doc["paths"].get("/v1/optimizations", {}).get("post")
-    if op is not None:
+    if op is not None:  # a typed union: each member is one object, told apart by its signature
         op["requestBody"]["content"]["application/json"]["schema"] = {
             "oneOf": [ref(f"{n}.optimization_request") for n in names],
             "discriminator": {"propertyName": "signature",
                               "mapping": {n: f"#/components/schemas/{n}.optimization_request" for n in names}}}
+        schemas.pop("OptimizationRequest", None)  # FastAPI's untyped model, referenced no more
+
+
+def _subschemas(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """The schemas directly inside a schema (a property named "default" is a schema, not a default)."""
+    out = [node[k] for k in ("items", "additionalProperties", "not", "if", "then", "else", "contentSchema")
+           if isinstance(node.get(k), dict)]
+    for k in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        out += [v for v in node.get(k) or [] if isinstance(v, dict)]
+    for k in ("properties", "patternProperties", "$defs", "dependentSchemas"):
+        out += [v for v in (node.get(k) or {}).values() if isinstance(v, dict)]
+    return out
+
+
+def _defaults_in_words(doc: dict[str, Any]) -> None:
+    """Every request body's defaults (and the components it references) said in the description.
+
+    openapi-typescript types a property with a ``default`` as always present, in a request too
+    (openapi-ts/openapi-typescript#2012), so ``{"inputs": {...}}`` would not type-check without ``trace``,
+    ``stream`` and every optimizer param. A default is the server's business: the body may leave it out.
+    """
+    schemas = doc["components"]["schemas"]
+    todo = [media["schema"] for item in doc["paths"].values() for op in item.values() if isinstance(op, dict)
+            for media in (op.get("requestBody") or {}).get("content", {}).values() if "schema" in media]
+    seen: set[str] = set()
+    while todo:
+        node = todo.pop()
+        target = node.get("$ref")
+        if isinstance(target, str) and target.startswith("#/components/schemas/"):
+            name = target.rsplit("/", 1)[1]
+            if name not in seen and name in schemas:
+                seen.add(name)
+                todo.append(schemas[name])
+        if "default" in node:
+            default = node.pop("default")
+            if default is not None:
+                said = f"Default: {json.dumps(default)}."
+                node["description"] = f"{node['description'].rstrip('.')}. {said}" if node.get("description") else said
+        todo += _subschemas(node)
 
 
 def build_document(base: dict[str, Any], signatures: dict[str, dict[str, Any]],
@@ -393,7 +372,7 @@ def build_document(base: dict[str, Any], signatures: dict[str, dict[str, Any]],
     schemas = components.setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
-    schemas.update(copy.deepcopy(_COMMON))
+    schemas.update(copy.deepcopy({"Problem": PROBLEM_SCHEMA, **RESPONSE_SCHEMAS}))
     paths: dict[str, Any] = {}
     for name in sorted(signatures):
         _signature_components(name, signatures[name], schemas)
@@ -402,6 +381,7 @@ def build_document(base: dict[str, Any], signatures: dict[str, dict[str, Any]],
     paths.update(doc.get("paths", {}))
     doc["paths"] = paths
     _typed_fixed_bodies(doc, signatures)
+    _defaults_in_words(doc)
     _add_links(doc)
     components["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},

@@ -18,6 +18,7 @@ import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -91,6 +92,10 @@ class Stages:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.settings = app.dspex_settings
+        # The program each evaluation scores, built once per (run, baseline|candidate) in this process: every
+        # chunk of an evaluation scores the same state, and building it is most of dspex's own CPU per chunk.
+        self._programs: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._programs_lock = threading.Lock()
         # Stage dispatch: each returns True when the run should advance to the next stage now.
         self.table: dict[Stage, Callable[[Any, str, RunRecord], bool]] = {
             Stage.LOAD: self.stage_load,
@@ -180,7 +185,7 @@ class Stages:
 
         self.runs.add_lm_calls(run_id, calls)
         self.runs.add_usage(run_id, usage)
-        record_lm(lm_name(self.runtime.lm_for(sig)), usage, calls=calls)
+        record_lm(lm_name(self.runtime.lm_for(sig, recorded=True)), usage, calls=calls)
 
     def _check_budget(self, run_id: str, rec: RunRecord, stage: str | None = None) -> None:
         """Raise :class:`BudgetExceeded` when the run has spent its ``max_cost_usd`` or ``max_lm_calls``.
@@ -317,31 +322,45 @@ class Stages:
         chunk = rows[index * common.eval_chunk_size:(index + 1) * common.eval_chunk_size]
         state = (self.runs.checkpoint(run_id, EVALS[Stage(which)]) or {}).get("state")
         self._check_budget(run_id, rec)
-        scores, calls, refused, spent = self._evaluate(sig, rec.session or None, state, chunk,
+        module = self._program(run_id, which, sig, state)
+        scores, calls, refused, spent = self._evaluate(sig, rec.session or None, module, chunk,
                                                        get_metric(rec.metric), common.num_threads)
         self._spent(run_id, sig, calls, spent)
         self.runs.save_checkpoint(run_id, name, {"scores": scores, "auth_failed": len(refused),
                                                  "auth_error": refused[0].message if refused else None})
         return {"index": index, "n": len(scores)}
 
-    def _evaluate(self, sig: Any, session: str | None, state: Any, rows: list[dict[str, Any]], metric: Any,
+    def _program(self, run_id: str, which: str, sig: Any, state: Any) -> Any:
+        """The module an evaluation of ``run_id`` scores (``which``: baseline or candidate), built once."""
+        key = (run_id, which)
+        with self._programs_lock:
+            module = self._programs.get(key)
+            if module is not None:
+                self._programs.move_to_end(key)
+                return module
+        module = load_program(sig, state)
+        with self._programs_lock:
+            self._programs[key] = module
+            while len(self._programs) > 8:
+                self._programs.popitem(last=False)
+        return module
+
+    def _evaluate(self, sig: Any, session: str | None, module: Any, rows: list[dict[str, Any]], metric: Any,
                   threads: int) -> tuple[list[float], int, list[LMAuthError], dict[str, float]]:
         """Scores per row, LM calls made, the rows' refused-credentials errors (each scored 0 here), and what
-        the rows spent (tokens, cost: the ledger's totals, summed)."""
+        the rows spent (tokens, cost: the ledger's totals, summed). Calls are counted from each row's usage, not
+        with a DSPy callback, which would switch DSPy's callback machinery on for every module and LM call."""
         import dspy
 
-        module = load_program(sig, state)
         refused: list[LMAuthError] = []
-        spent: dict[str, float] = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        spent: dict[str, float] = {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "lm_calls": 0}
         lock = threading.Lock()
-        progress = _Progress(lambda *a, **k: None, "eval", None)
         runner = self.runtime.runner
 
         def one(row: dict[str, Any]) -> float:
             example = dspy.Example(**row).with_inputs(*sig.input_fields)
             try:  # through the worker's one runner: the LM spend is billed to the session's program
-                done = runner.run(sig, module, dict(example.inputs()), session, callbacks=[progress.callback],
-                                  count_task=False)
+                done = runner.run(sig, module, dict(example.inputs()), session, count_task=False)
                 pred = done.prediction
                 with lock:
                     for name in spent:
@@ -355,7 +374,8 @@ class Stages:
             return metric_score(metric(example, pred))
 
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
-            return list(pool.map(one, rows)), progress.calls, refused, spent
+            scores = list(pool.map(one, rows))
+        return scores, int(spent.pop("lm_calls")), refused, spent
 
     def eval_merge(self, task: Any, run_id: str, which: str, chunks: int) -> dict[str, Any]:
         if self._cancelled(run_id, self.runs.get(run_id)):

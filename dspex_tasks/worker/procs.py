@@ -1,7 +1,7 @@
 """Celery worker OS processes: start them, wait until they serve, stop them with no orphans.
 
 Used by ``dspex worker --processes N`` (a small supervisor) and ``dspex demo``.
-Each worker runs ``python -m celery -A workers.app worker ...`` in its own
+Each worker runs ``python -m celery -A dspex_tasks.worker.celery_app worker ...`` in its own
 session (``start_new_session=True``), so a terminal Ctrl-C reaches only the
 parent, which then asks each worker for a warm shutdown (SIGTERM to the main
 process) and SIGKILLs the whole process group of any straggler.
@@ -25,14 +25,15 @@ from ..errors import ConfigurationError
 
 __all__ = ["PACKAGE_ROOT", "WorkerGroup", "celery_worker_argv", "ping_names", "supervise", "worker_env"]
 
-#: The directory holding ``dspex_tasks``, ``workers`` and ``signatures`` (repo root or site-packages).
+#: The directory holding ``dspex_tasks`` (a checkout's root, with ``signatures``; or site-packages).
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment plus ``extra``, with :data:`PACKAGE_ROOT` on ``PYTHONPATH``.
 
-    That makes ``-A workers.app`` and the default ``signatures`` module importable from any cwd.
+    In a checkout that makes its ``signatures`` importable from any cwd; the worker's own cwd still comes first
+    (``python -m celery`` puts it at ``sys.path[0]``), so a project's own ``signatures`` wins.
     """
     env = dict(os.environ)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -44,8 +45,8 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def celery_worker_argv(*, hostname: str, queues: Iterable[str], pool: str, concurrency: int, loglevel: str,
                        extra: Iterable[str] = ()) -> list[str]:
-    """The command line of one ``celery worker`` process serving ``workers.app``."""
-    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-n", hostname,
+    """The command line of one ``celery worker`` process serving ``dspex_tasks.worker.celery_app``."""
+    return [sys.executable, "-m", "celery", "-A", "dspex_tasks.worker.celery_app", "worker", "-n", hostname,
             "-Q", ",".join(queues), "-P", pool, "-c", str(concurrency), "--loglevel", loglevel, *extra]
 
 

@@ -467,14 +467,16 @@ def test_dockerfile_is_multi_stage_on_python_slim(dockerfile: list[Instruction])
     assert "--mount=type=bind,from=builder,source=/wheels" in args
     for flag in ("--no-cache-dir", "--no-index", "--find-links=/wheels", f'"dspex-tasks[{IMAGE_EXTRAS}]"'):
         assert flag in args, flag
-    assert "import flower, redbeat, fastapi, uvicorn, workers.app" in args  # a missing extra fails the build
+    assert "import flower, redbeat, fastapi, uvicorn, dspex_tasks.worker.celery_app" in args  # a missing extra fails
 
 
 def test_dockerfile_builds_every_package_pyproject_declares(dockerfile: list[Instruction]) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    setup = pyproject["tool"]["setuptools"]
+    # every directory the wheel's packages come from: dspex_tasks/, and signatures/ (shipped as dspex_tasks.examples)
+    sources = {setup.get("package-dir", {}).get(p, p.replace(".", "/")).split("/")[0] for p in setup["packages"]}
     copied = {ins.args.split()[0].rstrip("/") for ins in _only(dockerfile, "COPY", "builder")}
-    assert packages <= copied, f"not copied into the builder: {packages - copied}"
+    assert sources == {"dspex_tasks", "signatures"} and sources <= copied, f"not copied: {sources - copied}"
     assert {"pyproject.toml", "README.md"} <= {a for ins in _only(dockerfile, "COPY", "builder")
                                                 for a in ins.args.split()[:-1]}
     assert pyproject["project"]["readme"] == "README.md"
@@ -707,21 +709,17 @@ def test_flower_in_the_image_finds_its_config_and_starts_with_auth(dockerfile: l
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     runtime = _runtime_stage(dockerfile)
     workdir = _only(dockerfile, "WORKDIR", runtime)[-1].args
-    copies = [ins.args.split() for ins in _only(dockerfile, "COPY", runtime) if "flower_config.py" in ins.args]
-    assert copies == [["flower_config.py", "./"]] and (ROOT / "flower_config.py").is_file()
-    # Installed, cli/ops.py sits in site-packages with no flower_config.py above it: `dspex flower` falls back
-    # to the working directory, where the image put it.
+    # The image copies no flower_config.py: `dspex flower` uses the one the package ships, wherever it is installed
+    assert not [ins for ins in _only(dockerfile, "COPY", runtime) if "flower_config.py" in ins.args]
     site = tmp_path / "lib" / "site-packages" / "dspex_tasks" / "cli"
     site.mkdir(parents=True)
     monkeypatch.setattr(cli_ops, "__file__", str(site / "ops.py"))
     monkeypatch.chdir(tmp_path)
-    assert cli_ops.default_flower_conf() == tmp_path / "flower_config.py"
-    assert Path(workdir).is_absolute()
-    # What it runs is what the Flower system test runs: celery -A workers.app flower --conf=...
-    argv = cli_ops.flower_argv(Path(workdir) / "flower_config.py")
-    assert argv[1:] == ["-m", "celery", "-A", "workers.app", "flower", f"--conf={workdir}/flower_config.py"]
-    source = (ROOT / "tests" / "system" / "test_flower.py").read_text()
-    assert re.search(r'"-m",\s*"celery",\s*"-A",\s*"workers\.app",\s*"flower",\s*"--conf=flower_config\.py"', source)
+    packaged = site.parent / "observability" / "flower_config.py"
+    assert cli_ops.default_flower_conf() == packaged
+    assert (ROOT / "dspex_tasks" / "observability" / "flower_config.py").is_file() and Path(workdir).is_absolute()
+    argv = cli_ops.flower_argv(packaged)
+    assert argv[1:] == ["-m", "celery", "-A", "dspex_tasks.worker.celery_app", "flower", f"--conf={packaged}"]
     # The image's FLOWER_* settings with compose's FLOWER_BASIC_AUTH pass flower_config.py's checks ...
     env = _env_of(dockerfile, runtime)
     for var in list(os.environ):
@@ -746,9 +744,9 @@ def test_dspex_worker_runs_the_celery_worker_the_system_tests_run(monkeypatch: p
     system = _system_test_worker_argv(monkeypatch, tmp_path)
     assert system[1:6] == ["-m", "celery", "-A", "workers.app", "worker"]
     system_opts = _celery_options(system)
-    # workers/app.py is the app the system tests load, and what `dspex worker` builds
-    assert (ROOT / "workers" / "app.py").is_file()
-    assert "app = create_worker_app()" in (ROOT / "workers" / "app.py").read_text()
+    # workers/app.py, the app the system tests load, is the packaged app `dspex worker` builds too
+    assert "from dspex_tasks.worker.celery_app import app, celery" in (ROOT / "workers" / "app.py").read_text()
+    assert "app = create_worker_app()" in (ROOT / "dspex_tasks" / "worker" / "celery_app.py").read_text()
 
     command = [str(a) for a in compose["services"]["worker-predict"]["command"]]
     calls = _run_cli(monkeypatch, command, {"DSPEX_REDIS_URL": "redis://127.0.0.1:1/0"})

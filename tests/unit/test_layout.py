@@ -10,7 +10,8 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-PACKAGE = Path(__file__).resolve().parents[2] / "dspex_tasks"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "dspex_tasks"
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -150,3 +151,19 @@ def test_public_imports_keep_working() -> None:
             "assert not missing, missing\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_wheel_installs_only_dspex_tasks_with_the_reference_programs_inside() -> None:
+    """pyproject lists every package on disk; signatures/ ships as dspex_tasks.examples, workers/ not at all, so an
+    installed wheel never shadows a project's own ``signatures`` or ``workers`` (issue 17 item 1)."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "dspex_tasks").rglob("__init__.py")
+               if "__pycache__" not in p.parts}
+    examples = {"dspex_tasks.examples" + ("." + ".".join(p.parent.relative_to(ROOT / "signatures").parts)
+                                          if p.parent != ROOT / "signatures" else "")
+                for p in (ROOT / "signatures").rglob("__init__.py")}
+    assert set(setup["packages"]) == on_disk | examples
+    assert setup["package-dir"] == {"dspex_tasks.examples": "signatures"}
+    assert not any(p.split(".")[0] in ("signatures", "workers") for p in setup["packages"])

@@ -43,7 +43,7 @@ def test_worker_env_puts_the_package_root_on_pythonpath(monkeypatch: pytest.Monk
 
 def test_celery_worker_argv() -> None:
     argv = celery_worker_argv(hostname="w1@%h", queues=["a", "b"], pool="threads", concurrency=4, loglevel="INFO")
-    assert argv[:6] == [sys.executable, "-m", "celery", "-A", "workers.app", "worker"]
+    assert argv[:6] == [sys.executable, "-m", "celery", "-A", "dspex_tasks.worker.celery_app", "worker"]
     assert argv[argv.index("-Q") + 1] == "a,b" and argv[argv.index("-n") + 1] == "w1@%h"
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ... import live
-from ..openapi import JOB_EVENT_SCHEMA, sse_schema
+from ..models import JOB_EVENT_TYPES, how_to_follow, ref, sse_item_schema
 from ..results import READY
 from ..sse import KEEPALIVE_S, event_stream, job_events, last_event_id
 from .access import ReadableJob, WritableJob, WriteKey
@@ -38,8 +38,7 @@ _JOB_SSE: dict[int | str, dict[str, Any]] = {200: {
         "it saw>' (EventSource does so by itself) and gets exactly the events after it; an empty one starts "
         "over, a malformed one is a 422 problem before the stream starts. Close the EventSource on the 'result' "
         "or 'error' event: reconnecting after it would answer the final event again."),
-    "content": {"text/event-stream": {"schema": sse_schema(
-        JOB_EVENT_SCHEMA, ["status", "step", "tool", "token", "result", "error", "state"])}}}}
+    "content": {"text/event-stream": {"itemSchema": sse_item_schema(ref("JobEvent"), list(JOB_EVENT_TYPES))}}}}
 
 _CANCEL_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -55,7 +54,11 @@ async def get_job(job: ReadableJob, gw: GatewayDep) -> JSONResponse:
 
 
 @router.get("/v1/jobs/{job_id}/events", tags=["jobs"], responses=_JOB_SSE, response_class=Response,
-            summary="Server-Sent Events: the job's live events (tokens, steps, tool calls), then its result")
+            summary="Server-Sent Events: the job's live events (tokens, steps, tool calls), then its result",
+            description="A text/event-stream of the job's events (each frame's data: a JobEvent), from the start "
+                        "or after the header Last-Event-ID, until its result or error; submit with \"stream\": "
+                        "true for tokens, steps and tool calls.\n\n" + how_to_follow("/v1/jobs/{job_id}/events",
+                                                                                  "JobEvent"))
 async def job_stream(job: ReadableJob, request: Request, gw: GatewayDep) -> Response:
     after = last_event_id(request.headers)  # a 422 now: XREAD would fail mid-response
     ended = job.meta is not None and job.meta.get("status") in READY  # its stream, if any, is complete

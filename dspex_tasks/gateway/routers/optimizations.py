@@ -15,8 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ... import keys
 from ...errors import DatasetNotFound
-from ..models import OptimizationRequest, RunList
-from ..openapi import RUN_EVENT_SCHEMA, ref, sse_schema
+from ..models import OPEN_OBJECT, OptimizationRequest, RunList, how_to_follow, ref, sse_item_schema
 from ..problems import Problem
 from ..scopes import Access
 from ..sse import event_stream, last_event_id, run_events
@@ -29,13 +28,18 @@ __all__ = ["router"]
 router = APIRouter()
 
 _RUN_SSE: dict[int | str, dict[str, Any]] = {200: {
-    "description": "One event per progress step (data: a run event); the last has stage done, failed or cancelled. "
-                   "Reconnect with Last-Event-ID to resume (a malformed one is 422; an empty one starts over).",
-    "content": {"text/event-stream": {"schema": sse_schema(RUN_EVENT_SCHEMA)}}}}
+    "description": "One event per progress step (data: a RunEvent; id: its stream entry id), replayed from the "
+                   "start, then live; the last has stage done, failed or cancelled, after which the server closes "
+                   "the stream. Reconnect with Last-Event-ID to resume (a malformed one is 422; an empty one starts "
+                   "over).",
+    "content": {"text/event-stream": {"itemSchema": sse_item_schema(ref("RunEvent"))}}}}
 
 
 @router.post("/v1/optimizations", status_code=202, tags=["optimizations"], response_class=JSONResponse,
              summary="Start an optimization run",
+             description="The body names the signature (its rows are typed by that signature's inputs) and gives "
+                         "a trainset or a dataset, not both: neither or both is a 422 problem naming 'trainset' or "
+                         "'dataset'. Follow the run with GET /v1/optimizations/{run_id}/events.",
              responses={202: {"description": "Started", "content": {"application/json": {"schema": ref("Run")}},
                               "headers": {"Location": {"schema": {"type": "string"}}}}})
 def start_optimization(body: OptimizationRequest, gw: GatewayDep, access: WriteKey) -> JSONResponse:
@@ -102,7 +106,7 @@ _CANDIDATE_SCHEMA: dict[str, Any] = {
     "description": "The compiled candidate (promoted or not); store it with PUT /v1/sessions/{session}/programs/{program}",
     "properties": {"run_id": {"type": "string"}, "signature": {"type": "string"}, "program": {"type": "string"},
                    "promoted": {"type": ["boolean", "null"]},
-                   "state": {"type": "object", "description": "DSPy dump_state() JSON"}},
+                   "state": {**OPEN_OBJECT, "description": "DSPy dump_state() JSON"}},
     "required": ["run_id", "signature", "program", "state"]}
 
 
@@ -127,7 +131,10 @@ def cancel_optimization(rec: WritableRun, gw: GatewayDep) -> JSONResponse:
 
 
 @router.get("/v1/optimizations/{run_id}/events", tags=["optimizations"], responses=_RUN_SSE, response_class=Response,
-            summary="Server-Sent Events: every progress event from the start, then live, until the run ends")
+            summary="Server-Sent Events: every progress event from the start, then live, until the run ends",
+            description="A text/event-stream of the run's progress (each frame's data: a RunEvent), from the start "
+                        "or after the header Last-Event-ID, until its last stage (done, failed or cancelled).\n\n"
+                        + how_to_follow("/v1/optimizations/{run_id}/events", "RunEvent"))
 async def optimization_events(rec: ReadableRun, request: Request, gw: GatewayDep) -> Response:
     after = last_event_id(request.headers)  # a 422 now: XREAD would fail mid-response
     return event_stream(run_events(gw.aredis, gw.settings.namespace, rec.run_id, after))

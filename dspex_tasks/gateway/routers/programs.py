@@ -15,7 +15,7 @@ from ...dsl.signature import MODULE_PREDICTORS
 from ...errors import ProgramNotFound, ValidationError
 from ...programs.store import predictor_states
 from ..checks import check_program_state
-from ..models import IdPath, Names, ProgramOut, ProgramPut, ProgramVersion, Rollback, Versions
+from ..models import IdPath, Names, ProgramHistory, ProgramOut, ProgramPut, ProgramVersion, Rollback
 from ..problems import Problem
 from .access import AdminSession, ReadKey, ReadSession, WriteSession
 from .common import GatewayDep
@@ -90,13 +90,13 @@ def delete_program(session: AdminSession, program: IdPath, gw: GatewayDep) -> Re
     return Response(status_code=204)
 
 
-@router.get("/v1/sessions/{session}/programs/{program}/history", response_model=Versions, tags=["programs"],
+@router.get("/v1/sessions/{session}/programs/{program}/history", response_model=ProgramHistory, tags=["programs"],
             summary="Stored versions of a program")
-def program_history(session: ReadSession, program: IdPath, gw: GatewayDep) -> Versions:
+def program_history(session: ReadSession, program: IdPath, gw: GatewayDep) -> ProgramHistory:
     versions = gw.client.programs.history(session, program)
     if not versions:
         raise ProgramNotFound(f"no program '{program}' in session '{session}'")
-    return Versions(session=session, program=program, versions=versions)
+    return ProgramHistory(session=session, program=program, versions=versions)
 
 
 @router.post("/v1/sessions/{session}/programs/{program}/rollback", response_model=ProgramVersion,
