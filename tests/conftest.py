@@ -3,7 +3,7 @@
 Layer 2 and 3 tests get a private redis-server on a free port (never DB 0 of a
 shared server). ``DSPEX_TEST_REDIS_URL`` may point at another server; then a
 dedicated DB (default 13) is flushed before each test. The fixtures are the library's
-own (``dspex_tasks.testing.fixtures``), the ones users' tests can load too.
+own pytest plugin (``dspex_tasks.testing.plugin``), the one users' tests get too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-pytest_plugins = ["dspex_tasks.testing.fixtures"]
+# The fixtures are the package's own pytest plugin (entry point ``dspex``: dspex_tasks/testing/plugin.py), which
+# loads by itself once the package is installed, as in a user's project; pytester tests the plugin from one.
+pytest_plugins = ["pytester"]
 
 # Tests must never pick up a developer's real LM key or settings.
 for _var in [v for v in os.environ if v.startswith("DSPEX_") and not v.startswith("DSPEX_TEST_")]:

@@ -28,12 +28,15 @@ def build_lm(settings: Settings, model: str | None = None, *, num_retries: int |
 
     model = model or settings.lm
     if model == "mock":
-        from ..testing.mock_lm import MockLM
+        from collections import ChainMap
+
+        from ..testing.mock_lm import SCRIPTS, MockLM
         from ..testing.mockgen import SCENARIOS
 
-        scripted = {"*": SCENARIOS[settings.mock_scenario]} if settings.mock_scenario else None
+        # SCRIPTS first: answers a test scripts while the worker runs (the pytest plugin's dspex_mock fixture)
+        scenario = {"*": SCENARIOS[settings.mock_scenario]} if settings.mock_scenario else {}
         return MockLM(seed=settings.mock_seed, latency_ms=settings.mock_latency_ms,
-                      failure_rate=settings.mock_failure_rate, scripted=scripted)
+                      failure_rate=settings.mock_failure_rate, scripted=ChainMap(SCRIPTS, scenario))
     kwargs: dict[str, Any] = {"cache": settings.lm_cache, "timeout": settings.lm_timeout_s,
                               "num_retries": settings.lm_num_retries if num_retries is None else num_retries}
     if settings.lm_api_base:

@@ -33,7 +33,11 @@ from ..lm.gate import pass_gate
 from ..lm.response import Response, as_response
 from . import mockgen
 
-__all__ = ["MockLM"]
+__all__ = ["MockLM", "SCRIPTS"]
+
+#: Scripted answers every worker-built mock LM of this process consults first, by signature name or ``"*"``
+#: (what :func:`dspex_tasks.testing.plugin.dspex_mock` sets for one test; empty otherwise).
+SCRIPTS: dict[str, Any] = {}
 
 
 class _Counter:

@@ -22,32 +22,21 @@ def signatures() -> SignatureRegistry:
 
 @pytest.fixture
 def worker_app(settings: Any, signatures: SignatureRegistry) -> Iterator[Any]:
-    from celery.contrib.testing.worker import start_worker
+    """The plugin's in-process worker (what ``dspex_worker`` runs), on this layer's own two signatures."""
+    from dspex_tasks.testing.plugin import running_worker
 
-    from dspex_tasks.worker.app import create_worker_app
-
-    app = create_worker_app(settings, signatures=signatures, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10):
-        app.runtime  # noqa: B018 - warm and publish before the test submits
+    with running_worker(settings, signatures=signatures) as app:
         yield app
-    app.reset_runtime()
 
 
 @pytest.fixture
 def opt_app(settings: Any, signatures: SignatureRegistry) -> Iterator[Any]:
     """A worker serving both queues, with the mock scenario in which demos help (optimizations can win)."""
-    from celery.contrib.testing.worker import start_worker
-
-    from dspex_tasks.worker.app import create_worker_app
+    from dspex_tasks.testing.plugin import running_worker
 
     s = settings.model_copy(update={"mock_scenario": "learns_from_demos"})
-    app = create_worker_app(s, signatures=signatures, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=12, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10, queues=[s.predict_queue, s.optimize_queue]):
-        app.runtime  # noqa: B018
+    with running_worker(s, signatures=signatures, concurrency=12) as app:
         yield app
-    app.reset_runtime()
 
 
 @pytest.fixture
