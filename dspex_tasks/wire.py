@@ -23,7 +23,7 @@ from typing import Any, NotRequired, TypedDict
 from .errors import SignatureError, ValidationError
 
 __all__ = [
-    "PREFIX", "MAP_TASK", "OPTIMIZE_PREFIX", "STAGE_TASK", "EVAL_CHUNK_TASK", "EVAL_MERGE_TASK", "FAIL_TASK",
+    "PREFIX", "MAP_TASK", "OPTIMIZE_PREFIX", "STAGE_TASK", "EVAL_CHUNK_TASK", "EVAL_MERGE_TASK", "FAIL_TASK", "COMPILE_CHUNK_TASK",
     "SCHEDULED_TASK", "PREDICT_QUEUE", "OPTIMIZE_QUEUE", "CELERY_DEFAULT_QUEUE", "DEFAULT_REDIS_URL", "SENT_AT_HEADER", "REQUEUE_HEADER", "SLOT_HEADER",
     "RESERVED_NAMES", "PredictKwargs", "MapKwargs", "PredictResult", "MapResult", "ItemError", "Options",
     "TraceEntry", "LM_CONFIG_KEYS", "OPTION_NAMES", "MAX_JSON_DEPTH", "check_json", "json_numbers", "task_name", "program_of", "check_program_name",
@@ -38,6 +38,8 @@ STAGE_TASK = "dspex.optimize.stage"
 EVAL_CHUNK_TASK = "dspex.optimize.eval_chunk"
 EVAL_MERGE_TASK = "dspex.optimize.eval_merge"
 FAIL_TASK = "dspex.optimize.fail"
+#: A piece of an optimizer's own work fanned out from its compile stage (GEPA's valset evaluations).
+COMPILE_CHUNK_TASK = "dspex.optimize.compile_chunk"
 SCHEDULED_TASK = "dspex.optimize.scheduled"
 
 #: Where clients and workers look for Redis when ``DSPEX_REDIS_URL`` is not set.

@@ -38,8 +38,9 @@ def register(app: typer.Typer) -> None:
 
 @cli_errors
 def gateway(
-    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to bind.")] = 8000,
+    host: Annotated[str, typer.Option("--host", envvar="DSPEX_GATEWAY_HOST", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", envvar="DSPEX_GATEWAY_PORT", min=0, max=65535,
+                                      help="Port to bind.")] = 8000,
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="uvicorn worker processes.")] = 1,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (loopback addresses only; "
                                           "same as DSPEX_GATEWAY_AUTH=off).")] = False,

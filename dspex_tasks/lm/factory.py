@@ -34,7 +34,7 @@ def build_lm(settings: Settings, model: str | None = None, *, num_retries: int |
         from ..testing.mockgen import SCENARIOS
 
         # SCRIPTS first: answers a test scripts while the worker runs (the pytest plugin's dspex_mock fixture)
-        scenario = {"*": SCENARIOS[settings.mock_scenario]} if settings.mock_scenario else {}
+        scenario: dict[str, Any] = {"*": SCENARIOS[settings.mock_scenario]} if settings.mock_scenario else {}
         return MockLM(seed=settings.mock_seed, latency_ms=settings.mock_latency_ms,
                       failure_rate=settings.mock_failure_rate, scripted=ChainMap(SCRIPTS, scenario))
     kwargs: dict[str, Any] = {"cache": settings.lm_cache, "timeout": settings.lm_timeout_s,

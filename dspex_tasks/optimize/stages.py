@@ -25,7 +25,7 @@ from typing import Any
 
 from celery import chord
 
-from .. import wire
+from .. import keys, wire
 from ..errors import BudgetExceeded, DspexError, LMAuthError, ProgramNotFound, ValidationError
 from ..observability.prometheus import record_lm, record_run
 from ..observability.redact import redact_error
@@ -33,7 +33,7 @@ from ..programs.state import dump_program, load_program
 from .datasets import DatasetStore, split, validate_rows
 from .gate import decide
 from .metrics import get_metric, metric_score
-from .optimizers import get_optimizer, parse_common
+from .optimizers import chunk_handler, get_optimizer, parse_common
 from .runs import RunRecord, RunStatus, RunStore, Stage, send_stage
 
 __all__ = ["PLAN", "Stages", "register_optimize_tasks"]
@@ -45,6 +45,9 @@ PLAN = (Stage.LOAD, Stage.BASELINE, Stage.COMPILE, Stage.CANDIDATE, Stage.DECIDE
 #: The program state each evaluation scores (a checkpoint name).
 EVALS = {Stage.BASELINE: "baseline_state", Stage.CANDIDATE: "candidate"}
 LEASE_RETRY_S = 2.0
+#: A fanned-out chunk's claim: far longer than a chunk runs, so only a dead worker's claim lapses.
+CHUNK_CLAIM_TTL_S = 600
+CHUNK_POLL_S = 0.05
 
 
 class _Progress:
@@ -429,7 +432,9 @@ class Stages:
                     self.runs, run_id,
                     emit=lambda **k: self.emit(run_id, Stage.COMPILE, task,
                                                **{"done": min(progress.calls, total), "total": total, **k}),
-                    lm=lambda model: reflection_lm(self.settings, self.runtime.redis, sig.name, model))
+                    lm=lambda model: reflection_lm(self.settings, self.runtime.redis, sig.name, model),
+                    fan_out=lambda kind, payloads, local, wait_s: self.fan_out(run_id, kind, payloads, local, wait_s,
+                                                                               task))
             self.emit(run_id, Stage.COMPILE, task, done=0, total=total, message=f"running {opt.name}")
             runner, session = self.runtime.runner, rec.session or None
             # recorded: the optimizer's own threads report every LM call, billed to the session's program
@@ -442,6 +447,58 @@ class Stages:
         self.emit(run_id, Stage.COMPILE, task, done=1, total=1, lm_calls=self.runs.get(run_id).lm_calls,
                   message=f"{len(cand['trials'])} trials" if cand["trials"] else "candidate ready")
         return True
+
+    # -- an optimizer's own work, fanned out (work stealing) ---------------------------------------------
+    def _chunk_claim(self, run_id: str, token: str, index: int, who: str) -> bool:
+        key = keys.run_checkpoint(self.runs.ns, run_id, f"chunk-claim:{token}:{index}")
+        return bool(self.runtime.redis.set(key, who, nx=True, ex=CHUNK_CLAIM_TTL_S))
+
+    def _chunk_result(self, run_id: str, token: str, index: int) -> Any:
+        return self.runs.checkpoint(run_id, f"chunk:{token}:{index}")
+
+    def fan_out(self, run_id: str, kind: str, payloads: list[dict[str, Any]], local: Callable[[int], Any],
+                wait_s: float, task: Any = None) -> list[Any]:
+        """Send ``payloads`` as compile-chunk tasks and gather their results in order (see
+        :meth:`CompileContext.fan_out`): a chunk no worker has claimed within ``wait_s`` runs here, and one whose
+        claim lapsed (its worker died: the claim outlives a chunk by far) is claimed again and run here."""
+        token, q = uuid.uuid4().hex[:16], self.settings.optimize_queue
+        for i, payload in enumerate(payloads):
+            self.app.send_task(wire.COMPILE_CHUNK_TASK, kwargs={"kind": kind, "index": i, "token": token,
+                                                                "run_id": run_id, "payload": payload},
+                               queue=q, shadow=f"{wire.OPTIMIZE_PREFIX}{kind}", headers=wire.sent_headers())
+        results: dict[int, Any] = {}
+        here = 0
+        t0 = time.monotonic()
+        while len(results) < len(payloads):
+            for i in range(len(payloads)):
+                if i in results:
+                    continue
+                done = self._chunk_result(run_id, token, i)
+                if done is not None:
+                    results[i] = done
+                elif time.monotonic() - t0 >= wait_s and self._chunk_claim(run_id, token, i, "compile stage"):
+                    results[i] = {"result": local(i), "by": "compile stage"}
+                    self.runs.save_checkpoint(run_id, f"chunk:{token}:{i}", results[i])
+                    here += 1
+            if len(results) < len(payloads):
+                time.sleep(CHUNK_POLL_S)
+        self.emit(run_id, Stage.COMPILE, task, message=f"{kind}: {len(payloads)} chunks, "
+                  f"{len(payloads) - here} on optimize workers, {here} in the compile stage",
+                  chunks=len(payloads), chunks_elsewhere=len(payloads) - here)
+        return [results[i]["result"] for i in range(len(payloads))]
+
+    def compile_chunk(self, task: Any, kind: str, index: int, token: str, run_id: str,
+                      payload: dict[str, Any]) -> dict[str, Any]:
+        """One fanned-out chunk of a compile stage's work, run by whichever optimize worker claims it first."""
+        rec = self.runs.get(run_id)
+        if rec.status.terminal or rec.cancel_requested:
+            return {"kind": kind, "index": index, "skipped": str(rec.status)}
+        who = str(getattr(task.request, "hostname", None) or "worker")
+        if not self._chunk_claim(run_id, token, index, who):
+            return {"kind": kind, "index": index, "skipped": "claimed elsewhere"}
+        result = chunk_handler(kind)(self, run_id, rec, payload)
+        self.runs.save_checkpoint(run_id, f"chunk:{token}:{index}", {"result": result, "by": who})
+        return {"kind": kind, "index": index, "by": who}
 
     def stage_decide(self, task: Any, run_id: str, rec: RunRecord) -> bool:
         common = parse_common(rec.params)
@@ -507,6 +564,11 @@ def register_optimize_tasks(app: Any) -> None:
         except Exception as exc:
             stages.fail(run_id, exc)
             raise
+
+    @app.task(name=wire.COMPILE_CHUNK_TASK, **common)  # type: ignore[untyped-decorator]
+    def compile_chunk(self: Any, kind: str, index: int, token: str, run_id: str,
+                      payload: dict[str, Any]) -> dict[str, Any]:
+        return stages.compile_chunk(self, kind, index, token, run_id, payload)
 
     @app.task(name=wire.FAIL_TASK, **common)  # type: ignore[untyped-decorator]
     def fail(self: Any, *args: Any, run_id: str, **kwargs: Any) -> None:

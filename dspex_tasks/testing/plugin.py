@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from ..settings import Settings
+from ..settings import Settings, load_settings
 from .fixtures import namespace, redis_base_url, redis_client, redis_server, redis_url, settings
 
 __all__ = ["dspex_client", "dspex_mock", "dspex_mock_server", "dspex_worker", "dspex_worker_process", "namespace",
@@ -181,7 +181,7 @@ def dspex_worker_process(request: pytest.FixtureRequest, redis_url: str, namespa
                                     stderr=subprocess.STDOUT, start_new_session=True)
         handle = WorkerHandle(proc, log)
         started.append(handle)
-        client = Client(settings=Settings(redis_url=redis_url, namespace=namespace))
+        client = Client(settings=load_settings(redis_url=redis_url, namespace=namespace))
         deadline = time.monotonic() + timeout_s
         try:
             while not client.signatures(refresh=True):

@@ -112,3 +112,52 @@ def test_float_metric_gets_generic_feedback_and_bad_budgets_are_refused_early(gc
         gclient.optimize("qa", labelled(6), optimizer="gepa", params={"auto": "light", "max_metric_calls": 9})
     assert info.value.errors[0]["field"] == "params.max_metric_calls"
     assert len(gclient.runs.ids()) == 1
+
+
+def _fanned(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["stage"] == "compile" and "chunks" in e]
+
+
+def test_candidate_scoring_fans_out_over_workers_with_the_same_scores(gclient: Any) -> None:
+    # GEPA scores each candidate on the whole valset: 8 rows in chunks of 2 are 4 compile chunks per candidate
+    common = {"max_metric_calls": 40, "eval_chunk_size": 2, "use_merge": False}
+    runs = {fan: gclient.optimize("qa", labelled(6), valset=labelled(8, "held out"), metric="rule_feedback",
+                                  optimizer="gepa", params={**common, "fanout": fan}) for fan in (True, False)}
+    summaries = {fan: run.get(timeout=90) for fan, run in runs.items()}
+    # Then the run that fanned out found what the one scoring in its own threads found
+    assert summaries[True]["trials"] == summaries[False]["trials"] == [0.0, 1.0]
+    assert summaries[True]["score"] == summaries[False]["score"] == 1.0
+    fanned = _fanned(list(runs[True].events(timeout=5)))
+    # the seed is re-scored by GEPA itself on the valset, then each candidate: every one as 4 chunks, taken by the
+    # worker's other threads (chunks an idle fleet starts within fanout_wait_s)
+    assert fanned and all(e["chunks"] == 4 for e in fanned), fanned
+    assert sum(e["chunks_elsewhere"] for e in fanned) >= 1, fanned
+    assert not _fanned(list(runs[False].events(timeout=5)))
+    # and the chunks' LM calls are the run's: both runs counted about the same
+    calls = {fan: s["lm_calls"] for fan, s in summaries.items()}
+    assert abs(calls[True] - calls[False]) <= 2, calls
+
+
+@pytest.fixture
+def busy_client(settings: Any, signatures: Any) -> Iterator[Any]:
+    """One worker thread in all: while the compile stage holds it, no fanned-out chunk can start anywhere."""
+    from dspex_tasks.client import Client
+    from dspex_tasks.testing.plugin import running_worker
+
+    s = settings.model_copy(update={"mock_scenario": "learns_from_instructions", "mock_latency_ms": 2,
+                                    "reflection_lm": "openai/gpt-4o-mini"})
+    with running_worker(s, signatures=signatures, concurrency=1):
+        c = Client(settings=s)
+        yield c
+        c.close()
+
+
+def test_a_fleet_with_no_free_slot_never_deadlocks_the_compile_stage(busy_client: Any) -> None:
+    run = busy_client.optimize("qa", labelled(6), valset=labelled(6, "held out"), metric="rule_feedback",
+                               optimizer="gepa", params={"max_metric_calls": 30, "eval_chunk_size": 2,
+                                                         "use_merge": False, "fanout_wait_s": 0.3})
+    summary = run.get(timeout=90)
+    assert summary["score"] == 1.0
+    fanned = _fanned(list(run.events(timeout=5)))
+    # every chunk waited its 0.3 s, was claimed by the compile stage and ran there; the queued copies then skip
+    assert fanned and all(e["chunks_elsewhere"] == 0 for e in fanned), fanned

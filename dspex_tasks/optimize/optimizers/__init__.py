@@ -28,7 +28,8 @@ from ...errors import ValidationError
 from ..params import unknown_param_message
 
 __all__ = ["Optimizer", "register", "get_optimizer", "builtin_optimizer", "optimizer_names", "params_schemas", "CommonParams",
-           "CompileContext", "accepts_ctx", "reflection_lm"]
+           "CompileContext", "accepts_ctx", "reflection_lm", "CHUNK_HANDLERS", "register_chunk_handler",
+           "chunk_handler"]
 
 
 class CommonParams(pydantic.BaseModel):
@@ -198,10 +199,12 @@ class CompileContext:
     load_fn: Callable[[str], Any]
     save_fn: Callable[[str, dict[str, Any]], None]
     lm_fn: Callable[[str | None], Any] = lambda model: None
+    fan_out_fn: Callable[..., list[Any]] | None = None
 
     @classmethod
     def for_run(cls, runs: Any, run_id: str, *, emit: Callable[..., None],
-                lm: Callable[[str | None], Any] | None = None) -> CompileContext:
+                lm: Callable[[str | None], Any] | None = None,
+                fan_out: Callable[..., list[Any]] | None = None) -> CompileContext:
         """A context on a :class:`~dspex_tasks.optimize.runs.RunStore`'s checkpoints of ``run_id``."""
 
         def save(name: str, data: dict[str, Any]) -> None:
@@ -211,7 +214,7 @@ class CompileContext:
         def load(name: str) -> Any:
             return runs.checkpoint(run_id, CHECKPOINT_PREFIX + name)
 
-        return cls(run_id, emit, load, save, lm or (lambda model: None))
+        return cls(run_id, emit, load, save, lm or (lambda model: None), fan_out)
 
     def emit(self, *, message: str | None = None, score: float | None = None, done: int | None = None,
              total: int | None = None, **fields: Any) -> None:
@@ -228,6 +231,19 @@ class CompileContext:
         """Keep ``data`` (JSON) under ``name``, replacing what was there."""
         self.save_fn(name, data)
 
+    def fan_out(self, kind: str, payloads: list[dict[str, Any]], local: Callable[[int], Any], *,
+                wait_s: float) -> list[Any] | None:
+        """Run ``payloads`` as ``dspex.optimize.compile_chunk`` tasks of ``kind`` on any optimize worker and return
+        their results in order, or None when this context cannot fan out (then the caller does the work itself).
+
+        Work stealing, so a stage that waits never deadlocks a busy fleet: a chunk nobody has started within
+        ``wait_s`` is claimed and run here with ``local(index)``; each chunk runs once (a claim key), its result
+        is a JSON checkpoint of the run. ``kind`` names a handler registered with :func:`register_chunk_handler`.
+        """
+        if self.fan_out_fn is None:
+            return None
+        return self.fan_out_fn(kind, payloads, local, wait_s)
+
     def lm(self, model: str | None = None) -> Any:
         """The LM an optimizer reflects or proposes with: ``model``, else ``DSPEX_REFLECTION_LM``, else the
         task's LM (``dspy.settings.lm``, as the compile stage set it). A named one goes through the worker's
@@ -238,6 +254,25 @@ class CompileContext:
         import dspy
 
         return dspy.settings.lm
+
+
+#: What a ``dspex.optimize.compile_chunk`` task of each kind runs: ``handler(stages, run_id, record, payload)`` on
+#: the worker that took the chunk, returning its JSON result.
+CHUNK_HANDLERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_chunk_handler(kind: str, handler: Callable[..., Any]) -> None:
+    CHUNK_HANDLERS[kind] = handler
+
+
+def chunk_handler(kind: str) -> Callable[..., Any]:
+    _load_builtins()
+    try:
+        return CHUNK_HANDLERS[kind]
+    except KeyError:
+        raise ValidationError.from_errors("compile chunk", [{
+            "field": "kind", "message": f"unknown compile chunk kind '{kind}'; known: {', '.join(sorted(CHUNK_HANDLERS))}"}]
+        ) from None
 
 
 def accepts_ctx(fn: Callable[..., Any]) -> bool:

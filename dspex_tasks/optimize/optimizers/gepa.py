@@ -18,6 +18,10 @@ Events: each candidate GEPA scores on the valset (the seed program first) is a `
 its ``score``, ``candidate`` (index), ``iteration`` and ``metric_calls`` (used so far). The run's
 ``trials`` are the candidates' valset scores, in discovery order.
 
+Where it runs: in the run's compile stage, except the scoring of candidates on the valset (``capture_traces``
+off, more than one ``eval_chunk_size`` of rows), which fans out as compile chunks to every optimize worker with
+work stealing (:func:`install_fanout_hook`, :meth:`CompileContext.fan_out`; ``params.fanout``).
+
 Resume: after every iteration GEPA's state (``gepa.core.state.GEPAState``) is written as JSON to the
 run checkpoint ``compile:gepa_state`` (replaced each time; never GEPA's own pickle under ``log_dir``).
 A compile stage delivered again after its worker died loads it: GEPA's engine builds its state with
@@ -50,7 +54,7 @@ from typing import Any, Literal
 import pydantic
 
 from ...errors import DspexError
-from . import CompileContext, Optimizer, register
+from . import CompileContext, Optimizer, register, register_chunk_handler
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,11 @@ class Params(pydantic.BaseModel):
     max_merge_invocations: int = pydantic.Field(5, ge=0, le=100)
     failure_score: float = 0.0
     perfect_score: float = 1.0
+    fanout: bool = pydantic.Field(
+        True, description="score candidates on the valset as chunks on every optimize worker, not only in the compile "
+                          "stage's threads (chunks of the run's eval_chunk_size)")
+    fanout_wait_s: float = pydantic.Field(
+        10.0, ge=0, le=600, description="a chunk no worker has started within this is run in the compile stage")
 
     @pydantic.field_validator("max_full_evals", "max_metric_calls")
     @classmethod
@@ -374,6 +383,87 @@ def _all_reflections_failed(failed: list[BaseException]) -> DspexError:
                       f"{type(first).__name__}: {str(first)[:500]}")
 
 
+# -- valset evaluations on every optimize worker ---------------------------------------------------------
+_FANOUT: contextvars.ContextVar[Any] = contextvars.ContextVar("dspex_gepa_fanout", default=None)
+FANOUT_KIND = "gepa_eval"
+
+
+class _Fanout:
+    """How this compile's valset evaluations fan out: the valset's examples by identity, the chunk size."""
+
+    def __init__(self, ctx: CompileContext, valset: list[Any], chunk: int, failure_score: float, wait_s: float) -> None:
+        self.ctx, self.chunk, self.failure_score, self.wait_s = ctx, chunk, failure_score, wait_s
+        self.index = {id(example): i for i, example in enumerate(valset)}
+
+    def rows(self, batch: list[Any]) -> list[int] | None:
+        found = [self.index.get(id(example)) for example in batch]
+        return None if None in found or len(found) <= self.chunk else [i for i in found if i is not None]
+
+    def evaluate(self, adapter: Any, original: Any, batch: list[Any], rows: list[int], candidate: dict[str, str],
+                 num_threads: int | None) -> Any:
+        parts = [rows[i:i + self.chunk] for i in range(0, len(rows), self.chunk)]
+        where = {row: pos for pos, row in enumerate(rows)}
+
+        def local(i: int) -> list[float]:
+            sub = [batch[where[row]] for row in parts[i]]
+            return [float(x) for x in original(adapter, sub, candidate, capture_traces=False,
+                                                num_threads=num_threads).scores]
+
+        payloads = [{"candidate": candidate, "rows": part, "failure_score": self.failure_score} for part in parts]
+        results = self.ctx.fan_out(FANOUT_KIND, payloads, local, wait_s=self.wait_s)
+        if results is None:
+            return original(adapter, batch, candidate, capture_traces=False, num_threads=num_threads)
+        scores = [float(x) for part in results for x in part]
+        return adapter._make_evaluation_batch(outputs=[None] * len(batch), raw_scores=scores, trajectories=None)
+
+
+def install_fanout_hook() -> None:
+    """Wrap dspy's ``DspyAdapter.evaluate`` (once per process): while a compile of this module fans out, a
+    valset evaluation without traces (scoring a candidate) of more than one chunk runs as compile chunks on every
+    optimize worker; everything else (minibatch rollouts with traces, reflections) runs as dspy runs it.
+    ``dspy.GEPA`` takes no adapter or evaluator of ours, so this is the one place its rollouts can be handed on."""
+    from dspy.teleprompt.gepa import gepa_utils
+
+    with _install_lock:
+        original = gepa_utils.DspyAdapter.evaluate
+        if getattr(original, "_dspex_fanout", False):
+            return
+
+        def evaluate(self: Any, batch: list[Any], candidate: dict[str, str], capture_traces: bool = False,
+                     num_threads: int | None = None) -> Any:
+            fan = _FANOUT.get()
+            rows = fan.rows(batch) if fan is not None and not capture_traces else None
+            if rows is None:
+                return original(self, batch, candidate, capture_traces=capture_traces, num_threads=num_threads)
+            return fan.evaluate(self, original, batch, rows, candidate, num_threads)
+
+        evaluate._dspex_fanout = True  # type: ignore[attr-defined]
+        gepa_utils.DspyAdapter.evaluate = evaluate
+
+
+def evaluate_chunk(stages: Any, run_id: str, rec: Any, payload: dict[str, Any]) -> list[float]:
+    """A ``gepa_eval`` compile chunk on the worker that took it: the run's baseline program with the candidate's
+    instructions, scored on its valset rows (billed and counted as the run's evaluations are)."""
+    from ...programs.state import load_program
+    from ..metrics import get_metric
+    from . import parse_common
+
+    sig = stages._sig(rec)
+    module = load_program(sig, (stages.runs.checkpoint(run_id, "baseline_state") or {}).get("state"))
+    candidate = payload.get("candidate") or {}
+    for name, predictor in module.named_predictors():
+        if isinstance(candidate.get(name), str):
+            predictor.signature = predictor.signature.with_instructions(candidate[name])
+    val = stages.runs.checkpoint(run_id, "data")["val"]
+    rows = [val[int(i)] for i in payload.get("rows") or []]
+    common = parse_common(rec.params)
+    scores, calls, refused, spent = stages._evaluate(sig, rec.session or None, module, rows, get_metric(rec.metric),
+                                                     common.num_threads)
+    stages._spent(run_id, sig, calls, spent)
+    failure = float(payload.get("failure_score") or 0.0)
+    return [failure if refused and s == 0.0 else s for s in scores]
+
+
 # -- the optimizer ---------------------------------------------------------------------------------------
 def compile(student: Any, trainset: list[Any], valset: list[Any], metric: Any, params: Params, common: Any, *,
             ctx: CompileContext | None = None) -> tuple[Any, list[float]]:
@@ -405,9 +495,15 @@ def compile(student: Any, trainset: list[Any], valset: list[Any], metric: Any, p
                          f"candidates, {restored.total_num_evals} metric calls used",
                  resumed_iteration=restored.i + 1, metric_calls=restored.total_num_evals)
     token = _RESTORE.set(restored)
+    fan = None
+    if ctx is not None and params.fanout and valset:
+        install_fanout_hook()
+        fan = _Fanout(ctx, valset, common.eval_chunk_size, params.failure_score, params.fanout_wait_s)
+    fan_token = _FANOUT.set(fan)
     try:
         compiled = tp.compile(student, trainset=trainset, valset=valset or None)
     finally:
+        _FANOUT.reset(fan_token)
         _RESTORE.reset(token)
     if reporter.failed and not reporter.proposed:
         raise _all_reflections_failed(reporter.failed)
@@ -431,5 +527,6 @@ def estimate(n_train: int, n_val: int, params: Params) -> int:
     return calls + calls // (2 * params.reflection_minibatch_size)
 
 
+register_chunk_handler(FANOUT_KIND, evaluate_chunk)
 register(Optimizer("gepa", Params, compile, estimate, "reflective instruction evolution (GEPA) from metric feedback",
                    feedback=True))
