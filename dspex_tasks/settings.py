@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 
 
 
+#: Where workers look for signatures and programs unless DSPEX_SIGNATURE_MODULES says otherwise.
+DEFAULT_SIGNATURE_MODULES = "signatures,signatures.programs"
+#: Modules of the default that a project may not have (skipped when missing, never when named explicitly).
+OPTIONAL_DEFAULT_MODULES = frozenset({"signatures.programs"})
+
+
 class Settings(BaseSettings):
     """Configuration for clients and workers. Every field maps to ``DSPEX_<NAME>``.
 
@@ -71,7 +77,8 @@ class Settings(BaseSettings):
     lm_retry_backoff_s: float = Field(0.5, ge=0)  # first in-thread retry delay (doubles; Retry-After wins)
 
     # signatures and programs
-    signature_modules: str = "signatures,signatures.programs"
+    # the default's signatures.programs is optional: a project's own signatures package may have no programs
+    signature_modules: str = DEFAULT_SIGNATURE_MODULES
     prewarm_sessions: int = Field(100, ge=0)
     program_cache_size: int = Field(1024, ge=1)
     cache_verify_s: float = Field(1.0, gt=0)
@@ -125,6 +132,10 @@ class Settings(BaseSettings):
     gateway_auth: bool = True
     gateway_rate_per_min: int = Field(600, ge=0)
     gateway_max_body_bytes: int = Field(1_000_000, gt=0)
+    # the web console's (/console) cookie signing key; unset: a random one per gateway process (logins end at a
+    # restart and do not span --workers processes)
+    console_secret: SecretStr | None = Field(None, min_length=16)
+    console_session_s: int = Field(8 * 3600, ge=60, le=30 * 86400)  # how long a console login lasts
 
     # observability
     metrics_port: int | None = Field(None, ge=0, le=65535)  # /metrics per worker process; 0: any free port

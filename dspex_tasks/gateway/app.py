@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from ..client import Client
 from ..settings import Settings, load_settings
+from .console import mount_console
 from .metrics import MetricsMiddleware
 from .middleware import GatewayMiddleware
 from .problems import install_handlers
@@ -75,6 +76,7 @@ def create_gateway(settings: Settings | None = None, client: Client | None = Non
     # in this order: routes match in registration order
     for router in (meta.router, signatures.router, jobs.router, programs.router, optimizations.router):
         app.include_router(router)
+    mount_console(app, gw)  # /console: the web console, with its own cookie login
     gw.route_rights = check_routes(app)
     app.add_middleware(GatewayMiddleware, gateway=gw)
     app.add_middleware(MetricsMiddleware)  # added last: outermost, so refused requests are counted too

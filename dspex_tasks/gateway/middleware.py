@@ -29,11 +29,17 @@ from .scopes import Access
 if TYPE_CHECKING:
     from .state import Gateway
 
-__all__ = ["GatewayMiddleware", "PUBLIC_PATHS", "BodyTooLarge", "is_loopback"]
+__all__ = ["CONSOLE_PATH", "GatewayMiddleware", "PUBLIC_PATHS", "BodyTooLarge", "is_console", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz"})
+#: The web console (:mod:`.console`), mounted here: it checks its own signed login cookie, not an API key header.
+CONSOLE_PATH = "/console"
+PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz", CONSOLE_PATH})
+
+
+def is_console(path: str) -> bool:
+    return path == CONSOLE_PATH or path.startswith(CONSOLE_PATH + "/")
 
 
 class BodyTooLarge(HTTPException):
@@ -86,7 +92,7 @@ class GatewayMiddleware:
                                 path, {"Connection": "close"})
             return
         try:
-            if path not in PUBLIC_PATHS and not await self._admit(scope, headers, send, path):
+            if path not in PUBLIC_PATHS and not is_console(path) and not await self._admit(scope, headers, send, path):
                 return
         except StoreFull as exc:  # the key check takes a rate-limit token: a write a full Redis refuses
             log.warning("gateway: %s", exc)

@@ -43,7 +43,10 @@ def create_worker_app(settings: Settings | None = None, *, signatures: Signature
     settings = settings or load_settings()
     app = DspexCelery(settings, signatures=signatures)
     if import_modules:
-        import_signature_modules(settings.modules)
+        from ..settings import DEFAULT_SIGNATURE_MODULES, OPTIONAL_DEFAULT_MODULES
+
+        default = settings.signature_modules == DEFAULT_SIGNATURE_MODULES
+        import_signature_modules(settings.modules, optional=OPTIONAL_DEFAULT_MODULES if default else frozenset())
     for sig in app.dspex_signatures:
         register_signature(app, sig)
     register_map_task(app)

@@ -68,11 +68,12 @@ def _run_id(redis: Any) -> str | None:
 FLUSH_S = 5.0
 
 
-def import_signature_modules(modules: list[str]) -> list[str]:
+def import_signature_modules(modules: list[str], *, optional: frozenset[str] = frozenset()) -> list[str]:
     """Import the modules that define signatures; returns the ones imported.
 
     The current directory is searched first, as ``celery -A`` does, so a worker started from the
-    module's own directory finds it however it was started.
+    module's own directory finds it however it was started. A module in ``optional`` that does not exist is
+    skipped (the default's ``signatures.programs``, which a project's own ``signatures`` may not have).
 
     Raises:
         ConfigurationError: one line naming the module, ``DSPEX_SIGNATURE_MODULES`` and the search path
@@ -88,6 +89,9 @@ def import_signature_modules(modules: list[str]) -> list[str]:
         except ModuleNotFoundError as exc:
             if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
                 raise ConfigurationError(f"signature module '{name}' failed to import: {_where(exc)}") from None
+            if name in optional and imported:
+                log.info("no module '%s' (optional in the default DSPEX_SIGNATURE_MODULES); skipped", name)
+                continue
             pythonpath = os.environ.get("PYTHONPATH") or "unset"
             raise ConfigurationError(
                 f"cannot import signature module '{name}' (DSPEX_SIGNATURE_MODULES={','.join(modules)}): "

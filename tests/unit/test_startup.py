@@ -154,3 +154,18 @@ def test_dspy_log_lines_go_through_logging_at_their_own_level(caplog: pytest.Log
         tqdm.std.tqdm.__init__ = tqdm_init
         configure_dspy_loggers("dspy")
         monkeypatch.delenv("TQDM_DISABLE", raising=False)
+
+
+def test_the_defaults_programs_module_is_optional_but_a_named_one_is_not(in_dir: Path) -> None:
+    """A project's own ``signatures`` package without a ``programs`` subpackage works with the default."""
+    (in_dir / "mysigs_pkg").mkdir()
+    (in_dir / "mysigs_pkg" / "__init__.py").write_text("VALUE = 1\n")
+    try:
+        optional = frozenset({"mysigs_pkg.programs"})
+        assert import_signature_modules(["mysigs_pkg", "mysigs_pkg.programs"], optional=optional) == ["mysigs_pkg"]
+        with pytest.raises(ConfigurationError, match="cannot import signature module 'mysigs_pkg.programs'"):
+            import_signature_modules(["mysigs_pkg", "mysigs_pkg.programs"])
+        with pytest.raises(ConfigurationError, match="'nowhere_pkg'"):  # the package itself is never optional
+            import_signature_modules(["nowhere_pkg", "nowhere_pkg.programs"], optional=frozenset({"nowhere_pkg.programs"}))
+    finally:
+        sys.modules.pop("mysigs_pkg", None)
