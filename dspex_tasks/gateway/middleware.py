@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 #: The web console (:mod:`.console`), mounted here: it checks its own signed login cookie, not an API key header.
 CONSOLE_PATH = "/console"
-PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz", CONSOLE_PATH})
+# the console's mount (route template /console/{path}) is no API route: it declares no right
+PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz",
+                          CONSOLE_PATH + "/{path}"})
 
 
 def is_console(path: str) -> bool:

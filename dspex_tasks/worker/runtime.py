@@ -82,7 +82,7 @@ def import_signature_modules(modules: list[str], *, optional: frozenset[str] = f
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
-    imported = []
+    imported: list[str] = []
     for name in modules:
         try:
             importlib.import_module(name)

@@ -32,12 +32,12 @@ from fastapi import Depends, Request
 from ... import keys
 from ...settings import Settings
 from ..middleware import is_loopback
+from ..routers.common import GatewayDep
 from ..scopes import Access, Right, Scopes
 from ..state import Gateway
-from ..routers.common import GatewayDep
 
-__all__ = ["COOKIE", "ConsoleUser", "CookieSigner", "Forbidden", "LoginRequired", "User", "console_user",
-           "console_secret", "need", "need_session"]
+__all__ = ["COOKIE", "ConsoleUser", "CookieSigner", "Forbidden", "Login", "LoginRequired", "User", "console_secret",
+           "console_user", "key_record", "need", "need_session"]
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class User:
         return self.access.scopes.has(Right(right))
 
 
-async def _record(gw: Gateway, key_id: str) -> dict[str, Any] | None:
+async def key_record(gw: Gateway, key_id: str) -> dict[str, Any] | None:
     """The stored record of the key with this id (None: revoked). One HVALS: key hashes are few."""
     for raw in await gw.aredis.hvals(keys.gateway_api_keys(gw.settings.namespace)):
         try:
@@ -179,7 +179,7 @@ async def console_user(request: Request, gw: GatewayDep) -> User:
         login = signer.verify(request.cookies.get(COOKIE))
         if not _KEY_ID.match(login.key_id):
             raise LoginRequired("an unreadable login cookie", clear=True)
-        record = await _record(gw, login.key_id)
+        record = await key_record(gw, login.key_id)
         if record is None or float(record.get("created_at", -1)) != login.created_at:
             raise LoginRequired("the key was revoked", clear=True)
         user = User(Access(login.key_id, narrowed(Scopes.from_record(record), login.rights)), login.expires_at)
