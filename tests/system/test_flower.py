@@ -302,7 +302,9 @@ def test_optimization_stages_show_in_flower_with_progress_meta(stack: Stack) -> 
         res = stack.request(f"/api/task/result/{task_id}").json()
         assert res["state"] == "SUCCESS" and res["result"]["stage"] == task["name"].rsplit(".", 1)[1], res
         assert task["kwargs"].startswith(f"{{'stage': '{res['result']['stage']}'") and "lm_calls" in res["result"]
-    assert any(line.startswith(("baseline", "compile", "candidate", "load")) for line in lines), lines
+    # a stage may finish between two polls; the progress lines themselves are checked from the events in
+    # tests/redis/test_optimize_flower.py, here only that whatever Flower showed while running reads as one
+    assert all(line.startswith(tuple(PLAN)) for line in lines), lines
     seen = set().union(*states.values()) if states else set()
     assert seen <= {"PENDING", "STARTED", "PROGRESS", "SUCCESS"}, seen
     for meta in progress:

@@ -98,7 +98,9 @@ def test_fleet_rate_limit_holds_and_no_task_fails(client: Client, mocks: dict[st
     times = [entry["t"] for entry in server.request_log()]
     assert len(times) == 70
     # And no 1 s (or 3 s) window ever held more than burst + rate x window requests
-    assert _max_in_window(times, 1.0) <= BURST + RPS
+    # (the bound holds for the slots the limiter grants; arrival at the mock lags a granted slot by the request's
+    # own latency, so on a loaded machine one late request can land in the next window: one request of slack)
+    assert _max_in_window(times, 1.0) <= BURST + RPS + 1
     assert _max_in_window(times, 3.0) <= BURST + 3 * RPS
     assert max(times) - min(times) >= (70 - BURST) / RPS - 0.2  # paced, not merely bunched
     print(f"\nrate limit: 70 requests in {max(times) - min(times):.2f}s, max {_max_in_window(times, 1.0)} in any 1 s "
