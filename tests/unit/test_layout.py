@@ -167,3 +167,9 @@ def test_the_wheel_installs_only_dspex_tasks_with_the_reference_programs_inside(
     assert set(setup["packages"]) == on_disk | examples
     assert setup["package-dir"] == {"dspex_tasks.examples": "signatures"}
     assert not any(p.split(".")[0] in ("signatures", "workers") for p in setup["packages"])
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """The test folders are not packages: two test files of one name stop collection of the whole run."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
