@@ -43,7 +43,8 @@ def test_whole_worker_killed_under_load_loses_nothing(client: Client, redis_url:
     try:
         a.wait_ready()
         wait_for(lambda: "qa" in client.signatures(refresh=True), what="signatures published")
-        mock_lm.control(reset_stats=True)
+        # calls that last 2 s, so 50 are in flight at once however slowly a loaded machine starts them
+        mock_lm.control(reset_stats=True, latency_ms=2000)
         jobs = [client.submit("qa", {"question": f"load {i}"}, session=f"k{i % 7}") for i in range(200)]
         wait_for(lambda: mock_lm.stats()["in_flight"] >= 50, timeout_s=20, what="calls in flight")
         # When the worker (main process and every thread) is SIGKILLed with work in flight
