@@ -192,8 +192,21 @@ def gateway_rate(ns: str, key_id: str) -> str:
 
 
 def gateway_job(ns: str, job_id: str) -> str:
-    """String: JSON {signature, key} of a job submitted through the gateway (expires with results)."""
+    """String: JSON {signature, key, session, created_at} of a job submitted through the gateway (expires with
+    results)."""
     return f"{ns}:gateway:job:{job_id}"
+
+
+def gateway_jobs(ns: str) -> str:
+    """Sorted set: job id -> submitted at (unix seconds) of every job submitted through the gateway, newest
+    kept (bounded in size and age like the records; admin's list of recent jobs)."""
+    return f"{ns}:gateway:jobs"
+
+
+def gateway_key_jobs(ns: str, key_id: str) -> str:
+    """Sorted set: job id -> submitted at of the jobs one API key submitted (its list of recent jobs), bounded
+    as :func:`gateway_jobs`."""
+    return f"{ns}:gateway:jobs:key:{key_id}"
 
 
 # LM control. Rate-limit buckets and the LM cache each share one Redis Cluster slot (their Lua scripts
@@ -231,3 +244,14 @@ def usage(ns: str) -> str:
 def session_usage(ns: str, session: str) -> str:
     """Hash: one session's LM usage, same fields as :func:`usage`."""
     return f"{ns}:{{{session}}}:usage"
+
+
+def usage_hour(ns: str, hour: int) -> str:
+    """Hash: fleet-wide LM usage in one UTC hour (``hour`` = unix seconds // 3600), fields as :func:`usage`;
+    expires after ``DSPEX_USAGE_HISTORY_DAYS``."""
+    return f"{ns}:usage:h:{hour}"
+
+
+def session_usage_hour(ns: str, session: str, hour: int) -> str:
+    """Hash: one session's LM usage in one UTC hour, as :func:`usage_hour`."""
+    return f"{ns}:{{{session}}}:usage:h:{hour}"

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     program_cache_size: int = Field(1024, ge=1)
     cache_verify_s: float = Field(1.0, gt=0)
     session_ttl_s: int | None = Field(None, gt=0)
+    # LM usage is also kept per UTC hour (charts over time: console, `dspex usage --hours`) for this long
+    usage_history_days: int = Field(30, ge=1, le=400)
     max_state_bytes: int = Field(2_000_000, gt=0)
     max_payload_bytes: int = Field(1_000_000, gt=0)  # a message body over twice this is refused undecoded
     accept_compression: bool = False  # compressed messages are refused unless set (then inflated up to the cap)

@@ -7,6 +7,7 @@ a model it does not know is counted at 0 and marked unpriced.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -14,13 +15,34 @@ from rich.table import Table
 
 from .common import cli_errors, console, echo_json, esc
 
-__all__ = ["register", "usage", "collect_usage"]
+__all__ = ["register", "usage", "collect_usage", "hourly"]
 
 
-def collect_usage(redis: Any, namespace: str, session: str | None = None) -> dict[str, Any]:
-    """``{session, rows, totals, lm_cache}`` as ``dspex usage --json`` prints it."""
+def hourly(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per hour of :func:`~dspex_tasks.lm.usage.usage_series`: its start (ISO, UTC) and totals, and per model."""
+    from ..lm.usage import COST, METRICS
+
+    out = []
+    for bucket in series:
+        total: dict[str, Any] = {**dict.fromkeys(METRICS, 0), COST: 0.0}
+        per_model: dict[str, dict[str, Any]] = {}
+        for row in bucket["rows"]:
+            model = per_model.setdefault(row["model"], {"lm_calls": 0, "total_tokens": 0, COST: 0.0})
+            for name in (*METRICS, COST):
+                total[name] += row[name]
+            for name in model:
+                model[name] += row[name]
+        hour = datetime.fromtimestamp(bucket["hour"], tz=UTC).strftime("%Y-%m-%dT%H:00Z")
+        out.append({"hour": hour, **total, COST: round(total[COST], 8),
+                    "models": {m: {**v, COST: round(v[COST], 8)} for m, v in sorted(per_model.items())}})
+    return out
+
+
+def collect_usage(redis: Any, namespace: str, session: str | None = None, hours: int | None = None) -> dict[str, Any]:
+    """``{session, rows, totals, lm_cache}`` (and ``hourly`` for the last ``hours``) as ``dspex usage --json``
+    prints it."""
     from ..lm.cache import cache_stats
-    from ..lm.usage import COST, METRICS, usage_report
+    from ..lm.usage import COST, METRICS, usage_report, usage_series
 
     rows = usage_report(redis, namespace, session)
     totals: dict[str, Any] = {**dict.fromkeys(METRICS, 0), COST: 0.0}
@@ -29,7 +51,22 @@ def collect_usage(redis: Any, namespace: str, session: str | None = None) -> dic
             totals[name] += row[name]
     totals[COST] = round(float(totals[COST]), 8)
     totals["cost_known"] = totals["unpriced_calls"] == 0
-    return {"session": session, "rows": rows, "totals": totals, "lm_cache": cache_stats(redis, namespace)}
+    data = {"session": session, "rows": rows, "totals": totals, "lm_cache": cache_stats(redis, namespace)}
+    if hours:
+        data["hourly"] = hourly(usage_series(redis, namespace, session, hours=hours))
+    return data
+
+
+def _print_hourly(data: dict[str, Any]) -> None:
+    table = Table(title=f"LM usage per hour (UTC, last {len(data['hourly'])})", title_justify="left")
+    table.add_column("hour", no_wrap=True)
+    for column in ("tasks", "LM calls", "tokens", "cost (USD)"):
+        table.add_column(column, justify="right")
+    table.add_column("models", overflow="fold")  # whole model names, wrapped, never cut to "openai/m…"
+    for h in data["hourly"]:
+        table.add_row(h["hour"].replace("T", " "), str(h["tasks"]), str(h["lm_calls"]), str(h["total_tokens"]),
+                      f"{h['cost_usd']:.6f}", esc(", ".join(h["models"])) or "[dim]-[/]")
+    console.print(table)
 
 
 def _print(data: dict[str, Any]) -> None:
@@ -67,6 +104,8 @@ def _print(data: dict[str, Any]) -> None:
 @cli_errors
 def usage(
     session: Annotated[str | None, typer.Option("--session", "-s", help="Only this session.")] = None,
+    hours: Annotated[int | None, typer.Option("--hours", min=1, max=24 * 400,
+                                              help="Also show each of the last N hours (UTC).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """LM tokens and estimated cost per signature and model (fleet-wide, or one session)."""
@@ -79,13 +118,15 @@ def usage(
         keys.check_id(session, "session")
     client = redis_client(settings)
     try:
-        data = collect_usage(client, settings.namespace, session)
+        data = collect_usage(client, settings.namespace, session, hours)
     finally:
         client.close()
     if as_json:
         echo_json(data)
     else:
         _print(data)
+        if hours:
+            _print_hourly(data)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,9 @@ costs 0 and says ``cost_known: false``. Cache hits bill nothing and are counted 
 Aggregates are summed in process and written every second by a daemon thread (and on
 :meth:`UsageLedger.close`), one pipeline of HINCRBY/HINCRBYFLOAT, so a task costs no Redis round
 trip: fields ``<signature>|<model>|<metric>`` in :func:`keys.usage` (fleet) and
-:func:`keys.session_usage` (per session).
+:func:`keys.session_usage` (per session), and the same per UTC hour in :func:`keys.usage_hour` and
+:func:`keys.session_usage_hour` (kept ``DSPEX_USAGE_HISTORY_DAYS``), which :func:`usage_series` reads for charts
+over time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -31,7 +34,7 @@ from typing import Any
 from .. import keys
 
 __all__ = ["TaskUsage", "task_usage", "record_call", "price", "prime", "UsageLedger", "usage_report", "usage_totals",
-           "METRICS"]
+           "usage_series", "METRICS"]
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +185,16 @@ class UsageLedger:
         namespace: The key namespace.
         flush_s: Flush interval of the background thread.
         session_ttl_s: Expire a session's usage hash with its programs.
+        history_s: Keep the per-hour hashes this long (``DSPEX_USAGE_HISTORY_DAYS``).
     """
 
-    def __init__(self, redis: Any, namespace: str, *, flush_s: float = 1.0, session_ttl_s: int | None = None) -> None:
+    def __init__(self, redis: Any, namespace: str, *, flush_s: float = 1.0, session_ttl_s: int | None = None,
+                 history_s: int = 30 * 86_400) -> None:
         self.redis = redis
         self.namespace = namespace
         self.flush_s = flush_s
         self.session_ttl_s = session_ttl_s
+        self.history_s = history_s
         self._lock = threading.Lock()
         self._pending: dict[tuple[str | None, str, str, str], float] = defaultdict(float)
         self._stop = threading.Event()
@@ -248,23 +254,26 @@ class UsageLedger:
             pending, self._pending = self._pending, defaultdict(float)
         if not pending or self.redis is None:
             return
+        ns, hour = self.namespace, int(time.time()) // 3600  # the hour of the flush (pending is <= flush_s old)
         try:
             pipe = self.redis.pipeline(transaction=False)
             sessions = set()
             for (session, signature, model, metric), value in pending.items():
                 fld = _SEP.join((signature, model, metric))
-                targets = [keys.usage(self.namespace)]
+                targets = [keys.usage(ns), keys.usage_hour(ns, hour)]
                 if session is not None:
-                    targets.append(keys.session_usage(self.namespace, session))
+                    targets += [keys.session_usage(ns, session), keys.session_usage_hour(ns, session, hour)]
                     sessions.add(session)
                 for key in targets:
                     if metric == COST:
                         pipe.hincrbyfloat(key, fld, value)
                     else:
                         pipe.hincrby(key, fld, int(value))
-            if self.session_ttl_s:
-                for session in sessions:
-                    pipe.expire(keys.session_usage(self.namespace, session), self.session_ttl_s)
+            pipe.expire(keys.usage_hour(ns, hour), self.history_s)
+            for session in sessions:
+                pipe.expire(keys.session_usage_hour(ns, session, hour), self.history_s)
+                if self.session_ttl_s:
+                    pipe.expire(keys.session_usage(ns, session), self.session_ttl_s)
             pipe.execute()
         except Exception:
             with self._lock:
@@ -285,8 +294,25 @@ class UsageLedger:
 def usage_report(redis: Any, namespace: str, session: str | None = None) -> list[dict[str, Any]]:
     """Rows ``{signature, model, tasks, lm_calls, cache_hits, *_tokens, cost_usd, cost_known}``, sorted."""
     key = keys.session_usage(namespace, session) if session is not None else keys.usage(namespace)
+    return _rows(redis.hgetall(key))
+
+
+def usage_series(redis: Any, namespace: str, session: str | None = None, *, hours: int = 24,
+                 now: float | None = None) -> list[dict[str, Any]]:
+    """The last ``hours`` UTC hours, oldest first, each ``{hour: its start in unix seconds, rows: [as
+    usage_report]}`` (an hour without usage has no rows); one pipelined read."""
+    last = int(time.time() if now is None else now) // 3600
+    span = range(last - max(1, hours) + 1, last + 1)
+    pipe = redis.pipeline(transaction=False)
+    for hour in span:
+        pipe.hgetall(keys.session_usage_hour(namespace, session, hour) if session is not None
+                     else keys.usage_hour(namespace, hour))
+    return [{"hour": hour * 3600, "rows": _rows(raw)} for hour, raw in zip(span, pipe.execute(), strict=True)]
+
+
+def _rows(raw_hash: Mapping[Any, Any] | None) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for raw_field, raw_value in (redis.hgetall(key) or {}).items():
+    for raw_field, raw_value in (raw_hash or {}).items():
         text = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
         signature, _, rest = text.partition(_SEP)
         model, _, metric = rest.rpartition(_SEP)

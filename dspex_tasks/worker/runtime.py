@@ -217,7 +217,8 @@ class Runtime:
         self._checked_at = 0.0
         self._flushed_at = time.monotonic()
         self._plans: dict[str, Any] = {}
-        self.ledger = UsageLedger(redis, settings.namespace, session_ttl_s=settings.session_ttl_s)
+        self.ledger = UsageLedger(redis, settings.namespace, session_ttl_s=settings.session_ttl_s,
+                                  history_s=settings.usage_history_days * 86_400)
         self.cancels: CancelWatch | None = None  # the cancelled job ids, kept locally (started by warm)
         self.runner = ModuleRunner(self.ledger, self.lm_for)
 

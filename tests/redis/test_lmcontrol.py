@@ -371,3 +371,31 @@ def test_full_bucket_requeues_without_failing(limited_app: Any, settings: Any, r
     limited_app.runtime.ledger.flush()
     (row,) = usage_report(redis_client, settings.namespace, "rl")
     assert row["tasks"] == 11 and row["cache_hits"] == 1
+
+
+def test_usage_is_kept_per_hour_for_charts_over_time(redis_client: Any, namespace: str) -> None:
+    from dspex_tasks import keys
+    from dspex_tasks.cli.usage import collect_usage
+    from dspex_tasks.lm.usage import usage_series
+
+    ledger = UsageLedger(redis_client, namespace, flush_s=60, history_s=3 * 86_400)
+    for session in ("h1", "h1", "h2"):
+        scope = TaskUsage("qa", session)
+        scope.calls.append(("openai/gpt-4o-mini", {"prompt_tokens": 10, "completion_tokens": 5}, False))
+        ledger.finish(scope, None, "qa", session)
+    ledger.close()
+    now = time.time()
+    series = usage_series(redis_client, namespace, hours=24, now=now)
+    assert len(series) == 24 and series[-1]["hour"] == int(now) // 3600 * 3600
+    used = [b for b in series if b["rows"]]  # one flush: one hour (this one, or the last if it just turned)
+    assert len(used) == 1 and used[0]["hour"] >= series[-2]["hour"]
+    (row,) = used[0]["rows"]
+    assert (row["tasks"], row["total_tokens"]) == (3, 45) and row["cost_usd"] > 0
+    (h1,) = [r for b in usage_series(redis_client, namespace, "h1", hours=2, now=now) for r in b["rows"]]
+    assert (h1["tasks"], h1["total_tokens"]) == (2, 30)
+    ttl = redis_client.ttl(keys.usage_hour(namespace, used[0]["hour"] // 3600))
+    assert 0 < ttl <= 3 * 86_400
+    hourly = collect_usage(redis_client, namespace, "h2", hours=2)["hourly"]
+    assert sum(h["total_tokens"] for h in hourly) == 15 and len(hourly) == 2
+    assert all(h["hour"].endswith(":00Z") for h in hourly)
+    assert [list(h["models"]) for h in hourly if h["models"]] == [["openai/gpt-4o-mini"]]

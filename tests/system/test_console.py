@@ -377,7 +377,7 @@ def test_every_page_renders_without_errors_at_1280_and_390_px(console: Console, 
             response = tab.page.goto(f"{console.url}/console{path}")
             assert response is not None and response.status == 200, (name, response and response.status)
             assert tab.page.url.startswith(f"{console.url}/console{path.split('?')[0]}"), (name, tab.page.url)
-            ready = {"fleet": "#fleet table.workers", "job": "#job-live[data-done]", "usage": "#usage-chart[data-ready]",
+            ready = {"fleet": "#fleet table.workers", "job": "#job-live[data-done]", "usage": "#usage-time-chart[data-ready]",
                      "run": "#run-chart[data-points]"}.get(name)
             if ready:
                 tab.page.wait_for_selector(ready)
@@ -389,6 +389,18 @@ def test_every_page_renders_without_errors_at_1280_and_390_px(console: Console, 
             console.shots[f"{name}-{width}"] = shot
         assert tab.errors == [], (width, tab.errors)
     assert overflow == [], f"pages wider than the viewport: {overflow}"
+    # the usage page charts this hour's tokens per model, and the table's total agrees with it
+    usage = open_tab("admin").page
+    usage.goto(f"{console.url}/console/usage?hours=168&by=model")
+    usage.wait_for_selector("#usage-chart[data-ready]")
+    over_time = json.loads(usage.locator("#usage-time-data").text_content() or "{}")
+    assert len(over_time["labels"]) == 168 and over_time["datasets"], over_time
+    charted = sum(sum(d["data"]) for d in over_time["datasets"])  # a fresh namespace: all of it in the window
+    assert charted > 0 and "openai/mock" in [d["label"] for d in over_time["datasets"]]
+    assert charted <= sum(r["total_tokens"] for r in usage_report(console.client.redis,
+                                                                   console.client.settings.namespace))
+    assert usage.goto(f"{console.url}/console/usage?hours=5").status == 422  # type: ignore[union-attr]
+    assert "hours: expected one of 24, 168, 720" in usage.locator("main").inner_text()
     # the fleet page shows the worker, its queues and the LM rate-limit bucket the jobs used
     fleet = open_tab("admin").page
     fleet.goto(f"{console.url}/console/fleet")

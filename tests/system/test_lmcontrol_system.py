@@ -212,3 +212,11 @@ def test_dspex_usage_reports_the_fleet(client: Client, fleet: Settings) -> None:
     assert not plain["cost_known"] and plain["cost_usd"] == 0  # openai/mock is not in LiteLLM's price table
     fleet_data = report()
     assert fleet_data["totals"]["tasks"] >= 3 and fleet_data["lm_cache"]["hits"] >= 1
+    hourly = report("--session", "usage-s", "--hours", "3")["hourly"]  # the same tasks, per UTC hour
+    assert len(hourly) == 3 and sum(h["tasks"] for h in hourly) == 3
+    assert sum(h["total_tokens"] for h in hourly) == sum(r["total_tokens"] for r in rows.values())
+    table = subprocess.run([sys.executable, "-m", "dspex_tasks", "usage", "--session", "usage-s", "--hours", "2"],
+                           cwd=ROOT, env=worker_env(fleet.redis_url, fleet.namespace), capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    tokens = sum(r["total_tokens"] for r in rows.values())
+    assert "LM usage per hour (UTC, last 2)" in table and f" {tokens} " in table, table

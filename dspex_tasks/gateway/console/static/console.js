@@ -226,7 +226,29 @@
     canvas.dataset.ready = "true";
   }
 
-  function start() { initRun(); initJob(); initUsage(); }
+  /* -- usage over time: tokens per hour stacked per model (or program), the hour's cost as a line -------------- */
+  function initUsageTime() {
+    var canvas = document.getElementById("usage-time-chart");
+    var data = readJSON("usage-time-data");
+    if (!canvas || !data || typeof Chart === "undefined") return;
+    var datasets = data.datasets.map(function (d) {
+      return {type: "bar", label: d.label, data: d.data, backgroundColor: d.backgroundColor, stack: "tokens",
+              yAxisID: "y"};
+    });
+    datasets.push({type: "line", label: "cost (USD)", data: data.cost, borderColor: "#d9480f",
+                   backgroundColor: "#d9480f", yAxisID: "cost", pointRadius: 2, tension: 0.2});
+    new Chart(canvas, {
+      data: {labels: data.labels, datasets: datasets},
+      options: {animation: false, responsive: true, maintainAspectRatio: false,
+                scales: {x: {stacked: true, ticks: {autoSkip: true, maxRotation: 0}},
+                         y: {stacked: true, beginAtZero: true, title: {display: true, text: "tokens"}},
+                         cost: {beginAtZero: true, position: "right", grid: {drawOnChartArea: false},
+                                title: {display: true, text: "USD"}}}}
+    });
+    canvas.dataset.ready = "true";
+  }
+
+  function start() { initRun(); initJob(); initUsage(); initUsageTime(); }
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();
 })();
