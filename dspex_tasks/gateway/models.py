@@ -173,6 +173,17 @@ def job_schema(result: dict[str, Any], signature: dict[str, Any]) -> dict[str, A
     }
 
 
+JOB_SUMMARY: dict[str, Any] = {
+    "type": "object", "description": "A job submitted through the gateway or the console, as a list shows it (its "
+                                     "result: GET /v1/jobs/{job_id})",
+    "properties": {"id": {"type": "string"}, "signature": {"type": "string"},
+                   "session": {**_NULLABLE_STR, "description": "null: the default program"},
+                   "created_at": {"type": "number", "description": "submitted at, unix seconds"},
+                   "state": ref("JobState")},
+    "required": ["id", "signature", "session", "created_at", "state"]}
+JOB_LIST: dict[str, Any] = {
+    "type": "object", "description": "Recent jobs, newest first",
+    "properties": {"jobs": {"type": "array", "items": ref("JobSummary")}}, "required": ["jobs"]}
 RUN_SUMMARY: dict[str, Any] = {
     "type": "object", "description": "What a run found and did (once it succeeded)",
     "properties": {
@@ -324,6 +335,8 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "TraceEntry": TRACE_ENTRY,
     "Result": result_schema(OPEN_OBJECT),
     "Job": job_schema(ref("Result"), _NULLABLE_STR),
+    "JobSummary": JOB_SUMMARY,
+    "JobList": JOB_LIST,
     "Run": RUN,
     "RunSummary": RUN_SUMMARY,
     "RunEvent": RUN_EVENT,

@@ -4,6 +4,9 @@ Celery's Redis result backend stores each result under ``backend.get_key_for_tas
 same payload on a channel of that name. One pub/sub connection per gateway process (the :class:`Hub`)
 subscribes per waiting job and fans messages out to asyncio queues, so thousands of waiting requests
 cost no threads and no polling; a slow poll (every second) covers a message lost to a reconnect.
+
+Jobs submitted through the gateway (API or console) are also indexed by submit time, fleet-wide and per API
+key, so :meth:`JobReader.recent` can list them; ``Client.submit`` indexes nothing (one broker round trip).
 """
 
 from __future__ import annotations
@@ -14,16 +17,22 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from .. import errors, keys
 
-__all__ = ["Hub", "JobReader", "READY", "job_error"]
+__all__ = ["MAX_INDEXED", "Hub", "JobReader", "JobSummary", "READY", "job_error"]
 
 log = logging.getLogger(__name__)
 
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 _POLL_S = 1.0
+#: The most job ids each index (fleet, per key) keeps: the newest; older ones drop out of the lists (their
+#: records and results stay readable by id until they expire).
+MAX_INDEXED = 10_000
+#: A filtered list reads at most this many times ``limit`` of the newest ids: a recent view, not a search.
+_SCAN_FACTOR = 10
+_MIN_PAGE = 100
 
 
 def _s(v: Any) -> str:
@@ -120,6 +129,16 @@ def job_error(meta: dict[str, Any]) -> errors.DspexError:
     return errors.DspexError(f"job ended in state {meta.get('status')}")
 
 
+class JobSummary(TypedDict):
+    """One row of a list of recent jobs (its result stays at ``GET /v1/jobs/{id}``)."""
+
+    id: str
+    signature: str
+    session: str | None
+    created_at: float
+    state: str
+
+
 class JobReader:
     """Job state and results for the gateway (needs a Redis result backend)."""
 
@@ -142,8 +161,62 @@ class JobReader:
     async def record(self, job_id: str, signature: str, key_id: str, session: str | None = None) -> None:
         """Who submitted a job through the gateway (its owner scope, checked when it is read), for as long as
         its result is kept."""
-        value = json.dumps({"signature": signature, "key": key_id, "session": session, "created_at": time.time()})
-        await self._redis.set(keys.gateway_job(self._ns, job_id), value, ex=self._ttl)
+        now = time.time()
+        value = json.dumps({"signature": signature, "key": key_id, "session": session, "created_at": now})
+        pipe = self._redis.pipeline(transaction=False)  # one round trip: the record and both indexes
+        pipe.set(keys.gateway_job(self._ns, job_id), value, ex=self._ttl)
+        for index in (keys.gateway_jobs(self._ns), keys.gateway_key_jobs(self._ns, key_id)):
+            pipe.zadd(index, {job_id: now})
+            # bounded as the records are: nothing older than their TTL, at most MAX_INDEXED ids
+            pipe.zremrangebyscore(index, "-inf", f"({now - self._ttl}")
+            pipe.zremrangebyrank(index, 0, -MAX_INDEXED - 1)
+            pipe.expire(index, self._ttl)
+        await pipe.execute()
+
+    async def recent(self, key_id: str | None, *, limit: int, session: str | None = None,
+                     signature: str | None = None,
+                     visible: Callable[[dict[str, Any]], bool] | None = None) -> list[JobSummary]:
+        """The newest ``limit`` jobs one API key submitted (``key_id``; None: every key's, for admin), newest
+        first, each with its current state (PENDING until a worker reports one).
+
+        ``session`` and ``signature`` keep only matching jobs, and ``visible`` (a test of the job's gateway
+        record, e.g. the caller's scope) only those it passes; a filtered list reads at most
+        ``10 * limit`` of the newest ids, so it may come back short though older matches exist. A job whose
+        record expired is left out.
+        """
+        if limit < 1:
+            return []
+        index = keys.gateway_jobs(self._ns) if key_id is None else keys.gateway_key_jobs(self._ns, key_id)
+        filtered = session is not None or signature is not None or visible is not None
+        bound = min(limit * _SCAN_FACTOR if filtered else limit, MAX_INDEXED)
+        page = max(limit, _MIN_PAGE) if filtered else limit
+        out: list[JobSummary] = []
+        for start in range(0, bound, page):
+            ids = [_s(i) for i in await self._redis.zrevrange(index, start, min(start + page, bound) - 1)]
+            if not ids:
+                break
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.get(keys.gateway_job(self._ns, job_id))
+                pipe.get(self._key(job_id))
+            replies = await pipe.execute()
+            for job_id, rec_raw, meta_raw in zip(ids, replies[0::2], replies[1::2], strict=True):
+                if rec_raw is None:  # expired (the index is trimmed only when a job is recorded)
+                    continue
+                rec = json.loads(rec_raw)
+                if ((session is not None and rec.get("session") != session)
+                        or (signature is not None and rec.get("signature") != signature)
+                        or (visible is not None and not visible(rec))):
+                    continue
+                meta = self._decode(meta_raw)  # decoded only for the rows kept: a result can be large
+                out.append(JobSummary(id=job_id, signature=str(rec["signature"]), session=rec.get("session"),
+                                      created_at=float(rec["created_at"]),
+                                      state=str(meta.get("status") or "PENDING") if meta else "PENDING"))
+                if len(out) == limit:
+                    return out
+            if len(ids) < page:
+                break
+        return out
 
     def _decode(self, raw: Any) -> dict[str, Any] | None:
         if raw is None:

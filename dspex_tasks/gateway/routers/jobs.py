@@ -1,22 +1,25 @@
-"""Jobs by id: state and result, a Server-Sent Events stream of its live events, and cancellation (the submitting
-key's only; admin's too)."""
+"""Jobs: the recent ones a key submitted (admin: every key's), and by id their state and result, a Server-Sent
+Events stream of their live events, and cancellation (the submitting key's only; admin's too)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import functools
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ... import live
-from ..models import JOB_EVENT_TYPES, how_to_follow, ref, sse_item_schema
-from ..results import READY
+from ..models import ID_PATTERN, JOB_EVENT_TYPES, how_to_follow, ref, sse_item_schema
+from ..results import READY, JobSummary
+from ..scopes import Access
 from ..sse import KEEPALIVE_S, event_stream, job_events, last_event_id
-from .access import ReadableJob, WritableJob, WriteKey
+from ..state import Gateway
+from .access import ReadableJob, ReadKey, WritableJob, WriteKey, check_session, job_visible
 from .common import GatewayDep, json_doc
 
-__all__ = ["router"]
+__all__ = ["recent_jobs", "router"]
 
 router = APIRouter()
 
@@ -45,6 +48,42 @@ _CANCEL_SCHEMA: dict[str, Any] = {
     "properties": {"id": {"type": "string"},
                    "cancelled": {"type": "boolean", "description": "false: the job had already finished"}},
     "required": ["id", "cancelled"]}
+
+
+#: A signature name (``signature()``'s rule; the length is given apart, as for ids).
+_SIGNATURE_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]*$"
+_MAX_LIMIT = 200
+
+
+async def recent_jobs(gw: Gateway, access: Access, *, limit: int, session: str | None = None,
+                      signature: str | None = None) -> list[JobSummary]:
+    """The recent jobs ``access`` may see (the API's list and the console's): an admin key reads the fleet index;
+    any other key its own, each job checked as when it is read by id (:func:`job_visible`), so a job in a
+    session the key lost drops out."""
+    if access.scopes.admin:
+        return await gw.jobs.recent(None, limit=limit, session=session, signature=signature)
+    return await gw.jobs.recent(access.key_id, limit=limit, session=session, signature=signature,
+                                visible=functools.partial(job_visible, access))
+
+
+@router.get("/v1/jobs", tags=["jobs"], summary="Recent jobs, newest first, with their state",
+            description="The jobs this key submitted through the gateway or the console (an admin key: every key's), "
+                        "newest first, while their results are kept; a job whose session is no longer in the key's "
+                        "scope is left out. Jobs submitted with the Python client directly are not listed. "
+                        "'session' and 'signature' filter; a filtered list looks at the newest 10 x 'limit' jobs "
+                        "only. Naming a session outside the key's scope is 403. Each job's result: "
+                        "GET /v1/jobs/{job_id}.",
+            responses=json_doc("JobList"))
+async def list_jobs(gw: GatewayDep, access: ReadKey,
+                    limit: Annotated[int, Query(ge=1, le=_MAX_LIMIT, description="the most jobs to list")] = 50,
+                    session: Annotated[str | None, Query(min_length=1, max_length=128, pattern=ID_PATTERN,
+                                                         description="only this session's jobs")] = None,
+                    signature: Annotated[str | None, Query(min_length=1, max_length=64, pattern=_SIGNATURE_PATTERN,
+                                                           description="only this signature's jobs")] = None,
+                    ) -> JSONResponse:
+    if session is not None:
+        check_session(access, session)  # naming a session out of scope is a 403, as on every route
+    return JSONResponse({"jobs": await recent_jobs(gw, access, limit=limit, session=session, signature=signature)})
 
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"], summary="A job's state and, once done, its result",
