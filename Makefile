@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 3
 
 .PHONY: install test test-fast test-unit test-redis test-system test-clients lint typecheck demo bench constraints clean
 
@@ -18,9 +19,12 @@ install: $(STAMP)
 
 # All three layers (unit, redis, system). A private redis-server is started by the
 # tests themselves on a free port unless DSPEX_TEST_REDIS_URL names a dedicated DB.
+# Test modules run on PYTEST_WORKERS processes (pytest-xdist, a module stays on one process): the system tests
+# mostly wait on workers, timeouts and the mock LM's latency, so 3 processes on 2 cores take ~40% of the serial
+# time. PYTEST_WORKERS=0 runs them serially.
 test: $(STAMP)
 	-@bash scripts/ci-deps.sh
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)

