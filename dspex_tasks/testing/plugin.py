@@ -48,7 +48,8 @@ from ..settings import Settings, load_settings
 from .fixtures import namespace, redis_base_url, redis_client, redis_server, redis_url, settings
 
 __all__ = ["dspex_client", "dspex_mock", "dspex_mock_server", "dspex_worker", "dspex_worker_process", "namespace",
-           "redis_base_url", "redis_client", "redis_server", "redis_url", "settings", "MockScript", "WorkerHandle", "running_worker"]
+           "redis_base_url", "redis_client", "redis_server", "redis_url", "settings", "MockScript", "WorkerHandle", "in_process_worker",
+           "running_worker"]
 
 
 class MockScript:
@@ -87,19 +88,37 @@ def _worker_settings(settings: Settings, mock: MockScript) -> Settings:
 
 
 @contextlib.contextmanager
+def in_process_worker(app: Any, *, concurrency: int = 8, queues: list[str] | None = None) -> Iterator[Any]:
+    """Celery's in-process test worker (threads pool) for a dspex worker ``app``, warmed and published before the
+    test submits; stopped, and its runtime reset, on exit. ``queues``: default every dspex queue.
+
+    It always gets an event loop of its own: Celery's worker adopts kombu's process-wide current hub when one is
+    set, timer included, and a worker object built and never started (``app.Worker(...)``) leaves its hub set, so
+    a later worker would schedule countdown and ETA tasks on a timer nobody fires: they would never run."""
+    from celery.contrib.testing.worker import start_worker
+    from kombu.asynchronous import set_event_loop
+
+    set_event_loop(None)
+    try:
+        with start_worker(app, pool="threads", concurrency=concurrency, perform_ping_check=False,
+                          loglevel="WARNING", shutdown_timeout=10,
+                          queues=queues if queues is not None else app.dspex_settings.queues):
+            app.runtime  # noqa: B018 - warm and publish before the test submits
+            yield app
+    finally:
+        set_event_loop(None)
+        app.reset_runtime()
+
+
+@contextlib.contextmanager
 def running_worker(settings: Settings, *, signatures: Any = None, concurrency: int = 8) -> Iterator[Any]:
     """An in-process worker app on ``settings``' queues, warmed and published; stopped on exit. ``signatures``: a
     registry to serve (default: every signature and program registered in this process)."""
-    from celery.contrib.testing.worker import start_worker
-
     from ..worker.app import create_worker_app
 
     app = create_worker_app(settings, signatures=signatures, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=concurrency, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10, queues=settings.queues):
-        app.runtime  # noqa: B018 - warm and publish before the test submits
+    with in_process_worker(app, concurrency=concurrency, queues=settings.queues):
         yield app
-    app.reset_runtime()
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bz2
 import logging
 import lzma
+import os
 import zlib
 from collections.abc import Callable
 from functools import cached_property
@@ -40,7 +41,8 @@ from kombu import serialization as _serialization
 from ..errors import DeadLettered
 from .guard import dead_letter
 
-__all__ = ["Consumer", "body_cap", "check_body", "check_headers", "install_decompression", "strategy"]
+__all__ = ["Consumer", "body_cap", "check_body", "check_headers", "event_dispatcher", "install_decompression",
+           "strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +185,26 @@ EVENT_FLUSH_S = 0.1
 EVENT_BUFFER = 500
 
 
+def event_dispatcher(app: Any) -> Any:
+    """This worker process's batched task-event dispatcher (the consumer's), or None: no consumer in this process
+    (a prefork child, a client), or task events off."""
+    found = getattr(app, "dspex_consumer", None)
+    if not found or found[0] != os.getpid():
+        return None
+    dispatcher = getattr(found[1], "event_dispatcher", None)
+    return dispatcher if dispatcher is not None and dispatcher.enabled else None
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     """Celery's consumer, dead-lettering each message it refuses and batching task events (``worker_consumer``)."""
 
     _flush_pending = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Tasks send their own events (task-progress) through this consumer's batched dispatcher: in this process
+        # only (a prefork child inherits the attribute, not a usable connection; :func:`event_dispatcher`).
+        self.app.dspex_consumer = (os.getpid(), self)
 
     def on_send_event_buffered(self) -> None:
         if not self.hub:

@@ -35,6 +35,7 @@ from typing import Any
 
 from .. import live
 from ..errors import Cancelled
+from .intake import event_dispatcher
 
 __all__ = ["JobStopped", "CancelWatch", "JobControl", "LiveCallback", "make_callback", "stream_run", "settle_tokens",
            "process_loop", "run_on_loop", "runs_async", "text_outputs", "control_for"]
@@ -457,9 +458,13 @@ def control_for(task: Any, options: dict[str, Any]) -> JobControl:
 
     def on_step(name: str) -> None:
         task.update_state(task_id=task_id, state="PROGRESS", meta={"step": name, "job": task_id, "ts": time.time()})
-        if hostname:
+        fields = {"uuid": task_id, "step": name, "result": f"step: {name}"}  # result: Flower's Result column
+        batched = event_dispatcher(task.app)
+        if batched is not None:  # with Celery's own task events, flushed every 100 ms: no publish of its own
+            batched.send("task-progress", **fields)
+        elif hostname:
             with task.app.events.default_dispatcher(hostname=hostname) as dispatcher:
-                dispatcher.send("task-progress", uuid=task_id, step=name, result=f"step: {name}")  # Flower's Result column
+                dispatcher.send("task-progress", **fields)
 
     return JobControl(redis, settings.namespace, task_id, stream=bool(options.get("stream")),
                       deadline=deadline, timeout_s=timeout_s, maxlen=settings.stream_maxlen,

@@ -82,9 +82,8 @@ def gw_settings(redis_base_url: str) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def gw_worker(gw_settings: Any) -> Iterator[Any]:
     """One in-process worker for the module, serving qa and complex_analysis on both queues."""
-    from celery.contrib.testing.worker import start_worker
-
     from dspex_tasks.dsl.signature import SignatureRegistry, signature
+    from dspex_tasks.testing.plugin import in_process_worker
     from dspex_tasks.worker.app import create_worker_app
 
     reg = SignatureRegistry()
@@ -92,12 +91,10 @@ def gw_worker(gw_settings: Any) -> Iterator[Any]:
     reg.add(signature("text: str, context: list[str] -> analysis: reasoning_chain, confidence: confidence_score, "
                       "entities: list[entity]", name="complex_analysis", register=False))
     app = create_worker_app(gw_settings, signatures=reg, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10, queues=[gw_settings.predict_queue, gw_settings.optimize_queue]):
-        # warm and publish, and pay the process's first prediction (lazy imports) before the tests
+    with in_process_worker(app, queues=[gw_settings.predict_queue, gw_settings.optimize_queue]):
+        # pay the process's first prediction (lazy imports) before the tests
         app.runtime.predict(reg.get("qa"), {"question": "warm-up"})
         yield app
-    app.reset_runtime()
 
 
 @pytest.fixture(scope="module")

@@ -29,18 +29,14 @@ def labelled(n: int, prefix: str = "question") -> list[dict[str, Any]]:
 @pytest.fixture
 def gepa_app(settings: Any, signatures: Any) -> Iterator[Any]:
     """A worker serving both queues; its mock LM follows the rule once a predictor's instructions state it."""
-    from celery.contrib.testing.worker import start_worker
-
+    from dspex_tasks.testing.plugin import in_process_worker
     from dspex_tasks.worker.app import create_worker_app
 
     s = settings.model_copy(update={"mock_scenario": "learns_from_instructions", "mock_latency_ms": 2,
                                     "reflection_lm": "openai/gpt-4o-mini"})  # as DSPEX_REFLECTION_LM sets it
     app = create_worker_app(s, signatures=signatures, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=12, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10, queues=[s.predict_queue, s.optimize_queue]):
-        app.runtime  # noqa: B018 - warm and publish before the test submits
+    with in_process_worker(app, concurrency=12, queues=[s.predict_queue, s.optimize_queue]):
         yield app
-    app.reset_runtime()
 
 
 @pytest.fixture

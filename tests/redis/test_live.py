@@ -4,6 +4,7 @@ worker (the in-process MockLM, which does not stream: token events come from the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -31,20 +32,16 @@ def signatures() -> SignatureRegistry:
 @pytest.fixture
 def slow_client(settings: Any, signatures: SignatureRegistry) -> Iterator[Any]:
     """A worker whose every LM call takes 400 ms, and a client."""
-    from celery.contrib.testing.worker import start_worker
-
     from dspex_tasks.client import Client
+    from dspex_tasks.testing.plugin import in_process_worker
     from dspex_tasks.worker.app import create_worker_app
 
     s = settings.model_copy(update={"mock_latency_ms": 400.0})
     app = create_worker_app(s, signatures=signatures, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10):
-        app.runtime  # noqa: B018
+    with in_process_worker(app, concurrency=4):
         c = Client(settings=s)
         yield c
         c.close()
-    app.reset_runtime()
 
 
 def _rebuild(events: list[dict[str, Any]], field: str) -> str:
@@ -154,3 +151,33 @@ def test_many_followers_see_the_same_events(client: Any) -> None:
     for t in threads:
         t.join(30)
     assert out[0] and out[0] == out[1] == out[2]
+
+
+def test_a_streamed_jobs_steps_reach_flower_as_task_progress_events(client: Any) -> None:
+    # Given a receiver of the worker's Celery events (all Flower reads)
+    progress: list[dict[str, Any]] = []
+    conn = client.app.connection_for_read()
+    recv = client.app.events.Receiver(conn, handlers={"task-progress": progress.append})
+    ready = threading.Event()
+
+    def receive() -> None:
+        ready.set()
+        with contextlib.suppress(Exception):  # stopped by closing its connection
+            recv.capture(limit=None, timeout=None, wakeup=False)
+
+    threading.Thread(target=receive, daemon=True).start()
+    ready.wait(5)
+    time.sleep(0.3)
+    try:
+        # When a streamed two-predictor job runs
+        job = client.submit("two_step", {"question": "Steps?"}, stream=True)
+        job.get(timeout=20)
+        deadline = time.monotonic() + 5  # the worker sends task events in batches every 100 ms
+        while time.monotonic() < deadline and len({e.get("step") for e in progress if e["uuid"] == job.id}) < 2:
+            time.sleep(0.05)
+    finally:
+        conn.close()
+    # Then each predictor step is a task-progress event of that job, from the worker, with a readable result
+    mine = [e for e in progress if e["uuid"] == job.id]
+    assert len({e["step"] for e in mine}) >= 2, mine
+    assert all(e["result"] == f"step: {e['step']}" and e["hostname"] for e in mine)

@@ -335,8 +335,7 @@ def test_usage_flushes_in_the_background(redis_client: Any, namespace: str) -> N
 # -- through Celery: a full bucket re-queues the task instead of failing it ---------------------------
 @pytest.fixture
 def limited_app(settings: Any) -> Iterator[Any]:
-    from celery.contrib.testing.worker import start_worker
-
+    from dspex_tasks.testing.plugin import in_process_worker
     from dspex_tasks.worker.app import create_worker_app
 
     reg = SignatureRegistry()
@@ -346,11 +345,8 @@ def limited_app(settings: Any) -> Iterator[Any]:
     tight = settings.model_copy(update={"rate_limit_max_wait_s": 0.2, "task_max_retries": 0,
                                         "rate_limit_max_requeues": 0, "rate_limit_max_countdown_s": 0.5})
     app = create_worker_app(tight, signatures=reg, import_modules=False)
-    with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING",
-                      shutdown_timeout=10):
-        app.runtime  # noqa: B018
+    with in_process_worker(app):
         yield app
-    app.reset_runtime()
 
 
 def test_full_bucket_requeues_without_failing(limited_app: Any, settings: Any, redis_client: Any) -> None:

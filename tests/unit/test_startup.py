@@ -47,6 +47,9 @@ def test_worker_banner_does_not_invent_a_password() -> None:
         assert "redis://127.0.0.1:6390/4" in banner and ":**@" not in banner
         assert "Redis redis://127.0.0.1:6390/4 (db 4" in banner
     finally:
+        from kombu.asynchronous import set_event_loop
+
+        set_event_loop(None)  # the unstarted worker set kombu's process-wide hub: never leave it to later tests
         app.close()
 
 
