@@ -293,6 +293,10 @@ def test_a_streaming_job_is_followed_to_its_result(console: Console, open_tab: C
     assert page.locator("#job-version").inner_text() == str(result.program_version)
     assert int(page.locator("#job-live").get_attribute("data-steps") or 0) >= 2  # the module's start and end
     assert result.outputs["answer"] in page.locator("#job-outputs").inner_text()
+    # the trace: each predictor call with its inputs and outputs, as the stored result has it
+    assert result.trace and page.locator("#job-trace > li").count() == len(result.trace)
+    first = page.locator("#job-trace > li").first.inner_text()
+    assert result.trace[0]["predictor"] in first and result.outputs["answer"] in first
     assert tab.errors == []
     # A form error names the field and keeps the input; nothing is submitted
     page.goto(f"{console.url}/console/jobs?signature=qa")
@@ -356,7 +360,7 @@ def test_every_page_renders_without_errors_at_1280_and_390_px(console: Console, 
         console.client.run(run_ids[0]).get(timeout=60)
     with console.http() as http:
         r = http.post("/v1/signatures/qa/jobs", headers={"Authorization": f"Bearer {console.admin}"},
-                      json={"inputs": {"question": "for the screenshots"}, "session": "cs-jobs", "stream": True})
+                      json={"inputs": {"question": "for the screenshots"}, "session": "cs-jobs", "stream": True, "trace": True})
         assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     console.client.job(job_id).get(timeout=30)

@@ -120,7 +120,8 @@ async def submit(request: Request, gw: GatewayDep, user: ConsoleUser) -> Respons
         try:
             if program is not None and session is not None:
                 await run_in_threadpool(gw.check_program, name, session, program)
-            job = await gw.enqueue(gw.client.submit, name, inputs, session=session, program=program, stream=True)
+            job = await gw.enqueue(gw.client.submit, name, inputs, session=session, program=program, stream=True,
+                                   trace=True)  # the job page shows each predictor call's inputs and outputs
         except ValidationError as exc:
             errors = exc.errors or [{"field": "", "message": exc.message}]
         except Problem as exc:  # the program serves another signature

@@ -194,6 +194,20 @@
       document.getElementById("job-duration").textContent = num(result.duration_ms, 1);
       document.getElementById("job-json").textContent = JSON.stringify(result, null, 2);
       document.getElementById("job-result").hidden = false;
+      var trace = document.getElementById("job-trace");
+      (result.trace || []).forEach(function (call) {
+        var li = el("li");
+        li.appendChild(el("strong", "", call.predictor));
+        [["inputs", call.inputs], ["outputs", call.outputs]].forEach(function (part) {
+          var d = el("details");
+          d.open = part[0] === "outputs";
+          d.appendChild(el("summary", "", part[0]));
+          d.appendChild(el("pre", "", JSON.stringify(part[1] || {}, null, 2)));
+          li.appendChild(d);
+        });
+        trace.appendChild(li);
+      });
+      document.getElementById("job-trace-box").hidden = !(result.trace || []).length;
       box.dataset.done = "result";
     });
     on("error", function (e) {
