@@ -92,3 +92,26 @@ def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.05, 
             return value
         time.sleep(interval_s)
     raise TimeoutError(f"{what} not met within {timeout_s}s")
+
+
+@contextlib.contextmanager
+def celery_events(app: Any, handlers: dict[str, Any]) -> Any:
+    """Receive the workers' Celery events (all Flower reads) in a background thread while the block runs."""
+    import threading
+
+    conn = app.connection_for_read()
+    recv = app.events.Receiver(conn, handlers=handlers)
+    ready = threading.Event()
+
+    def receive() -> None:
+        ready.set()
+        with contextlib.suppress(Exception):  # stopped by closing its connection
+            recv.capture(limit=None, timeout=None, wakeup=False)
+
+    threading.Thread(target=receive, daemon=True).start()
+    ready.wait(5)
+    time.sleep(0.3)  # subscribed before the block sends anything
+    try:
+        yield recv
+    finally:
+        conn.close()

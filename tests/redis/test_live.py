@@ -4,7 +4,6 @@ worker (the in-process MockLM, which does not stream: token events come from the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 
 from dspex_tasks import errors, keys
 from dspex_tasks.dsl.signature import Signature, SignatureRegistry, parse_spec, signature
+from tests._procs import celery_events
 from tests.redis.test_request_options import TwoStep  # the same two-predictor program
 
 pytestmark = pytest.mark.redis
@@ -156,27 +156,13 @@ def test_many_followers_see_the_same_events(client: Any) -> None:
 def test_a_streamed_jobs_steps_reach_flower_as_task_progress_events(client: Any) -> None:
     # Given a receiver of the worker's Celery events (all Flower reads)
     progress: list[dict[str, Any]] = []
-    conn = client.app.connection_for_read()
-    recv = client.app.events.Receiver(conn, handlers={"task-progress": progress.append})
-    ready = threading.Event()
-
-    def receive() -> None:
-        ready.set()
-        with contextlib.suppress(Exception):  # stopped by closing its connection
-            recv.capture(limit=None, timeout=None, wakeup=False)
-
-    threading.Thread(target=receive, daemon=True).start()
-    ready.wait(5)
-    time.sleep(0.3)
-    try:
+    with celery_events(client.app, {"task-progress": progress.append}):
         # When a streamed two-predictor job runs
         job = client.submit("two_step", {"question": "Steps?"}, stream=True)
         job.get(timeout=20)
         deadline = time.monotonic() + 5  # the worker sends task events in batches every 100 ms
         while time.monotonic() < deadline and len({e.get("step") for e in progress if e["uuid"] == job.id}) < 2:
             time.sleep(0.05)
-    finally:
-        conn.close()
     # Then each predictor step is a task-progress event of that job, from the worker, with a readable result
     mine = [e for e in progress if e["uuid"] == job.id]
     assert len({e["step"] for e in mine}) >= 2, mine

@@ -4,8 +4,6 @@ is all Flower reads."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +11,7 @@ from typing import Any
 import pytest
 
 from dspex_tasks.testing.mockgen import rule_answer
+from tests._procs import celery_events
 
 pytestmark = pytest.mark.redis
 
@@ -36,24 +35,10 @@ def test_stages_are_named_lead_with_the_stage_and_report_progress_and_scores(ocl
         if event["type"] == "task-progress":
             progress.append(event)
 
-    conn = oclient.app.connection_for_read()
-    recv = oclient.app.events.Receiver(conn, handlers={"*": lambda e: e.get("uuid") and on_event(e)})
-    ready = threading.Event()
-
-    def receive() -> None:
-        ready.set()
-        with contextlib.suppress(Exception):  # stopped by closing its connection
-            recv.capture(limit=None, timeout=None, wakeup=False)
-
-    threading.Thread(target=receive, daemon=True).start()
-    ready.wait(5)
-    time.sleep(0.3)
-    try:
+    with celery_events(oclient.app, {"*": lambda e: e.get("uuid") and on_event(e)}):
         rows = [{"question": f"f {i}", "answer": rule_answer({"question": f"f {i}"})} for i in range(12)]
         summary = oclient.optimize("qa", rows, session="fl", params={"eval_chunk_size": 4}).get(timeout=60)
         time.sleep(1.0)  # the worker flushes its task events every 100 ms
-    finally:
-        conn.close()
     stages = {t["name"]: t for t in tasks.values() if str(t.get("name", "")).startswith("dspex.optimize.")}
     # Flower's list names what runs: one entry per stage, by stage
     for stage in ("load", "baseline", "compile", "candidate", "decide"):
