@@ -922,6 +922,8 @@ def profile_main(args: argparse.Namespace) -> int:
         ctx = Context(redis, f"bench{uuid.uuid4().hex[:8]}", log_dir, False, 1)
         mock = MockLMProcess(latency_ms=args.latency_ms, log_dir=log_dir)
         mock.wait_ready()
+        if args.stream:  # livemem's streamed workload: 4-character chunks
+            knobs(mock, chunk_latency_ms=0, stream_chunk_chars=4)
         worker = live_worker(ctx, mock, "profiled", queue="live.profile", async_modules=bool(args.async_modules))
         client = queue_client(ctx, "live.profile")
         worker.wait_ready()
@@ -929,7 +931,7 @@ def profile_main(args: argparse.Namespace) -> int:
         single_run(worker, client, mock, THREADS, 10**8)  # warm-up
 
         def send(i: int) -> str:
-            return str(client.submit(SIGNATURE, question(i), session="bench-live").id)
+            return str(client.submit(SIGNATURE, question(i), session="bench-live", stream=args.stream).id)
 
         worker.pause()
         ids = [send(i) for i in range(args.n)]
@@ -984,6 +986,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="sample only the thread holding the GIL (default 1: where the interpreter's time goes)")
     prof.add_argument("--out", default=None, help="raw py-spy output file (default: in the log directory)")
     prof.add_argument("--json", action="store_true")
+    prof.add_argument("--stream", action="store_true", help="streamed jobs (stream=True), 4-character chunks")
     args = parser.parse_args(argv)
     if args.cmd == "parallel-child":
         parallel_child(args.api_base, args.n, args.threads, args.offset)
