@@ -71,9 +71,10 @@ RUNNERS: dict[str, Callable[[Context], Outcome]] = {
     "ttft": bench_live.scenario_ttft,
     "livemem": bench_live.scenario_livemem,
     "mapio": bench_live.scenario_mapio,
+    "events": bench_live.scenario_events,
 }
 #: Scenarios run only when named in ``--scenarios`` (long; see the module docstring).
-OPT_IN = ("inflight", "ttft", "livemem", "mapio")
+OPT_IN = ("inflight", "ttft", "livemem", "mapio", "events")
 IN_FLIGHT_AIM = 150
 
 

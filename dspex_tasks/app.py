@@ -134,7 +134,7 @@ def _base_config(settings: Settings) -> dict[str, Any]:
         # STARTED costs a read, a write and a publish per task; Flower sees it from events anyway.
         "task_track_started": settings.track_started,
         "task_send_sent_event": settings.sent_events,
-        "worker_send_task_events": True,
+        "worker_send_task_events": settings.task_events,
         "task_default_queue": settings.predict_queue,
         # A worker started without -Q consumes all of these, however it was started (dspex worker or
         # celery -A workers.app worker), including the queue a zero-configuration Celery client sends to.

@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     # clients publish Celery's task-sent event (Flower lists a task while it is queued); off: Flower lists it
     # from its worker's task-received, and a submit costs about what a plain send_task does
     sent_events: bool = True
+    # workers send Celery's task events (what Flower shows), batched every 100 ms; off: Flower shows no tasks
+    task_events: bool = True
     # the most predictions a process's event loop runs at once (map items; single tasks are bounded by threads)
     async_max_in_flight: int = Field(1000, ge=1)
     worker_pool: Literal["threads", "prefork", "solo"] = "threads"

@@ -482,7 +482,7 @@ def control_for(task: Any, options: dict[str, Any]) -> JobControl:
         batched = event_dispatcher(task.app)
         if batched is not None:  # with Celery's own task events, flushed every 100 ms: no publish of its own
             batched.send("task-progress", **fields)
-        elif hostname:
+        elif hostname and settings.task_events:  # a process without the consumer (a prefork child)
             with task.app.events.default_dispatcher(hostname=hostname) as dispatcher:
                 dispatcher.send("task-progress", **fields)
 
