@@ -48,8 +48,8 @@ from ..settings import Settings, load_settings
 from .fixtures import namespace, redis_base_url, redis_client, redis_server, redis_url, settings
 
 __all__ = ["dspex_client", "dspex_mock", "dspex_mock_server", "dspex_worker", "dspex_worker_process", "namespace",
-           "redis_base_url", "redis_client", "redis_server", "redis_url", "settings", "MockScript", "WorkerHandle", "in_process_worker",
-           "running_worker"]
+           "redis_base_url", "redis_client", "redis_server", "redis_url", "settings", "MockScript", "WorkerHandle",
+           "in_process_worker", "running_worker"]
 
 
 class MockScript:
