@@ -27,6 +27,8 @@ from tests._procs import ROOT, WorkerProcess, wait_for, worker_env
 pytestmark = pytest.mark.system
 
 RPS, BURST = 10, 3  # the fleet-wide limit on openai/limited
+#: How late a request may reach the mock after the limiter granted its slot, on a loaded machine.
+ARRIVAL_LAG_S = 0.15
 TIMEOUT_S = 1.5
 SERVERS = ("mock", "down", "limited", "flaky", "slow", "ctx")
 
@@ -97,11 +99,12 @@ def test_fleet_rate_limit_holds_and_no_task_fails(client: Client, mocks: dict[st
     assert len(results) == 70 and len({r.worker for r in results}) >= 2
     times = [entry["t"] for entry in server.request_log()]
     assert len(times) == 70
-    # And no 1 s (or 3 s) window ever held more than burst + rate x window requests
-    # (the bound holds for the slots the limiter grants; arrival at the mock lags a granted slot by the request's
-    # own latency, so on a loaded machine one late request can land in the next window: one request of slack)
-    assert _max_in_window(times, 1.0) <= BURST + RPS + 1
-    assert _max_in_window(times, 3.0) <= BURST + 3 * RPS
+    # And no 1 s (or 3 s) window ever held more than burst + rate x window requests. The bound holds for the slots
+    # the limiter grants; arrival at the mock lags a granted slot by the request's own way there (up to
+    # ARRIVAL_LAG_S on a loaded machine, test modules running in parallel), so requests arriving within a window
+    # were granted within that window plus the lag.
+    assert _max_in_window(times, 1.0) <= BURST + int(RPS * (1.0 + ARRIVAL_LAG_S))
+    assert _max_in_window(times, 3.0) <= BURST + int(RPS * (3.0 + ARRIVAL_LAG_S))
     assert max(times) - min(times) >= (70 - BURST) / RPS - 0.2  # paced, not merely bunched
     print(f"\nrate limit: 70 requests in {max(times) - min(times):.2f}s, max {_max_in_window(times, 1.0)} in any 1 s "
           f"(bound {BURST + RPS}), max {_max_in_window(times, 3.0)} in any 3 s (bound {BURST + 3 * RPS})")
