@@ -20,7 +20,7 @@ from typing import Any
 from ..programs.store import PREDICTOR_KEYS, PROGRAM_KEYS, SHORT_FORM_KEYS
 
 __all__ = ["PredictorChange", "predictor_changes", "run_scores", "shorten", "change_cells", "compare_rows",
-           "COMPARE_FIELDS"]
+           "state_parts", "part_instructions", "COMPARE_FIELDS"]
 
 #: The name DSPy's ``named_predictors()`` gives a ``Predict`` whose state is the top level.
 _SELF = "self"
@@ -49,8 +49,8 @@ class PredictorChange:
                 "instructions_changed": self.instructions_changed}
 
 
-def _parts(state: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """(each named predictor's part, the top-level part or None) of a program state."""
+def state_parts(state: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """(each named predictor's part, the top-level part or None) of a program state (also the console's diff)."""
     if not isinstance(state, dict):
         return {}, None
     named = {k: v for k, v in state.items()
@@ -59,7 +59,8 @@ def _parts(state: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None
     return named, top
 
 
-def _instructions(part: dict[str, Any] | None) -> str | None:
+def part_instructions(part: dict[str, Any] | None) -> str | None:
+    """A predictor part's instructions (short form, or its signature's), None when it has none."""
     if part is None:
         return None
     if isinstance(part.get("instructions"), str):
@@ -86,8 +87,8 @@ def predictor_changes(baseline: dict[str, Any] | None, candidate: dict[str, Any]
         default_instructions: the signature's own instructions, when known: what a predictor without
             instructions in a state has (applied to single-predictor programs only).
     """
-    b_named, b_top = _parts(baseline)
-    c_named, c_top = _parts(candidate)
+    b_named, b_top = state_parts(baseline)
+    c_named, c_top = state_parts(candidate)
     names = list(dict.fromkeys([*c_named, *b_named]))
     single = len(names) <= 1
     if single:  # one predictor: its state may sit at the top, under its own name, "self" or "predict"
@@ -98,8 +99,8 @@ def predictor_changes(baseline: dict[str, Any] | None, candidate: dict[str, Any]
     default = default_instructions if single else None
     out = []
     for name, (before, after) in pairs.items():
-        out.append(PredictorChange(name, _demos(before), _demos(after), _instructions(before) or default,
-                                   _instructions(after) or default))
+        out.append(PredictorChange(name, _demos(before), _demos(after), part_instructions(before) or default,
+                                   part_instructions(after) or default))
     return out
 
 

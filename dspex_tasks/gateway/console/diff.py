@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ...programs.store import PREDICTOR_KEYS, PROGRAM_KEYS, SHORT_FORM_KEYS, SINGLE_PREDICTOR_KEYS
+from ...optimize.compare import part_instructions, state_parts
+from ...programs.store import SINGLE_PREDICTOR_KEYS
 
 __all__ = ["DemoRow", "PredictorDiff", "Span", "diff_states"]
 
@@ -62,26 +63,6 @@ def _norm(text: str | None) -> str | None:
     return None if text is None else " ".join(text.split())
 
 
-def _parts(state: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
-    if not isinstance(state, dict):
-        return {}, None
-    named = {k: v for k, v in state.items() if isinstance(v, dict) and k not in PREDICTOR_KEYS
-             and k not in PROGRAM_KEYS}
-    return named, state if any(k in state for k in SHORT_FORM_KEYS) else None
-
-
-def _instructions(part: dict[str, Any] | None) -> str | None:
-    if part is None:
-        return None
-    if isinstance(part.get("instructions"), str):
-        return str(part["instructions"])
-    for key in ("signature", "extended_signature"):
-        sig = part.get(key)
-        if isinstance(sig, dict) and isinstance(sig.get("instructions"), str):
-            return str(sig["instructions"])
-    return None
-
-
 def _demos(part: dict[str, Any] | None) -> list[str]:
     demos = (part or {}).get("demos")
     if not isinstance(demos, list):
@@ -118,8 +99,8 @@ def _demo_rows(left: list[str], right: list[str]) -> list[DemoRow]:
 
 def diff_states(left: dict[str, Any] | None, right: dict[str, Any] | None) -> list[PredictorDiff]:
     """Per predictor (the right side's order first), its instructions and demos in ``left`` and ``right``."""
-    l_named, l_top = _parts(left)
-    r_named, r_top = _parts(right)
+    l_named, l_top = state_parts(left)
+    r_named, r_top = state_parts(right)
     names = list(dict.fromkeys([*r_named, *l_named]))
     if len(names) <= 1:  # one predictor: its part may be at the top, under its own name, "self" or "predict"
         name = names[0] if names else SINGLE_PREDICTOR_KEYS[0]
@@ -128,7 +109,7 @@ def diff_states(left: dict[str, Any] | None, right: dict[str, Any] | None) -> li
         pairs = {n: (l_named.get(n, l_top), r_named.get(n, r_top)) for n in names}
     out = []
     for name, (before, after) in pairs.items():
-        i0, i1 = _instructions(before), _instructions(after)
+        i0, i1 = part_instructions(before), part_instructions(after)
         ls, rs = _word_spans(i0, i1)
         out.append(PredictorDiff(name, (i0, i1), ls, rs, _demo_rows(_demos(before), _demos(after))))
     return out
