@@ -20,20 +20,17 @@ __all__ = ["register", "usage", "collect_usage", "hourly"]
 
 def hourly(series: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per hour of :func:`~dspex_tasks.lm.usage.usage_series`: its start (ISO, UTC) and totals, and per model."""
-    from ..lm.usage import COST, METRICS
+    from ..lm.usage import COST, sum_rows
 
     out = []
     for bucket in series:
-        total: dict[str, Any] = {**dict.fromkeys(METRICS, 0), COST: 0.0}
         per_model: dict[str, dict[str, Any]] = {}
         for row in bucket["rows"]:
             model = per_model.setdefault(row["model"], {"lm_calls": 0, "total_tokens": 0, COST: 0.0})
-            for name in (*METRICS, COST):
-                total[name] += row[name]
             for name in model:
                 model[name] += row[name]
         hour = datetime.fromtimestamp(bucket["hour"], tz=UTC).strftime("%Y-%m-%dT%H:00Z")
-        out.append({"hour": hour, **total, COST: round(total[COST], 8),
+        out.append({"hour": hour, **sum_rows(bucket["rows"]),
                     "models": {m: {**v, COST: round(v[COST], 8)} for m, v in sorted(per_model.items())}})
     return out
 
@@ -42,16 +39,10 @@ def collect_usage(redis: Any, namespace: str, session: str | None = None, hours:
     """``{session, rows, totals, lm_cache}`` (and ``hourly`` for the last ``hours``) as ``dspex usage --json``
     prints it."""
     from ..lm.cache import cache_stats
-    from ..lm.usage import COST, METRICS, usage_report, usage_series
+    from ..lm.usage import sum_rows, usage_report, usage_series
 
     rows = usage_report(redis, namespace, session)
-    totals: dict[str, Any] = {**dict.fromkeys(METRICS, 0), COST: 0.0}
-    for row in rows:
-        for name in (*METRICS, COST):
-            totals[name] += row[name]
-    totals[COST] = round(float(totals[COST]), 8)
-    totals["cost_known"] = totals["unpriced_calls"] == 0
-    data = {"session": session, "rows": rows, "totals": totals, "lm_cache": cache_stats(redis, namespace)}
+    data = {"session": session, "rows": rows, "totals": sum_rows(rows), "lm_cache": cache_stats(redis, namespace)}
     if hours:
         data["hourly"] = hourly(usage_series(redis, namespace, session, hours=hours))
     return data

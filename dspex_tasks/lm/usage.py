@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 from .. import keys
 
 __all__ = ["TaskUsage", "task_usage", "record_call", "price", "prime", "UsageLedger", "usage_report", "usage_totals",
-           "usage_series", "METRICS"]
+           "usage_series", "sum_rows", "METRICS"]
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +331,17 @@ def _rows(raw_hash: Mapping[Any, Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-def usage_totals(redis: Any, namespace: str, session: str | None = None) -> dict[str, Any]:
-    """Fleet (or one session's) totals for metrics: every metric summed over signatures and models."""
+def sum_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Every metric of ``rows`` (as :func:`usage_report` gives them) summed, the cost rounded, and ``cost_known``."""
     totals: dict[str, Any] = {**dict.fromkeys(METRICS, 0), COST: 0.0}
-    for row in usage_report(redis, namespace, session):
+    for row in rows:
         for name in (*METRICS, COST):
             totals[name] += row[name]
     totals[COST] = round(float(totals[COST]), 8)
+    totals["cost_known"] = totals["unpriced_calls"] == 0
     return totals
+
+
+def usage_totals(redis: Any, namespace: str, session: str | None = None) -> dict[str, Any]:
+    """Fleet (or one session's) totals for metrics: every metric summed over signatures and models."""
+    return sum_rows(usage_report(redis, namespace, session))

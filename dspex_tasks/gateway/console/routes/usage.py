@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from ....errors import ValidationError
-from ....lm.usage import METRICS, usage_report, usage_series
+from ....lm.usage import sum_rows, usage_report, usage_series
 from ...routers.common import GatewayDep
 from ...scopes import Right
 from ..auth import ConsoleUser, need, need_session
@@ -25,7 +25,6 @@ __all__ = ["router"]
 
 router = APIRouter()
 
-_SUMMED = (*METRICS, "cost_usd")
 #: The time windows the page offers (hours), and how each hour is labelled on the chart.
 WINDOWS = {24: "%H:00", 168: "%a %H:00", 720: "%b %d"}
 _PALETTE = ("#4c6ef5", "#f59f00", "#37b24d", "#ae3ec9", "#1098ad", "#e8590c", "#868e96", "#d6336c")
@@ -59,12 +58,10 @@ def _over_time(series: list[dict[str, Any]], by: str, fmt: str) -> dict[str, Any
 
 def _total(rows: list[dict[str, Any]], by: str | None = None) -> list[dict[str, Any]]:
     """Rows summed per ``by`` (``signature`` or ``model``), or all together (None)."""
-    groups: dict[str, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(_SUMMED, 0))
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        group = groups[str(row[by]) if by else ""]
-        for name in _SUMMED:
-            group[name] += row[name]
-    return [{"name": name, **values, "cost_usd": round(values["cost_usd"], 8)} for name, values in sorted(groups.items())]
+        groups[str(row[by]) if by else ""].append(row)
+    return [{"name": name, **sum_rows(members)} for name, members in sorted(groups.items())]
 
 
 @router.get("/usage", include_in_schema=False)
