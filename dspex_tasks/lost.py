@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .observability.status import queue_lists
+
 __all__ = ["LossProbe", "LossWatch", "server_run_id"]
 
 #: Seconds a client waits before it first asks whether its task was lost, then at most once per this interval.
@@ -23,13 +25,6 @@ def server_run_id(redis: Any) -> str | None:
     """The Redis server's ``run_id``: a new random value each time the server starts."""
     run_id = redis.info("server").get("run_id")
     return str(run_id) if run_id else None
-
-
-def _queue_lists(queue: str) -> list[str]:
-    """The Redis lists behind a kombu queue: the queue itself and one per priority step."""
-    from kombu.transport.redis import PRIORITY_STEPS, Channel
-
-    return [f"{queue}{Channel.sep}{pri}" if pri else queue for pri in PRIORITY_STEPS]
 
 
 class LossProbe:
@@ -81,7 +76,7 @@ class LossProbe:
             return True
         needle = self.task_id.encode()
         pipe = self.broker.pipeline(transaction=False)
-        for name in _queue_lists(self.queue):
+        for name in queue_lists(self.queue):
             pipe.lrange(name, 0, -1)
         pipe.hvals(_unacked_key())
         for items in pipe.execute():

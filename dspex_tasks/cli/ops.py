@@ -13,15 +13,13 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ..observability.status import unconsumed_message
-from ..wire import SENT_AT_HEADER
+from ..observability.status import oldest_message_age, oldest_queue_age, queue_depth, unconsumed_message
 from .common import EXIT_INVALID, cli_errors, console, echo_json, err, esc, fail, redacted_url
 
 __all__ = ["register", "flower", "health", "collect_health", "flower_argv", "default_flower_conf",
@@ -30,9 +28,6 @@ __all__ = ["register", "flower", "health", "collect_health", "flower_argv", "def
 #: The Celery app Flower and workers load by default.
 DEFAULT_APP = "dspex_tasks.worker.celery_app"
 
-#: Message headers a producer may stamp with its send time (unix seconds or ISO 8601), first match wins.
-#: Celery's protocol 2 carries none by default; ``dspex_sent_at`` is the one dspex producers can add.
-SENT_AT_HEADERS = (SENT_AT_HEADER, "sent_at", "timestamp")
 
 
 def register(app: typer.Typer) -> None:
@@ -101,76 +96,9 @@ def is_local_worker(name: str, hostname: str | None = None) -> bool:
     return bool(node_host) and "@" in name and node_host in {host, host.split(".", 1)[0]}
 
 
-def _timestamp(value: Any) -> float | None:
-    """Unix seconds from a number or an ISO 8601 string (naive means UTC); None when unreadable."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and value:
-        try:
-            return float(value)
-        except ValueError:
-            pass
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    return None
-
-
-def oldest_message_age(raw: bytes | str | None, now: float | None = None) -> tuple[float | None, str | None]:
-    """Age in seconds of one kombu Redis message and where it came from, or ``(None, None)`` when unknown.
-
-    A send time in the headers (:data:`SENT_AT_HEADERS`) or properties gives the age since sending; failing
-    that, an ETA in the past gives the age since the task became due. Celery's protocol 2 stamps neither by
-    default, so plain messages have no age (their queue depth is still reported).
-    """
-    if raw is None:
-        return None, None
-    try:
-        message = json.loads(raw)
-    except (TypeError, ValueError):
-        return None, None
-    if not isinstance(message, dict):
-        return None, None
-    now = time.time() if now is None else now
-    headers: dict[str, Any] = message["headers"] if isinstance(message.get("headers"), dict) else {}
-    properties: dict[str, Any] = message["properties"] if isinstance(message.get("properties"), dict) else {}
-    for source, fields in (("headers", headers), ("properties", properties)):
-        for key in SENT_AT_HEADERS:
-            ts = _timestamp(fields.get(key))
-            if ts is not None:
-                return max(0.0, now - ts), f"{source}.{key}"
-    eta = _timestamp(headers.get("eta"))
-    if eta is not None:
-        return max(0.0, now - eta), "headers.eta"
-    return None, None
-
-
-def _queue_lists(queue: str) -> list[str]:
-    """The Redis lists behind a kombu queue: the queue itself and one per priority step."""
-    from kombu.transport.redis import PRIORITY_STEPS, Channel
-
-    return [f"{queue}{Channel.sep}{pri}" if pri else queue for pri in PRIORITY_STEPS]
-
-
 def _queue_info(redis: Any, queue: str, max_age_s: float) -> dict[str, Any]:
-    from ..observability.status import queue_depth
-
     depth = queue_depth(redis, queue)
-    age: float | None = None
-    source: str | None = None
-    if depth:
-        now = time.time()
-        for name in _queue_lists(queue):
-            # kombu LPUSHes new messages and BRPOPs from the right: the tail is the oldest one.
-            item_age, item_source = oldest_message_age(redis.lindex(name, -1), now)
-            if item_age is not None and (age is None or item_age > age):
-                age, source = item_age, item_source
+    age, source = oldest_queue_age(redis, queue) if depth else (None, None)
     return {"depth": depth, "oldest_age_s": None if age is None else round(age, 3), "age_source": source,
             "ok": age is None or age <= max_age_s}
 

@@ -11,26 +11,106 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from .. import keys
 from ..connections import amqp_connection, redacted_url, redis_client, unreachable_message
 from ..errors import ConfigurationError
+from ..wire import SENT_AT_HEADER
 
-__all__ = ["collect_status", "queue_depth", "amqp_queue_depths", "broker_queue_depths", "worker_stats",
-           "queue_consumers", "unconsumed", "unconsumed_message"]
+__all__ = ["collect_status", "queue_depth", "queue_lists", "oldest_queue_age", "oldest_message_age", "SENT_AT_HEADERS",
+           "amqp_queue_depths", "broker_queue_depths", "worker_stats", "queue_consumers", "unconsumed",
+           "unconsumed_message"]
 
 _CACHE_FIELDS = ("hits", "misses", "evictions", "invalidations", "size")
 
 
-def queue_depth(redis: Any, queue: str) -> int:
-    """Messages waiting in a kombu Redis queue: the list named ``queue`` plus its priority lists."""
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists behind a kombu queue: the queue itself and one per priority step."""
     from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+    return [f"{queue}{Channel.sep}{pri}" if pri else queue for pri in PRIORITY_STEPS]
+
+
+def queue_depth(redis: Any, queue: str) -> int:
+    """Messages waiting in a kombu Redis queue: the list named ``queue`` plus its priority lists."""
     pipe = redis.pipeline(transaction=False)
-    for pri in PRIORITY_STEPS:
-        pipe.llen(f"{queue}{Channel.sep}{pri}" if pri else queue)
+    for name in queue_lists(queue):
+        pipe.llen(name)
     return int(sum(pipe.execute()))
+
+
+#: Message headers a producer may stamp with its send time (unix seconds or ISO 8601), first match wins.
+#: Celery's protocol 2 carries none by default; ``dspex_sent_at`` is the one dspex producers can add.
+SENT_AT_HEADERS = (SENT_AT_HEADER, "sent_at", "timestamp")
+
+
+def oldest_queue_age(redis: Any, queue: str, now: float | None = None) -> tuple[float | None, str | None]:
+    """Seconds since the oldest waiting message of a kombu Redis queue was sent (or fell due), and where that
+    came from (:func:`oldest_message_age`); ``(None, None)`` when empty or unstamped. kombu pushes left and pops
+    right: each list's tail is its oldest message."""
+    now = time.time() if now is None else now
+    age: float | None = None
+    source: str | None = None
+    for name in queue_lists(queue):
+        item_age, item_source = oldest_message_age(redis.lindex(name, -1), now)
+        if item_age is not None and (age is None or item_age > age):
+            age, source = item_age, item_source
+    return age, source
+
+
+def _timestamp(value: Any) -> float | None:
+    """Unix seconds from a number or an ISO 8601 string (naive means UTC); None when unreadable."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    return None
+
+
+def oldest_message_age(raw: bytes | str | None, now: float | None = None) -> tuple[float | None, str | None]:
+    """Age in seconds of one kombu Redis message and where it came from, or ``(None, None)`` when unknown.
+
+    A send time in the headers (:data:`SENT_AT_HEADERS`) or properties gives the age since sending; failing
+    that, an ETA in the past gives the age since the task became due. Celery's protocol 2 stamps neither by
+    default, so plain messages have no age (their queue depth is still reported).
+    """
+    if raw is None:
+        return None, None
+    try:
+        message = json.loads(raw)
+    except (TypeError, ValueError):
+        return None, None
+    if not isinstance(message, dict):
+        return None, None
+    now = time.time() if now is None else now
+    headers: dict[str, Any] = message["headers"] if isinstance(message.get("headers"), dict) else {}
+    properties: dict[str, Any] = message["properties"] if isinstance(message.get("properties"), dict) else {}
+    for source, fields in (("headers", headers), ("properties", properties)):
+        for key in SENT_AT_HEADERS:
+            ts = _timestamp(fields.get(key))
+            if ts is not None:
+                return max(0.0, now - ts), f"{source}.{key}"
+    eta = _timestamp(headers.get("eta"))
+    if eta is not None:
+        return max(0.0, now - eta), "headers.eta"
+    return None, None
+
+
 
 
 def amqp_queue_depths(connection: Any, queues: list[str]) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """The fleet page's data: ``dspex status``'s model (:func:`~dspex_tasks.observability.status.collect_status`:
 workers, queue depths and consumers, program cache and task counters), plus each Redis queue's oldest message
-age, the LM response cache's counters and the fleet-wide LM rate-limit buckets.
+age (as ``dspex health`` reads it), the LM response cache's counters and the fleet-wide LM rate-limit buckets.
 
 A bucket (:mod:`dspex_tasks.lm.ratelimit`) is one GCRA theoretical arrival time in milliseconds: how far it is
 ahead of Redis's clock is the time booked ahead (a new call waits only for what exceeds the limit's burst); a
@@ -9,41 +9,20 @@ bucket nobody used lately has expired and is not listed.
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
-from ... import keys, wire
+from ... import keys
 from ...lm.cache import cache_stats
-from ...observability.status import collect_status
+from ...observability.status import collect_status, oldest_queue_age
 from ..state import Gateway
 
-__all__ = ["fleet", "oldest_age_s", "rate_buckets"]
+__all__ = ["fleet", "rate_buckets"]
 
 _MAX_BUCKETS = 200
 
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def oldest_age_s(redis: Any, queue: str, now: float | None = None) -> float | None:
-    """Seconds since the oldest waiting message of a kombu Redis queue was sent (its ``dspex_sent_at`` header,
-    which dspex producers stamp), None when empty or unstamped. kombu pushes left and pops right: the tail is the
-    oldest message."""
-    from kombu.transport.redis import PRIORITY_STEPS, Channel
-
-    now = time.time() if now is None else now
-    ages = []
-    for pri in PRIORITY_STEPS:
-        raw = redis.lindex(f"{queue}{Channel.sep}{pri}" if pri else queue, -1)
-        try:
-            message: Any = json.loads(raw) if raw is not None else None
-            sent = float(message["headers"][wire.SENT_AT_HEADER])
-        except (TypeError, ValueError, KeyError):  # empty, not JSON, or not stamped
-            continue
-        ages.append(max(0.0, now - sent))
-    return round(max(ages), 3) if ages else None
 
 
 def rate_buckets(redis: Any, namespace: str) -> list[dict[str, Any]]:
@@ -72,6 +51,10 @@ def rate_buckets(redis: Any, namespace: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda b: (b["scope"], b["unit"]))
 
 
+def _rounded(age: float | None) -> float | None:
+    return None if age is None else round(age, 3)
+
+
 def fleet(gw: Gateway) -> dict[str, Any]:
     """Everything the fleet page shows (a second or so: workers are asked by broadcast)."""
     s = gw.settings
@@ -79,6 +62,6 @@ def fleet(gw: Gateway) -> dict[str, Any]:
     redis = gw.client.redis
     ages: dict[str, float | None] = {}
     if s.broker_is_redis and s.broker == s.redis_url:
-        ages = {q: oldest_age_s(redis, q) for q in status["queues"]}
+        ages = {q: _rounded(oldest_queue_age(redis, q)[0]) for q in status["queues"]}
     return {**status, "ages": ages, "lm_cache": cache_stats(redis, s.namespace),
             "buckets": rate_buckets(redis, s.namespace), "limits": s.rate_limits}
