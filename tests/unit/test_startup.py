@@ -47,9 +47,14 @@ def test_worker_banner_does_not_invent_a_password() -> None:
         assert "redis://127.0.0.1:6390/4" in banner and ":**@" not in banner
         assert "Redis redis://127.0.0.1:6390/4 (db 4" in banner
     finally:
+        from celery._state import _set_task_join_will_block
         from kombu.asynchronous import set_event_loop
 
-        set_event_loop(None)  # the unstarted worker set kombu's process-wide hub: never leave it to later tests
+        # The unstarted worker set process-wide state that later tests in this process would inherit: kombu's hub
+        # (a later in-process worker's countdown tasks would never run) and its pool's "joining a result would
+        # block" flag (every result.get() here would raise "Never call result.get() within a task!").
+        set_event_loop(None)
+        _set_task_join_will_block(False)
         app.close()
 
 
